@@ -1,0 +1,106 @@
+"""Build `datasets.Dataset`s of task instances (one row per instance) and read rows back."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterable
+
+import datasets
+
+from .tasks import FAMILIES, Instance, TaskUpdate, get_family
+
+# Kinds of instance in a mix: (number of updates, distractor?).
+MIX_KINDS: dict[str, tuple[int, bool]] = {
+    "none": (0, False),
+    "one": (1, False),
+    "distractor": (1, True),
+    "two": (2, False),
+    "three": (3, False),
+}
+DEFAULT_MIX: dict[str, float] = {"none": 0.2, "one": 0.5, "distractor": 0.1, "two": 0.15, "three": 0.05}
+
+FEATURES = datasets.Features(
+    {
+        "family": datasets.Value("string"),
+        "instruction": datasets.Value("string"),
+        "prompt": datasets.Value("string"),
+        "response": datasets.Value("string"),
+        "original_response": datasets.Value("string"),
+        "update_word_indices": datasets.List(datasets.Value("int32")),
+        "update_texts": datasets.List(datasets.Value("string")),
+        "update_kinds": datasets.List(datasets.Value("string")),
+        "invalidated": datasets.List(datasets.Value("string")),
+        "segments": datasets.List(datasets.Value("string")),
+        "meta": datasets.Value("string"),  # JSON: family params and correction values
+    }
+)
+
+
+def instance_to_row(inst: Instance) -> dict:
+    """Flatten an Instance into a dataset row (see FEATURES)."""
+    return {
+        "family": inst.family,
+        "instruction": inst.instruction,
+        "prompt": inst.prompt,
+        "response": inst.response,
+        "original_response": inst.original_response,
+        "update_word_indices": [u.word_index for u in inst.updates],
+        "update_texts": [u.text for u in inst.updates],
+        "update_kinds": [u.kind for u in inst.updates],
+        "invalidated": list(inst.invalidated),
+        "segments": inst.segments(),
+        "meta": json.dumps(inst.meta),
+    }
+
+
+def instance_from_row(row: dict) -> Instance:
+    """Rebuild the Instance of a dataset row, e.g. to score it or sweep its update position."""
+    updates = [
+        TaskUpdate(int(k), t, kind)
+        for k, t, kind in zip(row["update_word_indices"], row["update_texts"], row["update_kinds"], strict=True)
+    ]
+    return Instance(
+        family=row["family"],
+        instruction=row["instruction"],
+        prompt=row["prompt"],
+        original_response=row["original_response"],
+        response=row["response"],
+        updates=updates,
+        invalidated=list(row["invalidated"]),
+        meta=json.loads(row.get("meta") or "{}"),
+    )
+
+
+def dataset_from_instances(instances: Iterable[Instance]) -> datasets.Dataset:
+    """A Dataset with one row per given instance (e.g. a position sweep)."""
+    rows = [instance_to_row(i) for i in instances]
+    return datasets.Dataset.from_list(rows, features=FEATURES)
+
+
+def build_dataset(
+    split: str,
+    n: int,
+    seed: int,
+    families: list[str] | None = None,
+    mix: dict[str, float] | None = None,
+    canonical_prob: float = 0.5,
+) -> datasets.Dataset:
+    """`n` instances, families round-robin, kinds drawn from `mix` (keys of MIX_KINDS).
+    Train uses canonical phrasings with probability `canonical_prob`; test always does."""
+    names = list(families or FAMILIES)
+    fams = [get_family(f) for f in names]
+    mix = dict(mix or DEFAULT_MIX)
+    unknown = set(mix) - set(MIX_KINDS)
+    if unknown:
+        raise ValueError(f"unknown mix kinds {sorted(unknown)}; known: {list(MIX_KINDS)}")
+    kinds, weights = list(mix), list(mix.values())
+    rng = random.Random(f"duplex:{split}:{seed}")
+    instances = []
+    for i in range(n):
+        n_updates, distractor = MIX_KINDS[rng.choices(kinds, weights)[0]]
+        canonical = split == "test" or rng.random() < canonical_prob
+        instances.append(
+            fams[i % len(fams)].sample(rng, split, n_updates=n_updates, distractor=distractor, canonical=canonical)
+        )
+    return dataset_from_instances(instances)

@@ -1,0 +1,583 @@
+"""Task families for Duplex (SPEC section 4): instructions, oracle responses, mid-stream updates.
+
+Every family is a tiny word-by-word state machine: `_emit` produces response word i from the
+current state and `_apply` changes the state when an update lands before word i. The base
+class turns that into instances, validity checks, held-out splits, sweeps and scoring.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import random
+import re
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
+
+SPLITS = ("train", "test")
+
+# Canonical backchannels (SPEC section 4) and extra ones used only when canonical=False.
+DISTRACTORS = ["ok", "go on", "mm-hmm", "thanks", "yes", "I see"]
+EXTRA_DISTRACTORS = ["okay", "got it", "sure", "uh-huh", "right", "I hear you"]
+
+WORDS = """
+apple bread chair table water river stone cloud green house mouse horse plant light night
+dream smile music paper pencil window garden forest ocean beach storm snow rain wind fire
+earth metal glass silver gold iron copper sugar salt honey lemon peach grape melon cherry
+tiger zebra camel eagle shark whale snake rabbit monkey panda koala otter sheep goat duck
+goose frog crab bird fish bear wolf deer lion king queen knight castle tower bridge road
+train plane boat ship truck wheel clock watch phone radio piano drum flute guitar violin
+song story book letter word poem movie photo color shape circle square heart brain hand
+foot head mouth tooth nose shirt shoe coat hat dress sock glove ring pearl candle lamp
+door floor wall roof bed sofa desk shelf cup plate spoon fork knife bowl pot pan oven
+basket bottle jacket pocket button ladder mirror pillow ticket rocket planet comet moon
+star sun sky hill valley island desert field farm city town village market school office
+""".split()
+
+NAMES = """
+Anna Ben Clara David Emma Felix Grace Henry Iris Jack Kate Leo Maria Nina Oscar Paul Quinn
+Rosa Sam Tom Uma Victor Wendy Xavier Yara Zoe Alice Bruno Chloe Daniel Elena Frank Greta
+Hugo Ivan Julia Karl Laura Max Nora Olga Peter Rita Simon Tina Vera Walter Yusuf Zara Adam
+Bella Carl Diana Eric Fiona George Hanna Igor Jonas Lena Mia Noah Omar Pia Ralf Sara Theo
+""".split()
+
+TOPICS = """
+rain music work school dinner travel books money games weather lunch holidays movies science
+history art cooking dogs cats flowers trains football tennis chess coffee tea bread cheese
+chocolate painting dancing singing hiking camping fishing sailing swimming running cycling
+skiing gardening birds stars planets robots computers poetry theater museums maps islands
+mountains rivers lakes oceans winter summer spring autumn snow storms bees
+""".split()
+
+CATEGORIES: dict[str, list[str]] = {
+    "fruits": "apple pear plum fig mango kiwi banana cherry grape lemon lime peach apricot".split(),
+    "animals": "dog cat horse cow sheep goat pig lion tiger zebra wolf bear fox rabbit".split(),
+    "colors": "red blue green yellow purple pink brown black white gray violet cyan".split(),
+    "tools": "hammer saw drill wrench pliers chisel shovel rake axe file level clamp".split(),
+    "vegetables": "carrot potato onion garlic pepper cabbage leek pea bean radish spinach".split(),
+    "instruments": "piano guitar violin flute drum harp trumpet cello oboe banjo tuba".split(),
+    "sports": "tennis golf soccer hockey rugby boxing rowing skiing cricket baseball".split(),
+    "drinks": "water tea coffee milk juice soda cocoa cider lemonade smoothie".split(),
+}
+
+_TOKEN = re.compile(r"[A-Za-z0-9]+(?:['-][A-Za-z0-9]+)*")
+
+
+def tokens(text: str) -> list[str]:
+    """Whole word/number tokens of a text (punctuation dropped), used for contradiction checks."""
+    return _TOKEN.findall(text)
+
+
+def in_split(key: str, split: str) -> bool:
+    """Deterministic ~80/20 train/test assignment of a value or key by CRC32 (not Python's hash)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return (zlib.crc32(key.encode()) % 5 == 0) == (split == "test")
+
+
+def split_pool(pool: list[str], split: str) -> list[str]:
+    """The part of a value pool that belongs to `split`."""
+    return [v for v in pool if in_split(v, split)]
+
+
+def word_boundary(text: str, k: int) -> int:
+    """Character offset where an update at word index k lands: after word k-1, before its space."""
+    if k <= 0:
+        return 0
+    words = text.split(" ")
+    return len(" ".join(words[:k])) if k < len(words) else len(text)
+
+
+@dataclass(frozen=True)
+class TaskUpdate:
+    """One mid-stream update: lands after `word_index` response words have been emitted."""
+
+    word_index: int
+    text: str
+    kind: str  # "correction" | "distractor"
+
+
+@dataclass
+class Instance:
+    """One task instance: prompt, no-update answer, oracle answer with all updates applied."""
+
+    family: str
+    instruction: str
+    prompt: str
+    original_response: str
+    response: str
+    updates: list[TaskUpdate]
+    invalidated: list[str]
+    meta: dict[str, Any] = field(default_factory=dict)  # family params + update values (JSON-able)
+
+    def words(self) -> list[str]:
+        """Response words (space separated)."""
+        return self.response.split(" ")
+
+    def segments(self) -> list[str]:
+        """Response cut at every update's word boundary; "".join(segments()) == response."""
+        cuts = [word_boundary(self.response, u.word_index) for u in self.updates]
+        edges = [0, *cuts, len(self.response)]
+        return [self.response[a:b] for a, b in itertools.pairwise(edges)]
+
+    @property
+    def has_correction(self) -> bool:
+        """True if at least one update is a correction (not a distractor)."""
+        return any(u.kind == "correction" for u in self.updates)
+
+
+class _Invalid(Exception):
+    """An update that cannot apply at this position (e.g. a stop behind the current number)."""
+
+
+class TaskFamily:
+    """Base class: subclasses define params, the word emitter, updates and their phrasings."""
+
+    name: str = ""
+    phrasings: tuple[str, ...] = ()  # first one is the canonical phrasing; "{v}" is the new value
+
+    # ---- family hooks -------------------------------------------------------------------
+    def _params(self, rng: random.Random, split: str) -> dict:
+        raise NotImplementedError
+
+    def _instruction(self, p: dict) -> str:
+        raise NotImplementedError
+
+    def _start(self, p: dict) -> dict:
+        raise NotImplementedError
+
+    def _emit(self, p: dict, state: dict, i: int) -> str | None:
+        """Word i of the response in `state`, or None when the response ends."""
+        raise NotImplementedError
+
+    def _apply(self, p: dict, state: dict, value: Any, i: int) -> None:
+        """Change `state` for a correction landing before word i (raise _Invalid if impossible)."""
+        raise NotImplementedError
+
+    def _value(self, rng: random.Random, split: str, p: dict, prev: list) -> Any:
+        """Draw a correction value differing from the original and all previous ones."""
+        raise NotImplementedError
+
+    def _split_key(self, p: dict, values: list) -> str | None:
+        """Key hashed into train/test for families without per-value pools (None: pools do it)."""
+        return None
+
+    def _superseded(self, p: dict, edits: list[tuple[int, Any]]) -> set[str]:
+        """Tokens the superseded versions (each prefix of the corrections) used after the first
+        update's boundary; the oracle's own post-boundary tokens are removed by the caller."""
+        k0 = edits[0][0]
+        return {t for j in range(len(edits)) for t in tokens(" ".join(self._render(p, edits[:j])[k0:]))}
+
+    def _templates(self, value: Any) -> Sequence[str]:
+        return self.phrasings
+
+    def _fmt(self, value: Any) -> dict:
+        return {"v": value}
+
+    def _correct(self, inst: Instance, generated: str) -> bool:
+        return generated == inst.response
+
+    # ---- generic machinery --------------------------------------------------------------
+    def _render(self, p: dict, edits: list[tuple[int, Any]]) -> list[str] | None:
+        """Response words with corrections (word_index, value) applied; None if one is invalid."""
+        state, out, pending = self._start(p), [], list(edits)
+        try:
+            for i in itertools.count():
+                while pending and pending[0][0] == i:
+                    self._apply(p, state, pending.pop(0)[1], i)
+                word = self._emit(p, state, i)
+                if word is None:
+                    break
+                out.append(word)
+        except _Invalid:
+            return None
+        return None if pending else out
+
+    def _resolve(self, p: dict, edits: list[tuple[int, Any]]) -> list[str] | None:
+        """Words after all corrections, or None unless each lands inside the current response,
+        at a non-decreasing index, and changes what follows it (and the result the original)."""
+        original = prev = self._render(p, [])
+        for j, (k, _) in enumerate(edits):
+            if not 0 <= k < len(prev) or (j and k < edits[j - 1][0]):
+                return None
+            words = self._render(p, edits[: j + 1])
+            if words is None or words[k:] == prev[k:]:
+                return None
+            prev = words
+        return None if prev == original else prev  # e.g. case flipped back at the same word
+
+    def _update_text(self, value: Any, rng: random.Random, canonical: bool) -> str:
+        options = self._templates(value)
+        return (options[0] if canonical else rng.choice(options)).format(**self._fmt(value))
+
+    def _build(self, p: dict, values: list, updates: list[TaskUpdate]) -> Instance:
+        """Assemble an Instance; invalidated = superseded tokens the oracle never uses after
+        the first update (so the oracle itself is never a contradiction)."""
+        instruction = self._instruction(p)
+        original = self._render(p, [])
+        edits = [(u.word_index, v) for u, v in zip(updates, values, strict=True)] if values else []
+        words = self._resolve(p, edits) if edits else original
+        if words is None:
+            raise ValueError(f"{self.name}: updates {edits} are not valid for {instruction!r}")
+        invalid = self._superseded(p, edits) - set(tokens(" ".join(words[edits[0][0] :]))) if edits else set()
+        return Instance(
+            family=self.name,
+            instruction=instruction,
+            prompt=instruction + "\n",
+            original_response=" ".join(original),
+            response=" ".join(words),
+            updates=list(updates),
+            invalidated=sorted(invalid),
+            meta={"params": p, "values": list(values)},
+        )
+
+    def sample(
+        self,
+        rng: random.Random,
+        split: str = "train",
+        n_updates: int = 1,
+        distractor: bool = False,
+        word_index: int | None = None,
+        canonical: bool = True,
+    ) -> Instance:
+        """Draw one instance. Values are drawn before the first update's position, so the same
+        seed with different `word_index` gives the same values; an invalid index raises ValueError."""
+        in_split("", split)  # validates the split name
+        for _ in range(1000):
+            p = self._params(rng, split)
+            values: list = []
+            updates: list[TaskUpdate] = []
+            edits: list[tuple[int, Any]] = []
+            words = self._render(p, [])
+            for j in range(n_updates):
+                if distractor:
+                    text = rng.choice(DISTRACTORS if canonical else DISTRACTORS + EXTRA_DISTRACTORS)
+                else:
+                    values.append(self._value(rng, split, p, values))
+                    text = self._update_text(values[-1], rng, canonical)
+                if j == n_updates - 1 and not self._key_ok(p, values, split):
+                    break
+                lo = edits[-1][0] if edits else 0
+                if distractor:
+                    ks = list(range(lo, len(words)))
+                else:
+                    ks = [k for k in range(lo, len(words)) if self._resolve(p, [*edits, (k, values[-1])])]
+                if j == 0 and word_index is not None:
+                    if word_index not in ks:
+                        raise ValueError(f"{self.name}: no valid update at word {word_index} (valid: {ks})")
+                    k = word_index
+                elif not ks:
+                    break
+                else:  # prefer a strictly later position for a later update
+                    k = rng.choice([i for i in ks if not updates or i > lo] or ks)
+                updates.append(TaskUpdate(k, text, "distractor" if distractor else "correction"))
+                if not distractor:
+                    edits.append((k, values[-1]))
+                    words = self._render(p, edits)
+            else:
+                if n_updates == 0 and not self._key_ok(p, values, split):
+                    continue
+                return self._build(p, values, updates)
+        raise RuntimeError(f"{self.name}: could not sample an instance")
+
+    def _key_ok(self, p: dict, values: list, split: str) -> bool:
+        key = self._split_key(p, values)
+        return key is None or in_split(key, split)
+
+    def word_indices(self, inst: Instance) -> list[int]:
+        """Word indices where the instance's first update could land instead (position sweep)."""
+        return [k for k in range(len(inst.original_response.split(" "))) if self._moved(inst, k)]
+
+    def _moved(self, inst: Instance, k: int) -> Instance | None:
+        ks = [k] + [u.word_index for u in inst.updates[1:]]
+        if not 0 <= k < len(inst.original_response.split(" ")) or any(b < a for a, b in itertools.pairwise(ks)):
+            return None
+        updates = [replace(u, word_index=i) for u, i in zip(inst.updates, ks, strict=True)]
+        try:
+            return self._build(inst.meta["params"], inst.meta["values"], updates)
+        except ValueError:
+            return None
+
+    def with_update_at(self, inst: Instance, k: int) -> Instance:
+        """The same instance (same values and texts) with its first update moved to word k."""
+        if not inst.updates:
+            raise ValueError("instance has no update to move")
+        moved = self._moved(inst, k)
+        if moved is None:
+            raise ValueError(f"{self.name}: update cannot land at word {k}")
+        return moved
+
+    def sweep(self, inst: Instance) -> list[Instance]:
+        """The instance with its first update at every valid word boundary."""
+        return [self.with_update_at(inst, k) for k in self.word_indices(inst)]
+
+    def oracle_continuation(self, inst: Instance) -> str:
+        """Oracle text after the first update's boundary (whole response if there is no update)."""
+        k = inst.updates[0].word_index if inst.updates else 0
+        return inst.response[word_boundary(inst.response, k) :]
+
+    def score(self, inst: Instance, generated_response: str) -> dict:
+        """Score a generated response (stripped): exact/rule correctness, and whether it uses an
+        invalidated value after the first update's boundary (whole-token, case-sensitive)."""
+        gen = generated_response.strip()
+        k = inst.updates[0].word_index if inst.updates else 0
+        post = gen[word_boundary(gen, k) :]
+        bad = set(tokens(post)) & set(inst.invalidated)
+        return {
+            "correct": self._correct(inst, gen),
+            "contradiction": inst.has_correction and bool(bad),
+            "post": post,
+            "oracle_post": self.oracle_continuation(inst),
+        }
+
+
+# ---- the seven families -----------------------------------------------------------------
+class Count(TaskFamily):
+    """`Count from a to b.`; `Stop at c.` moves the end (c >= the next number)."""
+
+    name = "count"
+    phrasings = ("Stop at {v}.", "Actually, stop at {v}.", "Only go up to {v}.", "Change it: stop at {v}.")
+
+    def _params(self, rng, split):
+        a = rng.randint(0, 30)
+        return {"a": a, "b": a + rng.randint(3, 12) - 1}
+
+    def _split_key(self, p, values):
+        return f"count:{p['a']}:{p['b']}"
+
+    def _instruction(self, p):
+        return f"Count from {p['a']} to {p['b']}."
+
+    def _start(self, p):
+        return {"stop": p["b"]}
+
+    def _emit(self, p, state, i):
+        return str(p["a"] + i) if p["a"] + i <= state["stop"] else None
+
+    def _apply(self, p, state, value, i):
+        if value < p["a"] + i:
+            raise _Invalid
+        state["stop"] = value
+
+    def _value(self, rng, split, p, prev):
+        top = max([p["b"], *prev]) + 5
+        return rng.choice([c for c in range(p["a"] + 1, top + 1) if c != p["b"] and c not in prev])
+
+
+class Repeat(TaskFamily):
+    """`Say w n times.`; `Say w2 instead.` replaces the remaining words, same total count."""
+
+    name = "repeat"
+    phrasings = ("Say {v} instead.", "Actually, say {v}.", "Use {v} instead.", "Switch to {v}.")
+
+    def _params(self, rng, split):
+        return {"w": rng.choice(split_pool(WORDS, split)), "n": rng.randint(3, 8)}
+
+    def _instruction(self, p):
+        return f"Say {p['w']} {p['n']} times."
+
+    def _start(self, p):
+        return {"w": p["w"]}
+
+    def _emit(self, p, state, i):
+        return state["w"] if i < p["n"] else None
+
+    def _apply(self, p, state, value, i):
+        state["w"] = value
+
+    def _value(self, rng, split, p, prev):
+        return rng.choice([w for w in split_pool(WORDS, split) if w != p["w"] and w not in prev])
+
+
+class Spell(Repeat):
+    """`Spell w.`; `Spell w2 instead.` continues with the whole spelling of w2."""
+
+    name = "spell"
+    phrasings = ("Spell {v} instead.", "Actually, spell {v}.", "Now spell {v}.", "Switch to spelling {v}.")
+
+    def _params(self, rng, split):
+        return {"w": rng.choice(split_pool(WORDS, split))}
+
+    def _instruction(self, p):
+        return f"Spell {p['w']}."
+
+    def _start(self, p):
+        return {"w": p["w"], "at": 0}
+
+    def _emit(self, p, state, i):
+        j = i - state["at"]
+        return state["w"][j] if j < len(state["w"]) else None
+
+    def _apply(self, p, state, value, i):
+        state.update(w=value, at=i)
+
+
+class Add(TaskFamily):
+    """`Add k to each: x1 x2 ...`; `Add k2 instead.` applies k2 to the remaining items."""
+
+    name = "add"
+    phrasings = ("Add {v} instead.", "Actually, add {v}.", "Use {v} instead.", "Change the number to {v}.")
+
+    def _params(self, rng, split):
+        return {"k": rng.randint(1, 9), "xs": [rng.randint(0, 20) for _ in range(rng.randint(3, 6))]}
+
+    def _split_key(self, p, values):
+        return f"add:{p['k']}:{p['xs']}"
+
+    def _instruction(self, p):
+        return f"Add {p['k']} to each: " + " ".join(map(str, p["xs"]))
+
+    def _start(self, p):
+        return {"k": p["k"]}
+
+    def _emit(self, p, state, i):
+        return str(p["xs"][i] + state["k"]) if i < len(p["xs"]) else None
+
+    def _apply(self, p, state, value, i):
+        state["k"] = value
+
+    def _value(self, rng, split, p, prev):
+        return rng.choice([k for k in range(1, 10) if k != p["k"] and k not in prev])
+
+
+@functools.lru_cache(maxsize=4096)
+def _order(seed: int, category: str) -> tuple[str, ...]:
+    """The oracle's seeded order of a category's members (distinct picks, cached)."""
+    members = CATEGORIES[category]
+    return tuple(random.Random(f"{seed}:{category}").sample(members, len(members)))
+
+
+class ListFamily(TaskFamily):
+    """`Name n fruits.` -> distinct members, comma separated; `Name animals instead.` switches
+    category. The oracle's picks come from a seeded order; scoring accepts any valid picks."""
+
+    name = "list"
+    phrasings = ("Name {v} instead.", "Actually, name {v}.", "Switch to {v}.", "Make it {v} instead.")
+
+    def _params(self, rng, split):
+        return {"cat": rng.choice(list(CATEGORIES)), "n": rng.randint(3, 6), "seed": rng.randrange(2**31)}
+
+    def _split_key(self, p, values):
+        return "list:" + "|".join([str(p["n"]), p["cat"], *values])
+
+    def _instruction(self, p):
+        return f"Name {p['n']} {p['cat']}."
+
+    def _start(self, p):
+        return {"cat": p["cat"], "used": 0}
+
+    def _emit(self, p, state, i):
+        if i >= p["n"]:
+            return None
+        word = _order(p["seed"], state["cat"])[state["used"]]
+        state["used"] += 1
+        return word + ("," if i < p["n"] - 1 else "")
+
+    def _apply(self, p, state, value, i):
+        state.update(cat=value, used=0)
+
+    def _value(self, rng, split, p, prev):
+        return rng.choice([c for c in CATEGORIES if c != p["cat"] and c not in prev])
+
+    def _superseded(self, p, edits):
+        """Only the original category is wrong everywhere after the first update (the oracle's
+        picks from later categories are just one valid choice)."""
+        return set(CATEGORIES[p["cat"]])
+
+    def _correct(self, inst, generated):
+        """The rule: right count, distinct, prefix as the original, each later item a member of
+        the category the oracle uses at that position, `a, b, c` format."""
+        items, oracle = generated.split(", "), inst.response.split(", ")
+        k = inst.updates[0].word_index if inst.updates else len(oracle)
+        category = {m: c for c, ms in CATEGORIES.items() for m in ms}
+        return (
+            len(items) == len(oracle)
+            and len(set(items)) == len(items)
+            and items[:k] == inst.original_response.split(", ")[:k]
+            and all(category.get(g) == category[o] for g, o in zip(items, oracle, strict=True))
+        )
+
+
+class Note(TaskFamily):
+    """`Write to Anna about rain.` -> a fixed note; `The name is X.` / `The topic is Y.`
+    changes every later mention."""
+
+    name = "note"
+    template = ("Dear {name}, this is about {topic}. More on {topic} soon, {name}. Bye.").split(" ")
+    phrasing_sets: ClassVar[dict[str, list[str]]] = {
+        "name": ["The name is {v}.", "Actually, the name is {v}.", "Change the name to {v}.", "Address it to {v}."],
+        "topic": ["The topic is {v}.", "Actually, the topic is {v}.", "Change the topic to {v}.", "Make it about {v}."],
+    }
+    pools: ClassVar[dict[str, list[str]]] = {"name": NAMES, "topic": TOPICS}
+
+    def _params(self, rng, split):
+        return {s: rng.choice(split_pool(pool, split)) for s, pool in self.pools.items()}
+
+    def _instruction(self, p):
+        return f"Write to {p['name']} about {p['topic']}."
+
+    def _start(self, p):
+        return dict(p)
+
+    def _emit(self, p, state, i):
+        return self.template[i].format(**state) if i < len(self.template) else None
+
+    def _apply(self, p, state, value, i):
+        state[value[0]] = value[1]
+
+    def _value(self, rng, split, p, prev):
+        slot = rng.choice(list(self.pools))
+        used = {p[slot]} | {v for s, v in prev if s == slot}
+        return [slot, rng.choice([v for v in split_pool(self.pools[slot], split) if v not in used])]
+
+    def _templates(self, value):
+        return self.phrasing_sets[value[0]]
+
+    def _fmt(self, value):
+        return {"v": value[1]}
+
+
+class Case(TaskFamily):
+    """`Uppercase: the red fox` -> `THE RED FOX` (Lowercase: input in capitals);
+    `Lowercase instead.` / `Uppercase instead.` recases the remaining words."""
+
+    name = "case"
+    phrasings = ("{v} instead.", "Actually, {l}.", "Switch to {l}.", "Make the rest {l}.")
+
+    def _params(self, rng, split):
+        case = rng.choice(["Uppercase", "Lowercase"])
+        return {"case": case, "words": rng.sample(split_pool(WORDS, split), rng.randint(3, 6))}
+
+    def _instruction(self, p):
+        shown = [w.lower() if p["case"] == "Uppercase" else w.upper() for w in p["words"]]
+        return f"{p['case']}: " + " ".join(shown)
+
+    def _start(self, p):
+        return {"case": p["case"]}
+
+    def _emit(self, p, state, i):
+        if i >= len(p["words"]):
+            return None
+        return p["words"][i].upper() if state["case"] == "Uppercase" else p["words"][i].lower()
+
+    def _apply(self, p, state, value, i):
+        state["case"] = value
+
+    def _value(self, rng, split, p, prev):
+        current = prev[-1] if prev else p["case"]
+        return "Lowercase" if current == "Uppercase" else "Uppercase"
+
+    def _fmt(self, value):
+        return {"v": value, "l": value.lower()}
+
+
+FAMILIES: dict[str, TaskFamily] = {f.name: f for f in (Count(), Repeat(), Spell(), Add(), ListFamily(), Note(), Case())}
+
+
+def get_family(name: str) -> TaskFamily:
+    """Family by name, with a clear error for unknown names."""
+    if name not in FAMILIES:
+        raise KeyError(f"unknown task family {name!r}; known: {list(FAMILIES)}")
+    return FAMILIES[name]

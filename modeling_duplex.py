@@ -1,0 +1,957 @@
+"""Duplex: a frozen decoder-only LM that accepts corrections while it is generating.
+
+Data flow (one forward pass):
+
+    update texts --embed_tokens--> UpdateEncoder --> Workspace.apply_update --> workspace versions (B, V, S, D)
+    input_ids --embed_tokens--> [decoder layer i --> CrossAttentionAdapter i (reads the workspace)]* --> norm --> lm_head
+
+Every position sees exactly one workspace version: the one after all updates whose position is <= its own
+(the prompt is update 0, at position 0). Teacher-forced training and step-by-step generation share this rule
+and the single `DuplexForCausalLM.apply_update`; the backbone's token sequence and KV cache are never rewritten.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import DynamicCache
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import cached_file, logging
+
+try:
+    from .configuration_duplex import DuplexConfig
+except ImportError:  # imported as a plain module from a checkout, not through trust_remote_code
+    from configuration_duplex import DuplexConfig
+
+logger = logging.get_logger(__name__)
+
+UPDATE_MODES = ("workspace", "ignore", "inband")
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+NO_UPDATE = -1  # position of an empty update slot in a padded batch
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class ZeroInitLinear(nn.Linear):
+    """A Linear layer that `_init_weights` sets to zero: the adapters' output projection, so step 0 == backbone."""
+
+
+def rotate_half_positions(x: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding over the sequence axis of x (B, h, L, hd); relative, so left padding is harmless."""
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / (10000 ** (torch.arange(half, device=x.device, dtype=torch.float32) / half))
+    angles = torch.arange(x.shape[-2], device=x.device, dtype=torch.float32)[:, None] * inv_freq  # (L, half)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class DuplexAttention(nn.Module):
+    """Multi-head attention from queries (B, T, D) to a memory (B, M, D); used by the encoder, workspace and adapters."""
+
+    def __init__(self, hidden_size: int, num_heads: int, inner_size: int | None = None, zero_init_output: bool = False):
+        super().__init__()
+        inner_size = inner_size or hidden_size
+        self.num_heads = num_heads
+        self.head_dim = inner_size // num_heads
+        self.q_proj = nn.Linear(hidden_size, inner_size, bias=False)
+        self.k_proj = nn.Linear(hidden_size, inner_size, bias=False)
+        self.v_proj = nn.Linear(hidden_size, inner_size, bias=False)
+        self.o_proj = (ZeroInitLinear if zero_init_output else nn.Linear)(inner_size, hidden_size, bias=False)
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(*x.shape[:-1], self.num_heads, self.head_dim).transpose(1, 2)  # (B, h, L, hd)
+
+    def project_queries(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self._split_heads(self.q_proj(hidden))
+
+    def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, h, M, hd) of a memory; adapters cache these once per workspace change."""
+        return self._split_heads(self.k_proj(memory)), self._split_heads(self.v_proj(memory))
+
+    def attend(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """softmax(q k^T / sqrt(d)) v, then the output projection. mask: bool, broadcastable to (B, h, T, M)."""
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)  # (B, h, T, hd)
+        out = out.transpose(1, 2).reshape(*query.shape[:1], query.shape[2], -1)
+        return self.o_proj(out)
+
+
+class UpdateEncoderLayer(nn.Module):
+    """Pre-norm bidirectional transformer layer with rotary positions (order matters: "Spell cat" != "Spell act")."""
+
+    def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int, eps: float):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(hidden_size, eps=eps)
+        self.self_attn = DuplexAttention(hidden_size, num_heads)
+        self.mlp_norm = nn.RMSNorm(hidden_size, eps=eps)
+        self.mlp = nn.Sequential(
+            nn.Linear(hidden_size, intermediate_size), nn.GELU(), nn.Linear(intermediate_size, hidden_size)
+        )
+
+    def forward(self, hidden: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        normed = self.attn_norm(hidden)
+        query = rotate_half_positions(self.self_attn.project_queries(normed))
+        key, value = self.self_attn.project_memory(normed)
+        hidden = hidden + self.self_attn.attend(query, rotate_half_positions(key), value, key_mask)
+        return hidden + self.mlp(self.mlp_norm(hidden))
+
+
+class UpdateEncoder(nn.Module):
+    """Bidirectional transformer over the backbone's (frozen) token embeddings of a prompt or a correction."""
+
+    def __init__(self, config: DuplexConfig):
+        super().__init__()
+        text = config.text_config
+        eps = getattr(text, "rms_norm_eps", 1e-6)
+        self.layers = nn.ModuleList(
+            UpdateEncoderLayer(text.hidden_size, config.encoder_heads, config.encoder_intermediate_size, eps)
+            for _ in range(config.encoder_layers)
+        )
+        self.norm = nn.RMSNorm(text.hidden_size, eps=eps)
+
+    def forward(self, embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """embeds (B, L, D), attention_mask (B, L) -> encoded (B, L, D)."""
+        key_mask = attention_mask_to_keys(attention_mask)
+        hidden = embeds
+        for layer in self.layers:
+            hidden = layer(hidden, key_mask)
+        return self.norm(hidden)
+
+
+def attention_mask_to_keys(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) 0/1 mask -> (B, 1, 1, L) bool key mask; a row with no valid key attends to all (avoids NaN)."""
+    keys = attention_mask.bool()
+    keys = keys | ~keys.any(dim=-1, keepdim=True)
+    return keys[:, None, None, :]
+
+
+class Workspace(nn.Module):
+    """`num_slots` latent vectors with a gated update: W~ = Attn(W, e, e), W_new = W + sigmoid(G[W; W~]) * MLP(W~)."""
+
+    def __init__(self, config: DuplexConfig):
+        super().__init__()
+        text = config.text_config
+        hidden = text.hidden_size
+        eps = getattr(text, "rms_norm_eps", 1e-6)
+        self.initial_slots = nn.Parameter(torch.empty(config.num_slots, hidden))
+        self.slot_norm = nn.RMSNorm(hidden, eps=eps)
+        self.read = DuplexAttention(hidden, config.encoder_heads)
+        self.delta = nn.Sequential(
+            nn.Linear(hidden, config.encoder_intermediate_size),
+            nn.GELU(),
+            nn.Linear(config.encoder_intermediate_size, hidden),
+        )
+        self.gate = nn.Linear(2 * hidden, hidden)
+
+    def initial(self, batch_size: int) -> torch.Tensor:
+        return self.initial_slots.unsqueeze(0).expand(batch_size, -1, -1)  # (B, S, D)
+
+    def forward(self, workspace: torch.Tensor, encoded: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """workspace (B, S, D), encoded update (B, L, D), attention_mask (B, L) -> new workspace (B, S, D)."""
+        query = self.read.project_queries(self.slot_norm(workspace))
+        key, value = self.read.project_memory(encoded)
+        read = self.read.attend(query, key, value, attention_mask_to_keys(attention_mask))  # W~
+        gate = torch.sigmoid(self.gate(torch.cat([workspace, read], dim=-1)))
+        return workspace + gate * self.delta(read)
+
+
+class CrossAttentionAdapter(nn.Module):
+    """After a decoder layer: h + o_proj(Attn(norm(h), W, W)); o_proj starts at zero, so h passes through exactly."""
+
+    def __init__(self, config: DuplexConfig):
+        super().__init__()
+        text = config.text_config
+        eps = getattr(text, "rms_norm_eps", 1e-6)
+        self.hidden_norm = nn.RMSNorm(text.hidden_size, eps=eps)
+        self.workspace_norm = nn.RMSNorm(text.hidden_size, eps=eps)
+        self.attn = DuplexAttention(
+            text.hidden_size, config.adapter_heads, config.adapter_hidden_size, zero_init_output=True
+        )
+
+    def project_workspace(self, workspace: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, V*S, D) workspace slots (all versions side by side) -> keys, values (B, h, V*S, hd)."""
+        return self.attn.project_memory(self.workspace_norm(workspace))
+
+    def forward(
+        self, hidden: torch.Tensor, key: torch.Tensor, value: torch.Tensor, version_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        query = self.attn.project_queries(self.hidden_norm(hidden))
+        return hidden + self.attn.attend(query, key, value, version_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Updates: what the user passes, and the one rule that maps them to positions and workspace versions
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DuplexUpdate:
+    """A correction for `generate`: it lands after `at` new tokens (new token number `at` is the first to see it)."""
+
+    at: int
+    text: str | None = None
+    token_ids: tuple[int, ...] | None = None
+
+
+@dataclass
+class UpdateLanding:
+    """Where an update landed in one row of a `generate` call (returned with `return_dict_in_generate=True`)."""
+
+    at: int | None  # new tokens generated before it took effect (None: it never landed)
+    requested_at: int | None  # the `at` asked for (None for a live `UpdateStream` update)
+    text: str | None
+    token_ids: list[int]
+    applied: bool  # False for update_mode="ignore" and for updates past the end of generation
+    arrived_time: float | None = None  # time.perf_counter() when it reached generate (UpdateStream.put)
+    landed_time: float | None = None  # time.perf_counter() after the forward pass that first used it
+
+
+class UpdateStream:
+    """Thread-safe source of live updates: `put` from any thread while `generate` runs; polled before every step."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+
+    def put(self, update: str | Sequence[int], row: int | None = None) -> None:
+        """Queue a correction (text or token ids) for `row` (None: every row); it lands before the next token."""
+        if isinstance(update, str) and not update.strip():
+            raise ValueError("UpdateStream.put: `update` text is empty")
+        if not isinstance(update, str) and len(update) == 0:
+            raise ValueError("UpdateStream.put: `update` token ids are empty")
+        self._queue.put((update, row, time.perf_counter()))
+
+    def drain(self) -> list[tuple[str | Sequence[int], int | None, float]]:
+        items = []
+        with self._lock:
+            while True:
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    return items
+
+
+def update_position(prompt_length: int, at: int) -> int:
+    """Sequence index of the first position whose logits (for new token `at`) are conditioned on an update."""
+    return prompt_length - 1 + at
+
+
+def pack_updates(
+    updates: Sequence[Sequence[tuple[int, Sequence[int]]]], pad_token_id: int = 0
+) -> dict[str, torch.Tensor]:
+    """Per-row lists of (position, token_ids), sorted by position -> the padded tensors `forward` takes:
+    update_input_ids (B, U, L), update_attention_mask (B, U, L), update_positions (B, U) with NO_UPDATE padding."""
+    batch = len(updates)
+    num = max((len(row) for row in updates), default=0)
+    length = max((len(ids) for row in updates for _, ids in row), default=1)
+    ids = torch.full((batch, num, length), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((batch, num, length), dtype=torch.long)
+    positions = torch.full((batch, num), NO_UPDATE, dtype=torch.long)
+    for b, row in enumerate(updates):
+        if any(p1 > p2 for (p1, _), (p2, _) in zip(row, row[1:])):
+            raise ValueError(f"pack_updates: row {b}'s updates must be sorted by position, got {[p for p, _ in row]}")
+        for u, (pos, tokens) in enumerate(row):
+            ids[b, u, : len(tokens)] = torch.as_tensor(list(tokens), dtype=torch.long)
+            mask[b, u, : len(tokens)] = 1
+            positions[b, u] = pos
+    return {"update_input_ids": ids, "update_attention_mask": mask, "update_positions": positions}
+
+
+def workspace_version_mask(
+    version_starts: torch.Tensor, positions: torch.Tensor, num_slots: int
+) -> torch.Tensor | None:
+    """Which workspace slots each position may read: those of the newest version started at or before it.
+
+    version_starts (B, V): sequence index from which each version is visible (unused versions: a huge index).
+    positions (T,) or (B, T): sequence indices of the current chunk.  Returns a bool mask (B, 1, T, V*S),
+    or None when there is a single version (no masking needed).
+    """
+    batch, num_versions = version_starts.shape
+    if num_versions == 1:
+        return None
+    positions = positions.expand(batch, -1) if positions.dim() == 1 else positions
+    version = (version_starts[:, None, :] <= positions[:, :, None]).sum(-1) - 1  # (B, T)
+    slot_version = torch.arange(num_versions, device=positions.device).repeat_interleave(num_slots)  # (V*S,)
+    return (slot_version[None, None, :] == version[:, :, None]).unsqueeze(1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class DuplexPreTrainedModel(PreTrainedModel):
+    config_class = DuplexConfig
+    base_model_prefix = ""
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _no_split_modules = ["UpdateEncoderLayer", "CrossAttentionAdapter"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, ZeroInitLinear):
+            init.zeros_(module.weight)
+        elif isinstance(module, Workspace):
+            init.normal_(module.initial_slots, mean=0.0, std=std)
+            init.constant_(module.gate.bias, self.config.gate_bias_init)
+        else:
+            super()._init_weights(module)
+
+
+class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
+    """A frozen causal LM (`model`, `lm_head`) plus the trainable duplex modules: `update_encoder`, `workspace`,
+    and `adapters` (one after each decoder layer in `config.adapter_layers`, keyed by the layer index)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    accepts_loss_kwargs = True
+
+    def __init__(self, config: DuplexConfig, backbone: PreTrainedModel | None = None):
+        super().__init__(config)
+        if backbone is None:
+            self.model = AutoModel.from_config(config.text_config)
+            self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        else:  # from_backbone: reuse a loaded causal LM's decoder and head, no copy
+            self.model = backbone.get_decoder()
+            self.lm_head = backbone.get_output_embeddings()
+        self.update_encoder = UpdateEncoder(config)
+        self.workspace = Workspace(config)
+        self.adapters = nn.ModuleDict({str(i): CrossAttentionAdapter(config) for i in config.adapter_layers})
+        self.post_init()
+        self.freeze_backbone()
+
+    # -- PEFT-style bookkeeping ----------------------------------------------------------------------------------------
+
+    def freeze_backbone(self) -> None:
+        """Only the duplex modules train; the backbone stays exactly as loaded."""
+        self.model.requires_grad_(False)
+        self.lm_head.requires_grad_(False)
+
+    def duplex_modules(self) -> dict[str, nn.Module]:
+        return {"update_encoder": self.update_encoder, "workspace": self.workspace, "adapters": self.adapters}
+
+    def duplex_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trainable duplex weights only (what an adapter-only checkpoint stores)."""
+        return {
+            f"{name}.{key}": tensor
+            for name, module in self.duplex_modules().items()
+            for key, tensor in module.state_dict().items()
+        }
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return trainable, sum(p.numel() for p in self.parameters())
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lm_head = value
+
+    def get_decoder(self) -> nn.Module:
+        return self.model
+
+    # -- Loading and saving --------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_backbone(
+        cls, backbone: str | PreTrainedModel, backbone_kwargs: dict | None = None, **duplex_kwargs
+    ) -> DuplexForCausalLM:
+        """Wrap a pretrained causal LM (Hub id, local path or loaded model) with fresh duplex modules."""
+        if isinstance(backbone, PreTrainedModel):
+            name = backbone.config.name_or_path or None
+        else:
+            name = str(backbone)
+            backbone = AutoModelForCausalLM.from_pretrained(name, **(backbone_kwargs or {}))
+        for tensor in list(backbone.parameters()) + list(backbone.buffers()):
+            tensor._is_hf_initialized = True  # post_init must initialise the new modules only
+        attn_implementation = backbone.config._attn_implementation  # a composite config resets its sub-configs'
+        config = DuplexConfig(
+            text_config=backbone.config,
+            backbone_name_or_path=name,
+            attn_implementation=attn_implementation,
+            **duplex_kwargs,
+        )
+        model = cls(config, backbone=backbone)
+        return model.to(device=backbone.device, dtype=backbone.dtype)
+
+    def save_pretrained(self, save_directory, *args, adapter_only: bool = False, **kwargs) -> None:
+        """A complete Hub repo; with `adapter_only=True` just config.json + the duplex weights (PEFT-style),
+        reloaded by `from_pretrained` on top of `config.backbone_name_or_path`."""
+        if not adapter_only:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        if not self.config.backbone_name_or_path:
+            raise ValueError("save_pretrained(adapter_only=True) needs `config.backbone_name_or_path` to be set")
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+
+        Path(save_directory).mkdir(parents=True, exist_ok=True)
+        super().save_pretrained(save_directory, *args, state_dict={}, **kwargs)  # config.json, code, generation config
+        weights = {k: v.detach().contiguous().cpu() for k, v in self.duplex_state_dict().items()}
+        save_file(weights, str(Path(save_directory) / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+        for stale in Path(save_directory).glob("model*.safetensors*"):
+            stale.unlink()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """A full checkpoint loads as usual; an adapter-only one loads its backbone by name, then the duplex weights."""
+        path = str(pretrained_model_name_or_path)
+        hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
+        adapter_file = cached_file(
+            path, ADAPTER_WEIGHTS_NAME, _raise_exceptions_for_missing_entries=False, **hub_kwargs
+        )
+        if adapter_file is None:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        from safetensors.torch import load_file
+
+        config = kwargs.pop("config", None) or DuplexConfig.from_pretrained(path, **hub_kwargs)
+        backbone_kwargs = {k: v for k, v in kwargs.items() if k not in ("trust_remote_code",)}
+        duplex_fields = {
+            k: getattr(config, k)
+            for k in DuplexConfig.__dataclass_fields__
+            if k not in ("text_config", "backbone_name_or_path") and k in config.to_diff_dict()
+        }
+        model = cls.from_backbone(config.backbone_name_or_path, backbone_kwargs=backbone_kwargs, **duplex_fields)
+        state = load_file(adapter_file)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if k in model.duplex_state_dict()]
+        if missing or unexpected:
+            raise ValueError(f"adapter checkpoint {path} does not match: missing {missing}, unexpected {unexpected}")
+        return model
+
+    # -- Updates -------------------------------------------------------------------------------------------------------
+
+    def apply_update(
+        self, workspace: torch.Tensor, update_input_ids: torch.Tensor, update_attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Encode one update per row and write it into the workspace: (B, S, D) -> (B, S, D).
+        The only place an update enters the model: training, generation and every mode go through here."""
+        embeds = self.model.embed_tokens(update_input_ids)
+        encoded = self.update_encoder(embeds.to(workspace.dtype), update_attention_mask)
+        return self.workspace(workspace, encoded, update_attention_mask)
+
+    def workspace_versions(
+        self,
+        batch_size: int,
+        update_input_ids: torch.Tensor | None = None,
+        update_attention_mask: torch.Tensor | None = None,
+        update_positions: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Apply a padded batch of updates in order -> versions (B, U+1, S, D) and their start indices (B, U+1).
+        Version 0 is the learned initial workspace; version u+1 follows update u (if that row has one)."""
+        workspace = self.workspace.initial(batch_size)
+        versions, starts = [workspace], [torch.zeros(batch_size, dtype=torch.long, device=workspace.device)]
+        num_updates = 0 if update_positions is None else update_positions.shape[1]
+        never = torch.iinfo(torch.long).max
+        for u in range(num_updates):
+            has_update = update_positions[:, u] != NO_UPDATE  # (B,)
+            updated = self.apply_update(workspace, update_input_ids[:, u], update_attention_mask[:, u])
+            workspace = torch.where(has_update[:, None, None], updated, workspace)
+            versions.append(workspace)
+            starts.append(torch.where(has_update, update_positions[:, u], never))
+        return torch.stack(versions, dim=1), torch.stack(starts, dim=1)
+
+    def project_workspace(self, versions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each adapter's keys/values of the workspace versions (B, V, S, D); generation caches this per change."""
+        flat = versions.flatten(1, 2)  # (B, V*S, D)
+        return [adapter.project_workspace(flat) for adapter in self.adapters.values()]
+
+    # -- Forward -------------------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        update_input_ids: torch.LongTensor | None = None,
+        update_attention_mask: torch.Tensor | None = None,
+        update_positions: torch.LongTensor | None = None,
+        workspace_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        workspace_mask: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        r"""
+        update_input_ids (`torch.LongTensor` of shape `(batch, num_updates, update_len)`, *optional*):
+            Token ids of each row's updates, in order; the prompt is usually update 0 at position 0 (see `pack_updates`).
+        update_attention_mask (`torch.Tensor` of shape `(batch, num_updates, update_len)`, *optional*):
+            1 for update tokens, 0 for padding.
+        update_positions (`torch.LongTensor` of shape `(batch, num_updates)`, *optional*):
+            Sequence index from which each update is visible (`update_position(prompt_len, at)`); `NO_UPDATE` pads.
+        workspace_kv / workspace_mask (*optional*):
+            Precomputed adapter keys/values and version mask; `generate` passes these instead of updates.
+        """
+        if kwargs.pop("output_attentions", False):
+            raise ValueError("DuplexForCausalLM does not support `output_attentions=True`")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of `input_ids` or `inputs_embeds`")
+        if inputs_embeds is None:
+            inputs_embeds = self.model.embed_tokens(input_ids)
+        batch_size, seq_len = inputs_embeds.shape[:2]
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.model.config)
+        past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+
+        if workspace_kv is None:  # teacher-forced: build every workspace version this sequence goes through
+            versions, starts = self.workspace_versions(
+                batch_size, update_input_ids, update_attention_mask, update_positions
+            )
+            workspace_kv = self.project_workspace(versions.to(inputs_embeds.dtype))
+            chunk_positions = torch.arange(past_seen, past_seen + seq_len, device=inputs_embeds.device)
+            workspace_mask = workspace_version_mask(starts, chunk_positions, self.config.num_slots)
+
+        hidden_states, all_hidden = self._decode(
+            inputs_embeds, attention_mask, position_ids, past_key_values, use_cache, workspace_kv, workspace_mask,
+            output_hidden_states, **kwargs,
+        )
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=all_hidden,
+        )
+
+    def _decode(
+        self, inputs_embeds, attention_mask, position_ids, past_key_values, use_cache, workspace_kv, workspace_mask,
+        output_hidden_states=False, **kwargs,
+    ):
+        """The backbone's decoder loop (as in its own `forward`), with each adapter right after its layer."""
+        backbone = self.model
+        text_config = backbone.config
+        if position_ids is None:
+            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)[None] + past_seen
+        if isinstance(attention_mask, dict):  # already prepared by generate for a compileable cache
+            masks = attention_mask
+        else:
+            mask_kwargs = {
+                "config": text_config,
+                "inputs_embeds": inputs_embeds,
+                "attention_mask": attention_mask,
+                "past_key_values": past_key_values,
+                "position_ids": position_ids,
+            }
+            masks = {"full_attention": create_causal_mask(**mask_kwargs)}
+            layer_types = getattr(text_config, "layer_types", None) or []
+            if "sliding_attention" in layer_types:
+                masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+        layer_types = getattr(text_config, "layer_types", None) or ["full_attention"] * text_config.num_hidden_layers
+
+        hidden = inputs_embeds
+        position_embeddings = backbone.rotary_emb(hidden, position_ids)
+        adapter_kv = dict(zip(self.adapters.keys(), workspace_kv))
+        all_hidden = (hidden,) if output_hidden_states else None
+        for i, layer in enumerate(backbone.layers[: text_config.num_hidden_layers]):
+            hidden = layer(
+                hidden,
+                attention_mask=masks[layer_types[i]],
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                **kwargs,
+            )
+            if (key := str(i)) in adapter_kv:
+                hidden = self.adapters[key](hidden, *adapter_kv[key], workspace_mask)
+            if output_hidden_states:
+                all_hidden += (hidden,)
+        return backbone.norm(hidden), all_hidden
+
+    # -- Generation ----------------------------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        inputs: torch.Tensor | None = None,
+        generation_config=None,
+        updates=None,
+        update_mode: str = "workspace",
+        tokenizer=None,
+        **kwargs,
+    ):
+        """`GenerationMixin.generate` plus mid-stream corrections.
+
+        updates: None; a list of `(at, text)`, `(at, token_ids)` or `DuplexUpdate` (one list per row for a batch);
+            or an `UpdateStream` fed from another thread. An update at `at` conditions new token `at` onwards.
+        update_mode: "workspace" (write into the workspace), "ignore" (drop updates: ablation), or "inband"
+            (splice `config.inband_template` with the correction into the context, continuing from the same cache).
+        With `return_dict_in_generate=True` the output's `update_landings[row]` tells where each update landed.
+        """
+        if update_mode not in UPDATE_MODES:
+            raise ValueError(f"`update_mode` must be one of {UPDATE_MODES}, got {update_mode!r}")
+        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if input_ids is None:
+            raise ValueError("DuplexForCausalLM.generate needs `input_ids` (the prompt is also written into the workspace)")
+        if kwargs.get("inputs_embeds") is not None:
+            raise ValueError("DuplexForCausalLM.generate does not support `inputs_embeds`; pass `input_ids`")
+        batch_size = input_ids.shape[0]
+        state = DuplexGenerationState(self, batch_size, updates, update_mode, tokenizer)
+        if state.has_updates:
+            self._check_generation_supports_updates(generation_config, kwargs, update_mode)
+        if tokenizer is not None:
+            kwargs["tokenizer"] = tokenizer
+        output = super().generate(inputs, generation_config, duplex_state=state, **kwargs)
+        landings = state.finish()
+        if isinstance(output, GenerateDecoderOnlyOutput):
+            output = DuplexGenerateOutput(**output, update_landings=landings)
+        return output
+
+    def _check_generation_supports_updates(self, generation_config, kwargs: dict, update_mode: str) -> None:
+        """Refuse, naming the option, decoding modes in which updates would not land as promised."""
+        config = generation_config if generation_config is not None else self.generation_config
+        for name, unsupported in (("num_beams", lambda v: v is not None and v > 1),
+                                  ("assistant_model", lambda v: v is not None),
+                                  ("prompt_lookup_num_tokens", lambda v: v is not None)):
+            value = kwargs.get(name, getattr(config, name, None))
+            if unsupported(value):
+                raise ValueError(f"`{name}={value!r}` is not supported together with `updates`")
+        if update_mode == "inband" and kwargs.get("use_cache", getattr(config, "use_cache", True)) is False:
+            raise ValueError("`update_mode='inband'` needs `use_cache=True`: the correction is spliced into the cache")
+
+    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, duplex_state=None, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(input_ids, next_sequence_length=next_sequence_length, **kwargs)
+        if duplex_state is not None:
+            duplex_state.prepare_step(input_ids, model_inputs)
+        return model_inputs
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):
+        state = model_kwargs.get("duplex_state")
+        if state is not None:
+            state.after_forward(model_kwargs)
+        return super()._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder, num_new_tokens)
+
+
+@dataclass
+class DuplexGenerateOutput(GenerateDecoderOnlyOutput):
+    """`generate`'s usual output plus, per row, where each update landed."""
+
+    update_landings: list[list[UpdateLanding]] | None = None
+
+
+@dataclass
+class _PendingUpdate:
+    at: int | None
+    token_ids: list[int]
+    text: str | None
+    arrived_time: float | None = None
+
+
+@dataclass
+class DuplexGenerationState:
+    """Per-`generate` state: pending updates, the workspace versions of every row and the adapters' cached K/V.
+
+    Lives in generate's model kwargs (a mutable object, like the KV cache), so it persists across steps.
+    """
+
+    model: DuplexForCausalLM
+    batch_size: int
+    updates: object = None
+    update_mode: str = "workspace"
+    tokenizer: object = None
+    pending: list[list[_PendingUpdate]] = field(default_factory=list)
+    landings: list[list[UpdateLanding]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.stream = self.updates if isinstance(self.updates, UpdateStream) else None
+        scheduled = None if self.stream is not None else self.updates
+        self.pending = self._normalize(scheduled)
+        self.landings = [[] for _ in range(self.batch_size)]
+        self.prompt_length: int | None = None
+        self.versions: torch.Tensor | None = None  # (B, V, S, D)
+        self.version_starts: torch.Tensor | None = None  # (B, V)
+        self.current: torch.Tensor | None = None  # (B,) index of each row's newest version
+        self.current_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # adapters' K/V of the newest versions
+        self.landed_this_step: list[UpdateLanding] = []
+        self.inserted: tuple[torch.Tensor, torch.Tensor] | None = None  # inband: (chunk mask, chunk positions)
+
+    @property
+    def has_updates(self) -> bool:
+        return self.stream is not None or any(self.pending)
+
+    # -- input validation ----------------------------------------------------------------------------------------------
+
+    def _normalize(self, updates) -> list[list[_PendingUpdate]]:
+        """Accept the SPEC's update forms; one clear ValueError, naming `updates`, for anything else."""
+        if updates is None:
+            return [[] for _ in range(self.batch_size)]
+        if not isinstance(updates, (list, tuple)):
+            raise ValueError(f"`updates` must be None, a list or an UpdateStream, got {type(updates).__name__}")
+        per_row = len(updates) > 0 and all(isinstance(u, (list, tuple)) and not _is_single_update(u) for u in updates)
+        if not per_row:
+            if self.batch_size != 1 and len(updates) > 0:
+                raise ValueError(
+                    f"`updates` for a batch of {self.batch_size} must be a list with one list of updates per row"
+                )
+            updates = [list(updates)] * self.batch_size
+        if len(updates) != self.batch_size:
+            raise ValueError(f"`updates` has {len(updates)} rows but the batch has {self.batch_size}")
+        rows = [sorted((self._one(u) for u in row), key=lambda p: p.at) for row in updates]
+        return rows
+
+    def _one(self, update) -> _PendingUpdate:
+        if isinstance(update, DuplexUpdate):
+            at, payload = update.at, update.text if update.text is not None else update.token_ids
+        elif _is_single_update(update):
+            at, payload = update
+        else:
+            raise ValueError(f"`updates`: cannot read {update!r}; use (at, text), (at, token_ids) or DuplexUpdate")
+        if not isinstance(at, int) or isinstance(at, bool) or at < 0:
+            raise ValueError(f"`updates`: `at` must be a non-negative int, got {at!r}")
+        token_ids, text = self._tokenize(payload)
+        return _PendingUpdate(at=at, token_ids=token_ids, text=text)
+
+    def _tokenize(self, payload) -> tuple[list[int], str | None]:
+        if isinstance(payload, str):
+            if not payload.strip():
+                raise ValueError("`updates`: update text is empty")
+            if self.tokenizer is None:
+                raise ValueError("`updates` with text need `tokenizer=` in generate (or pass token ids)")
+            return list(self.tokenizer(payload, add_special_tokens=False)["input_ids"]), payload
+        token_ids = payload.tolist() if isinstance(payload, torch.Tensor) else list(payload or [])
+        if not token_ids:
+            raise ValueError("`updates`: update token ids are empty")
+        return [int(t) for t in token_ids], None
+
+    # -- the generation loop -------------------------------------------------------------------------------------------
+
+    def prepare_step(self, input_ids: torch.Tensor, model_inputs: dict) -> None:
+        """Before each forward: poll the stream, land due updates, and hand the adapters their workspace K/V."""
+        if self.prompt_length is None:
+            self._start(input_ids, model_inputs)
+        generated = input_ids.shape[1] - self.prompt_length
+        if self.stream is not None:
+            for payload, row, arrived in self.stream.drain():
+                token_ids, text = self._tokenize(payload)
+                rows = range(self.batch_size) if row is None else [row]
+                for b in rows:
+                    self.pending[b].append(_PendingUpdate(None, token_ids, text, arrived))
+        due = self._due_updates(generated)
+        if self.update_mode == "inband":
+            self._splice_inband(due, generated, model_inputs)
+        elif self.update_mode == "ignore":
+            for b, update in due:
+                self._record(b, update, generated, applied=False)
+        else:
+            self._land_in_workspace(due, generated)
+        self._set_workspace_inputs(model_inputs)
+
+    def _start(self, input_ids: torch.Tensor, model_inputs: dict) -> None:
+        """First step: the prompt becomes update 0, visible from position 0."""
+        if input_ids.shape[0] != self.batch_size:
+            raise ValueError(
+                f"generate expanded the batch from {self.batch_size} to {input_ids.shape[0]} rows "
+                "(num_return_sequences / beams); with DuplexForCausalLM pass repeated prompts instead"
+            )
+        self.prompt_length = input_ids.shape[1]
+        model = self.model
+        workspace = model.workspace.initial(self.batch_size)
+        starts = torch.zeros(self.batch_size, 1, dtype=torch.long, device=input_ids.device)
+        versions = workspace[:, None]
+        if model.config.encode_prompt:
+            mask = model_inputs.get("attention_mask")
+            mask = torch.ones_like(input_ids) if mask is None or isinstance(mask, dict) else mask
+            workspace = model.apply_update(workspace, input_ids, mask)
+            versions = torch.cat([versions, workspace[:, None]], dim=1)
+            starts = torch.cat([starts, starts], dim=1)
+        self.versions, self.version_starts = versions, starts
+        self.current = torch.full((self.batch_size,), versions.shape[1] - 1, dtype=torch.long, device=input_ids.device)
+
+    def _due_updates(self, generated: int) -> list[tuple[int, _PendingUpdate]]:
+        due = []
+        for b, row in enumerate(self.pending):
+            while row and (row[0].at is None or row[0].at <= generated):
+                due.append((b, row.pop(0)))
+        return due
+
+    def _record(self, row: int, update: _PendingUpdate, at: int, applied: bool) -> None:
+        landing = UpdateLanding(at, update.at, update.text, update.token_ids, applied, update.arrived_time)
+        self.landings[row].append(landing)
+        self.landed_this_step.append(landing)
+
+    def _land_in_workspace(self, due: list[tuple[int, _PendingUpdate]], generated: int) -> None:
+        """Apply due updates through `model.apply_update`, in rounds of at most one update per row."""
+        position = update_position(self.prompt_length, generated)
+        device = self.versions.device
+        rows = torch.arange(self.batch_size, device=device)
+        while due:
+            this_round: dict[int, _PendingUpdate] = {}
+            rest = []
+            for b, update in due:
+                (rest.append((b, update)) if b in this_round else this_round.__setitem__(b, update))
+            due = rest
+            packed = pack_updates(
+                [[(position, this_round[b].token_ids)] if b in this_round else [] for b in range(self.batch_size)]
+            )
+            has_update = (packed["update_positions"][:, 0] != NO_UPDATE).to(device)
+            workspace = self.versions[rows, self.current]
+            updated = self.model.apply_update(
+                workspace, packed["update_input_ids"][:, 0].to(device), packed["update_attention_mask"][:, 0].to(device)
+            )
+            updated = torch.where(has_update[:, None, None], updated, workspace)
+            start = torch.where(has_update, position, torch.iinfo(torch.long).max)
+            self.versions = torch.cat([self.versions, updated[:, None]], dim=1)
+            self.version_starts = torch.cat([self.version_starts, start[:, None]], dim=1)
+            self.current = torch.where(has_update, self.versions.shape[1] - 1, self.current)
+            self.current_kv = None
+            for b, update in this_round.items():
+                self._record(b, update, generated, applied=True)
+
+    def _set_workspace_inputs(self, model_inputs: dict) -> None:
+        """Single-token steps read each row's newest version (K/V cached per change); longer chunks get every
+        version plus a per-position mask, exactly as in teacher-forced training."""
+        model = self.model
+        chunk = model_inputs["input_ids"]
+        cache = model_inputs.get("past_key_values")
+        past_seen = cache.get_seq_length() if cache is not None else 0
+        if chunk.shape[1] == 1 and cache is not None:
+            if self.current_kv is None:
+                rows = torch.arange(self.batch_size, device=self.versions.device)
+                self.current_kv = model.project_workspace(self.versions[rows, self.current][:, None])
+            model_inputs["workspace_kv"], model_inputs["workspace_mask"] = self.current_kv, None
+            return
+        positions = torch.arange(past_seen, past_seen + chunk.shape[1], device=chunk.device)
+        model_inputs["workspace_kv"] = model.project_workspace(self.versions)
+        model_inputs["workspace_mask"] = workspace_version_mask(self.version_starts, positions, model.config.num_slots)
+
+    def _inband_tokens(self, update: _PendingUpdate) -> list[int]:
+        """`config.inband_template` around the correction, as token ids."""
+        before, after = self.model.config.inband_template.split("{text}")
+        if self.tokenizer is None and (before or after):
+            raise ValueError("`update_mode='inband'` needs `tokenizer=` to encode `config.inband_template`")
+        if update.text is not None:
+            return self.tokenizer(before + update.text + after, add_special_tokens=False)["input_ids"]
+        encode = lambda s: self.tokenizer(s, add_special_tokens=False)["input_ids"] if s else []  # noqa: E731
+        return encode(before) + update.token_ids + encode(after)
+
+    def _splice_inband(self, due: list[tuple[int, _PendingUpdate]], generated: int, model_inputs: dict) -> None:
+        """In-band baseline: the correction's tokens follow the current input chunk of their row, in the same cache.
+        Rows are laid out [masked padding | usual chunk | inserted tokens] so that every row's last position is real."""
+        if not due:
+            return
+        inserts: list[list[int]] = [[] for _ in range(self.batch_size)]
+        for b, update in due:
+            inserts[b] += self._inband_tokens(update)
+            self._record(b, update, generated, applied=True)
+        chunk = model_inputs["input_ids"]  # (B, T)
+        device, length = chunk.device, chunk.shape[1]
+        position_ids = model_inputs.get("position_ids")
+        if position_ids is None:
+            cache = model_inputs.get("past_key_values")
+            past = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(past, past + length, device=device)[None].expand(self.batch_size, -1)
+        width = max(len(ins) for ins in inserts)
+        ids, mask, positions = [], [], []
+        for b, ins in enumerate(inserts):
+            lead = torch.zeros(width - len(ins), dtype=torch.long, device=device)
+            inserted = torch.tensor(ins, dtype=torch.long, device=device)
+            ids.append(torch.cat([lead, chunk[b], inserted]))
+            mask.append(torch.cat([lead, torch.ones(length + len(ins), dtype=torch.long, device=device)]))
+            positions.append(torch.cat([lead, position_ids[b], position_ids[b, -1] + 1 + torch.arange(len(ins), device=device)]))
+        chunk_mask, chunk_positions = torch.stack(mask), torch.stack(positions)
+        full_mask = model_inputs.get("attention_mask")
+        if full_mask is None:
+            cache = model_inputs.get("past_key_values")
+            past = cache.get_seq_length() if cache is not None else 0
+            full_mask = torch.ones((self.batch_size, past + length), dtype=torch.long, device=device)
+        model_inputs["input_ids"] = torch.stack(ids)
+        model_inputs["attention_mask"] = torch.cat([full_mask[:, : full_mask.shape[1] - length], chunk_mask], dim=1)
+        model_inputs["position_ids"] = chunk_positions
+        self.inserted = (model_inputs["attention_mask"], chunk_positions, length)
+
+    def after_forward(self, model_kwargs: dict) -> None:
+        """After each forward: time-stamp the updates it used; persist in-band insertions in mask and positions."""
+        now = time.perf_counter()
+        for landing in self.landed_this_step:
+            landing.landed_time = now
+        self.landed_this_step = []
+        if self.inserted is not None:
+            full_mask, chunk_positions, length = self.inserted
+            model_kwargs["attention_mask"] = full_mask
+            if (pos := model_kwargs.get("position_ids")) is not None:
+                model_kwargs["position_ids"] = torch.cat([pos[:, : pos.shape[1] - length], chunk_positions], dim=1)
+            self.inserted = None
+
+    def finish(self) -> list[list[UpdateLanding]]:
+        """Report updates that never landed (their `at` lay past the end of generation) instead of losing them."""
+        for b, row in enumerate(self.pending):
+            for update in row:
+                self.landings[b].append(UpdateLanding(None, update.at, update.text, update.token_ids, False))
+                warnings.warn(
+                    f"update {update.text or update.token_ids!r} for row {b} (at={update.at}) never landed: "
+                    "generation ended first",
+                    stacklevel=3,
+                )
+            row.clear()
+        return self.landings
+
+
+def _is_single_update(item) -> bool:
+    """(at, text) / (at, token_ids) / DuplexUpdate, as opposed to a row's list of updates."""
+    if isinstance(item, DuplexUpdate):
+        return True
+    return (
+        isinstance(item, tuple)
+        and len(item) == 2
+        and isinstance(item[0], int)
+        and isinstance(item[1], (str, list, tuple, torch.Tensor))
+    )
+
+
+DuplexConfig.register_for_auto_class()
+DuplexForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+__all__ = [
+    "CrossAttentionAdapter",
+    "DuplexAttention",
+    "DuplexForCausalLM",
+    "DuplexGenerateOutput",
+    "DuplexPreTrainedModel",
+    "DuplexUpdate",
+    "UpdateEncoder",
+    "UpdateLanding",
+    "UpdateStream",
+    "Workspace",
+    "pack_updates",
+    "update_position",
+    "workspace_version_mask",
+]

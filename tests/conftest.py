@@ -1,0 +1,62 @@
+"""Tiny random backbones (Qwen3 and Llama) built in code: the suite never downloads anything."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM  # noqa: E402
+
+from modeling_duplex import DuplexForCausalLM  # noqa: E402
+
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=260,
+    max_position_embeddings=512,
+    eos_token_id=256,
+    pad_token_id=257,
+    tie_word_embeddings=True,
+)
+
+
+def tiny_backbone(arch: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if arch == "qwen3":
+        return Qwen3ForCausalLM(Qwen3Config(**TINY)).eval()
+    return LlamaForCausalLM(LlamaConfig(**TINY)).eval()
+
+
+def perturb_duplex(model: DuplexForCausalLM, seed: int = 1, scale: float = 0.2) -> DuplexForCausalLM:
+    """Move every duplex weight (the zero-initialised output projections too) away from its initial value."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.duplex_state_dict().values():
+            param.add_(torch.randn(param.shape, generator=generator) * scale)
+    return model
+
+
+@pytest.fixture(params=["qwen3", "llama"])
+def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def backbone(arch):
+    return tiny_backbone(arch)
+
+
+@pytest.fixture
+def duplex(backbone) -> DuplexForCausalLM:
+    """A trained-looking duplex model (non-zero adapters) over a tiny backbone."""
+    model = DuplexForCausalLM.from_backbone(backbone, num_slots=4, encoder_layers=2, adapter_layers=[0, 2])
+    return perturb_duplex(model).eval()

@@ -1,0 +1,210 @@
+"""Tests for the Duplex task data: task contract (SPEC section 4), splits, scoring, tokenizer."""
+
+import random
+import re
+
+import pytest
+
+from data import (
+    CATEGORIES,
+    DISTRACTORS,
+    FAMILIES,
+    Instance,
+    TaskUpdate,
+    build_byte_tokenizer,
+    build_dataset,
+    in_split,
+    instance_from_row,
+    split_pool,
+)
+from data.tasks import NAMES, TOPICS, WORDS
+
+CASES = [
+    {"n_updates": 0},
+    {"n_updates": 1},
+    {"n_updates": 2},
+    {"n_updates": 3},
+    {"distractor": True},
+    {"word_index": 0},
+]
+
+CATS = "|".join(CATEGORIES)
+CANONICAL = {  # (instruction, correction) regexes straight from the SPEC table
+    "count": (r"Count from \d+ to \d+\.", r"Stop at \d+\."),
+    "repeat": (r"Say [a-z]+ \d+ times\.", r"Say [a-z]+ instead\."),
+    "spell": (r"Spell [a-z]+\.", r"Spell [a-z]+ instead\."),
+    "add": (r"Add \d+ to each: \d+( \d+)+", r"Add \d+ instead\."),
+    "list": (rf"Name \d+ ({CATS})\.", rf"Name ({CATS}) instead\."),
+    "note": (r"Write to [A-Z][a-z]+ about [a-z]+\.", r"The (name|topic) is [A-Za-z]+\."),
+    "case": (r"Uppercase:( [a-z]+)+|Lowercase:( [A-Z]+)+", r"(Uppercase|Lowercase) instead\."),
+}
+
+
+def test_segments_follow_word_boundary_convention():
+    inst = Instance("count", "Count from 3 to 6.", "Count from 3 to 6.\n", "3 4 5 6", "3 4 5 6", [], [])
+    for ks, segs in [
+        ([2], ["3 4", " 5 6"]),
+        ([0], ["", "3 4 5 6"]),
+        ([4], ["3 4 5 6", ""]),
+        ([1, 1], ["3", "", " 4 5 6"]),
+    ]:
+        inst.updates = [TaskUpdate(k, "ok", "distractor") for k in ks]
+        assert inst.segments() == segs
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_instances_are_consistent(name):
+    fam = FAMILIES[name]
+    rng = random.Random(0)
+    for kw in CASES:
+        for split in ("train", "test"):
+            for _ in range(30):
+                inst = fam.sample(rng, split, **kw)
+                n = kw.get("n_updates", 1)
+                assert len(inst.updates) == n and inst.prompt == inst.instruction + "\n"
+                assert "".join(inst.segments()) == inst.response
+                ks = [u.word_index for u in inst.updates]
+                assert ks == sorted(ks) and (n == 0 or 0 <= ks[0] < len(inst.original_response.split(" ")))
+                if "word_index" in kw:
+                    assert ks[0] == 0
+                if n:  # prefix invariant: the first update only changes what follows it
+                    k = ks[0]
+                    assert inst.words()[:k] == inst.original_response.split(" ")[:k]
+                if kw.get("distractor"):
+                    assert inst.response == inst.original_response and inst.invalidated == []
+                    assert all(u.kind == "distractor" and u.text in DISTRACTORS for u in inst.updates)
+                elif n:
+                    assert inst.response != inst.original_response and inst.has_correction
+                res = fam.score(inst, inst.response)
+                assert res["correct"] and not res["contradiction"]
+                assert fam.oracle_continuation(inst) == "".join(inst.segments()[1:]) or n == 0
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_canonical_phrasings(name):
+    fam, (instr_re, upd_re) = FAMILIES[name], CANONICAL[name]
+    rng = random.Random(1)
+    for _ in range(50):
+        inst = fam.sample(rng, "test", n_updates=2)
+        assert re.fullmatch(instr_re, inst.instruction), inst.instruction
+        assert all(re.fullmatch(upd_re, u.text) for u in inst.updates), inst.updates
+        assert re.fullmatch(r"\S+( \S+)*", inst.response)  # single spaces
+
+
+def test_spec_examples():
+    note = FAMILIES["note"]
+    bob = [TaskUpdate(5, "The name is Bob.", "correction")]
+    inst = note._build({"name": "Anna", "topic": "rain"}, [["name", "Bob"]], bob)
+    assert inst.original_response == "Dear Anna, this is about rain. More on rain soon, Anna. Bye."
+    assert inst.response == "Dear Anna, this is about rain. More on rain soon, Bob. Bye."
+    assert inst.invalidated == ["Anna"]
+    add = FAMILIES["add"]._build({"k": 3, "xs": [4, 10, 7, 1]}, [5], [TaskUpdate(2, "Add 5 instead.", "correction")])
+    assert add.instruction == "Add 3 to each: 4 10 7 1"
+    assert (add.original_response, add.response) == ("7 13 10 4", "7 13 12 6")
+    spell = FAMILIES["spell"]._build({"w": "cat"}, ["dog"], [TaskUpdate(1, "Spell dog instead.", "correction")])
+    assert spell.segments() == ["c", " d o g"]
+    case = FAMILIES["case"]._build({"case": "Uppercase", "words": ["the", "red", "fox", "runs"]}, [], [])
+    assert (case.instruction, case.response) == ("Uppercase: the red fox runs", "THE RED FOX RUNS")
+
+
+def test_scorer_flags_old_values():
+    count = FAMILIES["count"]
+    inst = count._build({"a": 3, "b": 9}, [6], [TaskUpdate(2, "Stop at 6.", "correction")])
+    assert inst.response == "3 4 5 6" and inst.invalidated == ["7", "8", "9"]
+    good = count.score(inst, "3 4 5 6")
+    assert good == {"correct": True, "contradiction": False, "post": " 5 6", "oracle_post": " 5 6"}
+    bad = count.score(inst, inst.original_response)
+    assert not bad["correct"] and bad["contradiction"]
+    assert not count.score(inst, "3 4 5 6 17")["contradiction"]  # whole tokens, not substrings
+    rng = random.Random(2)
+    for name in ("repeat", "add", "note", "case", "list"):
+        for _ in range(20):
+            inst = FAMILIES[name].sample(rng, "test")
+            res = FAMILIES[name].score(inst, inst.original_response)
+            assert not res["correct"] and res["contradiction"], inst
+
+
+def test_list_rule_accepts_alternatives():
+    fam = FAMILIES["list"]
+    upd = [TaskUpdate(2, "Name animals instead.", "correction")]
+    inst = fam._build({"cat": "fruits", "n": 4, "seed": 7}, ["animals"], upd)
+    pre = inst.original_response.split(", ")[:2]
+    used = set(inst.response.split(", "))
+    alt = [a for a in CATEGORIES["animals"] if a not in used][:2]
+    assert fam.score(inst, ", ".join(pre + alt))["correct"]
+    fruit = next(f for f in CATEGORIES["fruits"] if f not in pre)
+    for wrong in ([*pre, alt[0], alt[0]], [*pre, alt[0]], [pre[1], pre[0], *alt], [*pre, alt[0], fruit]):
+        assert not fam.score(inst, ", ".join(wrong))["correct"], wrong
+    assert fam.score(inst, ", ".join([*pre, alt[0], fruit]))["contradiction"]
+    assert not fam.score(inst, " ".join(pre + alt))["correct"]  # format
+
+
+def test_held_out_split_is_disjoint():
+    for pool in (WORDS, NAMES, TOPICS):
+        test, train = set(split_pool(pool, "test")), set(split_pool(pool, "train"))
+        assert test and train and not test & train and test | train == set(pool)
+    rng = random.Random(3)
+    pools = {"repeat": WORDS, "spell": WORDS, "case": WORDS}
+    for name, fam in FAMILIES.items():
+        for _ in range(40):
+            inst = fam.sample(rng, "test", n_updates=rng.randint(0, 3))
+            p, values = inst.meta["params"], inst.meta["values"]
+            if name in ("repeat", "spell"):
+                main = [p["w"], *values]
+            elif name == "case":
+                main = p["words"]
+            elif name == "note":
+                main = [p["name"], p["topic"]] + [v for _, v in values]
+            else:  # numeric / category families: the hashed combination is held out
+                assert in_split(fam._split_key(p, values), "test") and not in_split(fam._split_key(p, values), "train")
+                continue
+            test_pool = set(split_pool(pools.get(name, NAMES + TOPICS), "test"))
+            assert set(main) <= test_pool, (name, main)
+
+
+def test_determinism_and_sweep():
+    for fam in FAMILIES.values():
+        a = fam.sample(random.Random(9), "train", canonical=False)
+        assert a == fam.sample(random.Random(9), "train", canonical=False)
+        swept = fam.sweep(a)
+        assert [s.updates[0].word_index for s in swept] == fam.word_indices(a)
+        assert a.updates[0].word_index in fam.word_indices(a) and 0 in fam.word_indices(a)
+        for k in fam.word_indices(a)[:3]:  # same seed, other position: same underlying values
+            b = fam.sample(random.Random(9), "train", canonical=False, word_index=k)
+            assert b.meta == a.meta and b == fam.with_update_at(a, k)
+    assert build_dataset("train", 60, 4)[:] == build_dataset("train", 60, 4)[:]
+    assert build_dataset("train", 60, 4)[:] != build_dataset("train", 60, 5)[:]
+
+
+def test_dataset_rows_roundtrip(tmp_path):
+    from datasets import load_from_disk
+
+    ds = build_dataset("test", 70, 0)
+    assert ds[:7]["family"] == list(FAMILIES)
+    ds.save_to_disk(tmp_path / "ds")
+    back = load_from_disk(str(tmp_path / "ds"))
+    assert back[:] == ds[:]
+    for row in back:
+        inst = instance_from_row(row)
+        assert inst.segments() == row["segments"] and "".join(row["segments"]) == row["response"]
+        assert FAMILIES[inst.family].score(inst, row["response"])["correct"]
+    kinds = {len(k) for k in ds["update_kinds"]}
+    assert kinds == {0, 1, 2, 3}
+    only = build_dataset("train", 10, 0, families=["count"], mix={"one": 1.0})
+    assert set(only["family"]) == {"count"} and all(len(k) == 1 for k in only["update_word_indices"])
+
+
+def test_byte_tokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = build_byte_tokenizer()
+    assert len(tok) == 258 and (tok.eos_token_id, tok.pad_token_id, tok.bos_token) == (256, 257, None)
+    assert tok("3 4", add_special_tokens=False).input_ids == [51, 32, 52] == tok("3 4").input_ids
+    for s in ("Count from 3 to 9.\n3 4 5", "héllo 日本", " a  b ,c"):
+        ids = tok(s).input_ids
+        assert len(ids) == len(s.encode()) and tok.decode(ids) == s
+    tok.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert len(loaded) == 258 and loaded.eos_token_id == 256 and loaded.pad_token_id == 257
+    assert loaded("héllo 日本").input_ids == tok("héllo 日本").input_ids
+    assert loaded.decode([*tok("ok").input_ids, 256], skip_special_tokens=True) == "ok"

@@ -1,0 +1,92 @@
+"""The heart of the suite: the duplex model is the backbone at init, and training sees what generation does."""
+
+import torch
+from conftest import tiny_backbone
+
+from modeling_duplex import DuplexForCausalLM, pack_updates, update_position
+
+PROMPT = torch.tensor([[72, 101, 108, 108, 111, 10, 51, 32, 52]])
+UPDATES = [(0, [83, 116, 111, 112]), (3, [97, 98]), (3, [120]), (6, [49, 50, 46])]  # two land at the same step
+
+
+def generate(model, input_ids=PROMPT, **kwargs):
+    defaults = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, return_dict_in_generate=True)
+    return model.generate(input_ids, attention_mask=torch.ones_like(input_ids), **{**defaults, **kwargs})
+
+
+def test_zero_init_is_exactly_the_backbone(backbone):
+    model = DuplexForCausalLM.from_backbone(backbone, num_slots=4, encoder_layers=2).eval()
+    ids = PROMPT.repeat(2, 1)
+    packed = pack_updates([[(0, [1, 2, 3]), (4, [9, 9])], [(0, [5])]])
+    with torch.no_grad():
+        reference = backbone(ids).logits
+        assert torch.equal(model(ids).logits, reference)
+        assert torch.equal(model(ids, **packed).logits, reference)
+    plain = backbone.generate(PROMPT, max_new_tokens=10, do_sample=False)
+    with_updates = model.generate(PROMPT, max_new_tokens=10, do_sample=False, updates=UPDATES)
+    assert torch.equal(plain, with_updates)
+
+
+def test_teacher_forced_equals_step_by_step(duplex):
+    """Each position of a teacher-forced pass sees the workspace version generation had there (fp32, atol 1e-4)."""
+    out = generate(duplex, updates=UPDATES, output_logits=True)
+    step_logits = torch.stack(out.logits, dim=1)  # (1, new, V)
+    prompt_len, new = PROMPT.shape[1], step_logits.shape[1]
+    landed = [(lnd.at, lnd.token_ids) for lnd in out.update_landings[0]]
+    assert [at for at, _ in landed] == [0, 3, 3, 6]
+    packed = pack_updates([[(0, PROMPT[0].tolist())] + [(update_position(prompt_len, at), ids) for at, ids in landed]])
+    with torch.no_grad():
+        forced = duplex(out.sequences, **packed).logits[:, prompt_len - 1 : prompt_len - 1 + new]
+    torch.testing.assert_close(forced, step_logits, atol=1e-4, rtol=0)
+    # and the updates matter: without them the same sequence scores differently
+    without = duplex(out.sequences, **pack_updates([[(0, PROMPT[0].tolist())]])).logits
+    assert (without[:, prompt_len - 1 : prompt_len - 1 + new] - forced).abs().max() > 1e-3
+
+
+def test_cached_and_uncached_generation_agree(duplex):
+    cached = generate(duplex, updates=UPDATES, output_logits=True)
+    uncached = generate(duplex, updates=UPDATES, output_logits=True, use_cache=False)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    torch.testing.assert_close(torch.stack(cached.logits), torch.stack(uncached.logits), atol=1e-4, rtol=0)
+
+
+def test_left_padded_batch_equals_each_row_alone(duplex):
+    short = PROMPT[:, 3:]
+    rows = [(PROMPT, [(1, [65, 66])]), (short, [(0, [67]), (4, [68, 69, 70])])]
+    pad = duplex.config.text_config.pad_token_id
+    batch = torch.full((2, PROMPT.shape[1]), pad)
+    mask = torch.zeros_like(batch)
+    for b, (ids, _) in enumerate(rows):
+        batch[b, -ids.shape[1] :], mask[b, -ids.shape[1] :] = ids[0], 1
+    together = duplex.generate(
+        batch, attention_mask=mask, updates=[u for _, u in rows], max_new_tokens=8, min_new_tokens=8,
+        do_sample=False, pad_token_id=pad, return_dict_in_generate=True, output_logits=True,
+    )
+    for b, (ids, updates) in enumerate(rows):
+        alone = generate(duplex, ids, updates=updates, max_new_tokens=8, min_new_tokens=8, output_logits=True)
+        assert torch.equal(together.sequences[b, PROMPT.shape[1] :], alone.sequences[0, ids.shape[1] :])
+        torch.testing.assert_close(
+            torch.stack(together.logits)[:, b], torch.stack(alone.logits)[:, 0], atol=1e-4, rtol=0
+        )
+
+
+def test_ignore_mode_equals_no_updates(duplex):
+    ignored = generate(duplex, updates=UPDATES, update_mode="ignore", output_logits=True)
+    plain = generate(duplex, output_logits=True)
+    assert torch.equal(ignored.sequences, plain.sequences)
+    assert torch.equal(torch.stack(ignored.logits), torch.stack(plain.logits))
+    assert all(not landing.applied for landing in ignored.update_landings[0])
+    applied = generate(duplex, updates=UPDATES)
+    assert not torch.equal(applied.sequences, plain.sequences)  # the updates do change this (perturbed) model
+
+
+def test_inband_mode_equals_splicing_the_correction_into_the_prompt():
+    """In-band continues from the same cache exactly as if the spliced tokens had been part of the context."""
+    backbone = tiny_backbone("qwen3")
+    model = DuplexForCausalLM.from_backbone(backbone, num_slots=4, encoder_layers=1, inband_template="{text}").eval()
+    correction, at = [88, 89, 90], 4
+    spliced = generate(model, updates=[(at, correction)], update_mode="inband", max_new_tokens=8, min_new_tokens=8)
+    head = spliced.sequences[:, : PROMPT.shape[1] + at]
+    context = torch.cat([head, torch.tensor([correction])], dim=1)
+    reference = backbone.generate(context, max_new_tokens=8 - at, min_new_tokens=8 - at, do_sample=False)
+    assert torch.equal(spliced.sequences[:, PROMPT.shape[1] + at :], reference[:, context.shape[1] :])
