@@ -380,6 +380,16 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
     def get_decoder(self) -> nn.Module:
         return self.model
 
+    def get_base_model(self) -> PreTrainedModel:
+        """The frozen backbone as a plain causal LM sharing this model's modules (no copy): the half-duplex
+        baseline, and the reference for retention."""
+        with torch.device("meta"):
+            base = AutoModelForCausalLM.from_config(self.model.config)
+        setattr(base, base.base_model_prefix, self.model)
+        base.set_output_embeddings(self.lm_head)
+        base.generation_config = self.generation_config
+        return base.train(self.training)
+
     # -- Loading and saving --------------------------------------------------------------------------------------------
 
     @classmethod

@@ -90,3 +90,10 @@ def test_inband_mode_equals_splicing_the_correction_into_the_prompt():
     context = torch.cat([head, torch.tensor([correction])], dim=1)
     reference = backbone.generate(context, max_new_tokens=8 - at, min_new_tokens=8 - at, do_sample=False)
     assert torch.equal(spliced.sequences[:, PROMPT.shape[1] + at :], reference[:, context.shape[1] :])
+
+
+def test_get_base_model_shares_the_backbone(duplex, backbone):
+    base = duplex.get_base_model()
+    assert base.get_output_embeddings().weight.data_ptr() == backbone.get_output_embeddings().weight.data_ptr()
+    with torch.no_grad():
+        assert torch.equal(base(PROMPT).logits, backbone(PROMPT).logits)

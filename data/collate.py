@@ -1,0 +1,98 @@
+"""Rows -> token features -> padded batches. The one place that turns a correction's word boundary into
+the token count `at` and the sequence position the model uses, for training and evaluation alike."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from modeling_duplex import pack_updates, update_position
+
+from .dataset import instance_from_row
+from .tasks import get_family
+
+FORMATS = ("duplex", "plain", "restart", "inband")
+IGNORE_INDEX = -100
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+
+def update_ats(tokenizer, segments: list[str]) -> list[int]:
+    """New-token count before each update lands: the tokens of the response segments in front of it."""
+    ats, total = [], 0
+    for segment in segments[:-1]:
+        total += len(encode(tokenizer, segment))
+        ats.append(total)
+    return ats
+
+
+def restart_prompt(instruction: str, corrections: list[str]) -> str:
+    """The half-duplex baseline's prompt: stop, append the correction(s) as a new turn, start over."""
+    return "\n".join([instruction, *corrections]) + "\n"
+
+
+def restart_response(row: dict) -> str:
+    """The oracle answer when the (single) correction is given before the first word."""
+    inst = instance_from_row(row)
+    return get_family(inst.family).with_update_at(inst, 0).response
+
+
+def tokenize_row(row: dict, tokenizer, fmt: str = "duplex", inband_template: str = "\n{text}\n") -> dict:
+    """One dataset row -> input_ids, labels (response tokens only) and, for "duplex", the updates with the
+    positions `forward` expects (the prompt is update 0 at position 0)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"`fmt` must be one of {FORMATS}, got {fmt!r}")
+    eos = [tokenizer.eos_token_id]
+    corrections = [t for t, kind in zip(row["update_texts"], row["update_kinds"], strict=True) if kind == "correction"]
+    if fmt == "plain":
+        prompt, pieces = encode(tokenizer, row["prompt"]), [encode(tokenizer, row["original_response"]) + eos]
+    elif fmt == "restart":
+        prompt = encode(tokenizer, restart_prompt(row["instruction"], corrections))
+        pieces = [encode(tokenizer, restart_response(row) if corrections else row["response"]) + eos]
+    else:
+        prompt = encode(tokenizer, row["prompt"])
+        pieces = [encode(tokenizer, s) for s in row["segments"]]
+        pieces[-1] = pieces[-1] + eos
+    input_ids, labels = list(prompt), [IGNORE_INDEX] * len(prompt)
+    positions, update_ids = [0], [list(prompt)]
+    for u, piece in enumerate(pieces):
+        if u > 0 and fmt == "inband":  # the correction rides in the token stream, unlabelled
+            inserted = encode(tokenizer, inband_template.format(text=row["update_texts"][u - 1]))
+            input_ids += inserted
+            labels += [IGNORE_INDEX] * len(inserted)
+        if u > 0 and fmt == "duplex":
+            positions.append(update_position(len(prompt), len(input_ids) - len(prompt)))
+            update_ids.append(encode(tokenizer, row["update_texts"][u - 1]))
+        input_ids += piece
+        labels += piece
+    features = {"input_ids": input_ids, "labels": labels}
+    if fmt == "duplex":
+        features |= {"update_positions": positions, "update_token_ids": update_ids}
+    return features
+
+
+@dataclass
+class DuplexCollator:
+    """Right-pads token features; packs the updates (if any) into the tensors `DuplexForCausalLM.forward` takes."""
+
+    pad_token_id: int
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        length = max(len(f["input_ids"]) for f in features)
+        batch = {
+            "input_ids": torch.full((len(features), length), self.pad_token_id, dtype=torch.long),
+            "attention_mask": torch.zeros((len(features), length), dtype=torch.long),
+            "labels": torch.full((len(features), length), IGNORE_INDEX, dtype=torch.long),
+        }
+        for b, f in enumerate(features):
+            n = len(f["input_ids"])
+            batch["input_ids"][b, :n] = torch.tensor(f["input_ids"])
+            batch["attention_mask"][b, :n] = 1
+            batch["labels"][b, :n] = torch.tensor(f["labels"])
+        if "update_positions" in features[0]:
+            updates = [list(zip(f["update_positions"], f["update_token_ids"], strict=True)) for f in features]
+            batch |= pack_updates(updates, pad_token_id=self.pad_token_id)
+        return batch
