@@ -807,10 +807,12 @@ class DuplexGenerationState:
         self.current = torch.full((self.batch_size,), versions.shape[1] - 1, dtype=torch.long, device=input_ids.device)
 
     def _due_updates(self, generated: int) -> list[tuple[int, _PendingUpdate]]:
-        due = []
+        due, now = [], time.perf_counter()
         for b, row in enumerate(self.pending):
             while row and (row[0].at is None or row[0].at <= generated):
-                due.append((b, row.pop(0)))
+                update = row.pop(0)
+                update.arrived_time = update.arrived_time or now  # a scheduled update arrives when it falls due
+                due.append((b, update))
         return due
 
     def _record(self, row: int, update: _PendingUpdate, at: int, applied: bool) -> None:
