@@ -1,0 +1,119 @@
+"""generate() as users call it: update forms, live streams, ordinary options, and clear errors."""
+
+import threading
+
+import pytest
+import torch
+from conftest import tiny_backbone
+from transformers import StoppingCriteriaList, TextIteratorStreamer
+
+from data import build_byte_tokenizer
+from modeling_duplex import DuplexForCausalLM, DuplexUpdate, UpdateStream
+
+TOK = build_byte_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model():
+    from conftest import perturb_duplex
+
+    backbone = tiny_backbone("qwen3")
+    return perturb_duplex(DuplexForCausalLM.from_backbone(backbone, num_slots=4, encoder_layers=1)).eval()
+
+
+def prompt(text: str = "Count from 3 to 9.\n") -> dict:
+    return TOK(text, return_tensors="pt")
+
+
+def new_text(out, enc) -> torch.Tensor:
+    return out[:, enc["input_ids"].shape[1] :]
+
+
+def test_update_forms_are_equivalent(model):
+    enc = prompt()
+    kwargs = dict(max_new_tokens=8, do_sample=False, tokenizer=TOK)
+    by_text = model.generate(**enc, updates=[(2, "Stop at 5.")], **kwargs)
+    by_ids = model.generate(**enc, updates=[(2, TOK("Stop at 5.", add_special_tokens=False).input_ids)], **kwargs)
+    by_dataclass = model.generate(**enc, updates=[DuplexUpdate(at=2, text="Stop at 5.")], **kwargs)
+    assert torch.equal(by_text, by_ids) and torch.equal(by_text, by_dataclass)
+
+
+def test_update_stream_from_another_thread_with_text_streamer(model):
+    """A correction put while tokens stream lands before the next step; replaying it at that `at` is identical."""
+    enc = prompt()
+    stream, streamer = UpdateStream(), TextIteratorStreamer(TOK, skip_prompt=True)
+    result = {}
+
+    def run():
+        result["out"] = model.generate(
+            **enc, updates=stream, tokenizer=TOK, streamer=streamer, max_new_tokens=12, min_new_tokens=12,
+            do_sample=False, return_dict_in_generate=True,
+        )
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    pieces = []
+    for piece in streamer:
+        pieces.append(piece)
+        if len(pieces) == 3:
+            stream.put("Stop at 5.")
+    thread.join()
+    out = result["out"]
+    (landing,) = out.update_landings[0]
+    assert landing.applied and landing.requested_at is None and 1 <= landing.at < 12
+    assert landing.arrived_time <= landing.landed_time
+    replay = model.generate(
+        **enc, updates=[(landing.at, "Stop at 5.")], tokenizer=TOK, max_new_tokens=12, min_new_tokens=12,
+        do_sample=False,
+    )
+    assert torch.equal(out.sequences, replay)
+    assert "".join(pieces) == TOK.decode(new_text(out.sequences, enc)[0], skip_special_tokens=True)
+
+
+def test_sampling_and_stopping_criteria_still_work(model):
+    enc = prompt()
+    torch.manual_seed(0)
+    first = model.generate(**enc, updates=[(1, "ok")], tokenizer=TOK, do_sample=True, top_k=5, max_new_tokens=6)
+    torch.manual_seed(0)
+    second = model.generate(**enc, updates=[(1, "ok")], tokenizer=TOK, do_sample=True, top_k=5, max_new_tokens=6)
+    assert torch.equal(first, second) and first.shape[1] == enc["input_ids"].shape[1] + 6
+    stop_at = enc["input_ids"].shape[1] + 4
+    stopper = StoppingCriteriaList([lambda ids, scores, **kw: torch.full((ids.shape[0],), ids.shape[1] >= stop_at)])
+    stopped = model.generate(**enc, updates=[(1, "ok")], tokenizer=TOK, max_new_tokens=20, stopping_criteria=stopper)
+    assert stopped.shape[1] == stop_at
+
+
+def test_update_past_the_end_is_reported_not_lost(model):
+    enc = prompt()
+    with pytest.warns(UserWarning, match="never landed"):
+        out = model.generate(
+            **enc, updates=[(2, "Stop at 5."), (50, "Stop at 7.")], tokenizer=TOK, max_new_tokens=5,
+            return_dict_in_generate=True,
+        )
+    late = out.update_landings[0][1]
+    assert late.requested_at == 50 and late.at is None and not late.applied
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(updates=[(-1, "Stop at 5.")], tokenizer=TOK), "`at`"),
+        (dict(updates=[(2, "Stop at 5.")]), "tokenizer"),
+        (dict(updates=[(2, "  ")], tokenizer=TOK), "empty"),
+        (dict(updates=[(2, [])]), "empty"),
+        (dict(updates=[[(2, "a")], [(3, "b")]], tokenizer=TOK), "rows"),
+        (dict(updates=[(2, "a")], update_mode="telepathy", tokenizer=TOK), "update_mode"),
+        (dict(updates=[(2, "a")], num_beams=2, tokenizer=TOK), "num_beams"),
+        (dict(updates="Stop at 5.", tokenizer=TOK), "updates"),
+        (dict(updates=[(2, "a")], update_mode="inband", use_cache=False, tokenizer=TOK), "use_cache"),
+    ],
+)
+def test_bad_input_raises_a_clear_error(model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        model.generate(**prompt(), max_new_tokens=4, **kwargs)
+
+
+def test_batch_of_rows_needs_one_update_list_per_row(model):
+    enc = TOK(["Count from 3 to 9.\n", "Spell cat.\n"], return_tensors="pt", padding=True)
+    with pytest.raises(ValueError, match="one list of updates per row"):
+        model.generate(**enc, updates=[(2, "Stop at 5.")], tokenizer=TOK, max_new_tokens=4)

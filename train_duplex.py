@@ -1,0 +1,228 @@
+"""Train Duplex on the HF Trainer.
+
+    python train_duplex.py                                   # offline default: tiny backbone, ~10 min on 2 CPU cores
+    python train_duplex.py --backbone Qwen/Qwen3-1.7B-Base --bf16 --output_dir runs/duplex-1.7b   # the real thing
+    python train_duplex.py --method tdm                      # baseline: full fine-tune with in-band corrections
+
+Phases: 0) offline default only: pretrain a tiny Qwen3 backbone on plain answers and turn-based corrections,
+then freeze it; 1) the duplex modules learn to carry the prompt (no corrections); 2) mid-stream corrections,
+distractors and several updates. Every TrainingArguments option is on the command line (`--help`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    HfArgumentParser,
+    PreTrainedModel,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from data import build_byte_tokenizer, build_dataset  # noqa: E402
+from data.collate import DuplexCollator, tokenize_row  # noqa: E402
+from modeling_duplex import DuplexForCausalLM  # noqa: E402
+
+logger = logging.getLogger("train_duplex")
+
+TINY_BACKBONE = dict(  # the offline default's backbone: Qwen3 architecture, byte-level vocabulary
+    hidden_size=128,
+    intermediate_size=384,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    max_position_embeddings=512,
+    tie_word_embeddings=True,
+)
+TINY_DUPLEX = dict(num_slots=32, encoder_layers=2, encoder_heads=4, adapter_hidden_size=128, adapter_heads=4)
+
+
+@dataclass
+class DuplexArguments:
+    """What to train; everything else is a TrainingArguments option."""
+
+    backbone: str | None = field(default=None, metadata={"help": "Hub id or local dir; default: pretrain a tiny one"})
+    method: str = field(default="duplex", metadata={"help": "duplex (frozen backbone + workspace) or tdm (baseline)"})
+    phase0_steps: int = field(default=1500, metadata={"help": "backbone pretraining steps (offline default only)"})
+    phase0_lr: float = field(default=3e-3, metadata={"help": "backbone pretraining learning rate"})
+    phase1_steps: int = field(default=100, metadata={"help": "duplex steps without corrections"})
+    phase2_steps: int = field(default=1200, metadata={"help": "duplex (or tdm) steps with corrections"})
+    train_size: int = field(default=20000, metadata={"help": "training instances per phase"})
+    num_slots: int = field(default=32, metadata={"help": "workspace slots"})
+    encoder_layers: int | None = field(default=None, metadata={"help": "update encoder layers (default 4; tiny 2)"})
+    adapter_layers: str | None = field(default=None, metadata={"help": "comma-separated decoder layers (default all)"})
+    eval_per_family: int = field(default=30, metadata={"help": "held-out instances per family and kind at the end"})
+    skip_eval: bool = field(default=False, metadata={"help": "do not evaluate after training"})
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[DuplexArguments, TrainingArguments]:
+    parser = HfArgumentParser((DuplexArguments, TrainingArguments))
+    parser.set_defaults(  # offline-default friendly; every one can be overridden on the command line
+        output_dir="runs/duplex-tiny",
+        per_device_train_batch_size=32,
+        learning_rate=2e-3,
+        warmup_steps=50,
+        lr_scheduler_type="cosine",
+        weight_decay=0.0,
+        logging_steps=25,
+        save_steps=200,
+        save_total_limit=2,
+        report_to="none",
+        remove_unused_columns=False,  # the collator needs the update columns
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    duplex_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if duplex_args.method not in ("duplex", "tdm"):
+        parser.error(f"--method must be 'duplex' or 'tdm', got {duplex_args.method!r}")
+    return duplex_args, training_args
+
+
+def tokenized(split_seed: int, n: int, tokenizer, fmt: str, mix: dict | None = None) -> datasets.Dataset:
+    """Instances of the training split, rendered in one of the collator's formats."""
+    rows = build_dataset("train", n, seed=split_seed, mix=mix)
+    if fmt == "restart":  # turn-based corrections: single-correction instances only
+        rows = rows.filter(lambda r: r["update_kinds"].count("correction") == 1)
+    return rows.map(lambda r: tokenize_row(r, tokenizer, fmt), remove_columns=rows.column_names)
+
+
+def run_phase(model, dataset, training_args: TrainingArguments, name: str, steps: int, collator, **overrides):
+    """One Trainer run in `output_dir/name`; resumes from that phase's last checkpoint when asked."""
+    out = Path(training_args.output_dir) / name
+    args = dataclasses.replace(training_args, output_dir=str(out), max_steps=steps, **overrides)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
+    resume = training_args.resume_from_checkpoint
+    if resume is not None and not list(out.glob("checkpoint-*")):
+        resume = None  # nothing saved yet in this phase: start it fresh
+    trainer.train(resume_from_checkpoint=resume)
+    save_loss_curve(trainer.state.log_history, out / "loss.png", name)
+    return trainer
+
+
+def save_loss_curve(log_history: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
+    if not points:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(*zip(*points, strict=True))
+    ax.set(xlabel="step", ylabel="training loss", title=title, yscale="log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def pretrain_tiny_backbone(args: DuplexArguments, training_args: TrainingArguments, tokenizer) -> Path:
+    """Phase 0: a tiny Qwen3 learns the tasks, with corrections given as a new turn (restart format)."""
+    out = Path(training_args.output_dir) / "backbone"
+    if (out / "config.json").exists():
+        logger.info("phase 0: reusing the pretrained backbone in %s", out)
+        return out
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        **TINY_BACKBONE,
+    )
+    set_seed(training_args.seed)
+    backbone = Qwen3ForCausalLM(config)
+    plain = tokenized(training_args.seed + 100, args.train_size, tokenizer, "plain")
+    restart = tokenized(training_args.seed + 101, args.train_size // 2, tokenizer, "restart")
+    corpus = datasets.concatenate_datasets([plain, restart]).shuffle(seed=training_args.seed)
+    run_phase(
+        backbone, corpus, training_args, "phase0", args.phase0_steps, DuplexCollator(tokenizer.pad_token_id),
+        learning_rate=args.phase0_lr,
+    )
+    backbone.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def build_model(args: DuplexArguments, backbone_path: str | Path, offline_default: bool) -> PreTrainedModel:
+    """Frozen backbone + fresh duplex modules (or, for tdm, the backbone alone, fully trainable)."""
+    if args.method == "tdm":
+        return AutoModelForCausalLM.from_pretrained(backbone_path)
+    duplex_kwargs = dict(TINY_DUPLEX) if offline_default else {}
+    duplex_kwargs["num_slots"] = args.num_slots
+    if args.encoder_layers is not None:
+        duplex_kwargs["encoder_layers"] = args.encoder_layers
+    if args.adapter_layers:
+        duplex_kwargs["adapter_layers"] = [int(i) for i in args.adapter_layers.split(",")]
+    model = DuplexForCausalLM.from_backbone(str(backbone_path), **duplex_kwargs)
+    model.print_trainable_parameters()
+    return model
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    args, training_args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    datasets.disable_progress_bars()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    out = Path(training_args.output_dir)
+    offline_default = args.backbone is None
+    if offline_default:
+        tokenizer = build_byte_tokenizer()
+        backbone_path = pretrain_tiny_backbone(args, training_args, tokenizer)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(args.backbone)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        backbone_path = args.backbone
+
+    set_seed(training_args.seed)
+    model = build_model(args, backbone_path, offline_default)
+    collator = DuplexCollator(tokenizer.pad_token_id)
+    if args.method == "tdm":  # same instances and budget as phase 2, corrections in the token stream
+        data = tokenized(training_args.seed + 2, args.train_size, tokenizer, "inband")
+        run_phase(model, data, training_args, "tdm", args.phase2_steps, collator)
+        model = DuplexForCausalLM.from_backbone(model)  # zero-init duplex modules: exactly the tuned backbone
+    else:
+        if args.phase1_steps:
+            data = tokenized(training_args.seed + 1, args.train_size, tokenizer, "duplex", mix={"none": 1.0})
+            run_phase(model, data, training_args, "phase1", args.phase1_steps, collator)
+        data = tokenized(training_args.seed + 2, args.train_size, tokenizer, "duplex")
+        run_phase(model, data, training_args, "phase2", args.phase2_steps, collator)
+
+    final = out / "final"
+    model.config.backbone_name_or_path = str(backbone_path)
+    model.save_pretrained(final)
+    tokenizer.save_pretrained(final)
+    logger.info("saved %s", final)
+    if training_args.push_to_hub and training_args.hub_model_id:
+        model.push_to_hub(training_args.hub_model_id)
+        tokenizer.push_to_hub(training_args.hub_model_id)
+    if args.skip_eval:
+        return None
+    import eval_duplex
+
+    model.eval()
+    results = eval_duplex.evaluate(model, tokenizer, n_per_family=args.eval_per_family)
+    eval_duplex.write_report(results, final / "eval")
+    print(eval_duplex.render_markdown(results))
+    (final / "eval" / "train_args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
