@@ -89,7 +89,9 @@ class DuplexConfig(PreTrainedConfig):
             )
         bad = [i for i in self.adapter_layers if not 0 <= i < num_layers]
         if bad or len(set(self.adapter_layers)) != len(self.adapter_layers):
-            raise ValueError(f"`adapter_layers` must be distinct indices in [0, {num_layers}), got {self.adapter_layers}")
+            raise ValueError(
+                f"`adapter_layers` must be distinct indices in [0, {num_layers}), got {self.adapter_layers}"
+            )
         if "{text}" not in self.inband_template:
             raise ValueError(f"`inband_template` must contain '{{text}}', got {self.inband_template!r}")
 

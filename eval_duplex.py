@@ -91,7 +91,9 @@ def wilson_interval(successes: int, total: int, z: float = Z95) -> tuple[float, 
     denom = 1 + z * z / total
     center = (p + z * z / (2 * total)) / denom
     half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denom
-    return max(0.0, center - half), min(1.0, center + half)
+    lo = 0.0 if successes == 0 else max(0.0, center - half)  # the exact bounds at 0/n and n/n (no rounding)
+    hi = 1.0 if successes == total else min(1.0, center + half)
+    return lo, hi
 
 
 def proportion(flags: Sequence[bool]) -> dict[str, Any]:
@@ -131,11 +133,10 @@ def build_eval_set(
             kind: list(build_dataset("test", n_per_family * len(names), seed, families=names, mix={kind: 1.0}))
             for kind in KINDS
         }
-        base = build_dataset("test", sweep_per_family * len(names), seed, families=names, mix={"one": 1.0})
+        swept = sweep_per_family * len(names)  # build_dataset cannot build an empty dataset
+        base = build_dataset("test", swept, seed, families=names, mix={"one": 1.0}) if swept else []
         rows["sweep"] = [
-            instance_to_row(moved)
-            for row in base
-            for moved in get_family(row["family"]).sweep(instance_from_row(row))
+            instance_to_row(moved) for row in base for moved in get_family(row["family"]).sweep(instance_from_row(row))
         ]
         out[int(seed)] = rows
     return out
@@ -209,7 +210,7 @@ def _device(model) -> torch.device:
 
 
 def generate_batch(
-    model, tokenizer, prompts: Sequence[str], updates: Sequence[Sequence[tuple[int, str]]] | None,
+    model: Any, tokenizer: Any, prompts: Sequence[str], updates: Sequence[Sequence[tuple[int, str]]] | None,
     update_mode: str | None, max_new_tokens: int,
 ) -> list[Generation]:
     """Greedy generation for left-padded prompts (one mode per batch); decodes the new tokens up to EOS."""
@@ -272,7 +273,7 @@ def _run_jobs(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def tokens_to_revision(tokenizer, target: Instance, at: int, generated_ids: Sequence[int], ended: bool) -> int:
+def tokens_to_revision(tokenizer: Any, target: Instance, at: int, generated_ids: Sequence[int], ended: bool) -> int:
     """New tokens after `at` during which the output still followed the pre-update course.
 
     Defined on a correct instance: the pre-update course is the tokens of the original response after the first
@@ -348,13 +349,13 @@ def _sweep(records: list[dict], modes: Sequence[str]) -> dict[str, Any]:
 
 
 def evaluate(
-    model,
-    tokenizer,
+    model: Any,
+    tokenizer: Any,
     *,
     n_per_family: int = 20,
     seeds: Sequence[int] = (0,),
     modes: Sequence[str] = DEFAULT_MODES,
-    tdm_model=None,
+    tdm_model: Any = None,
     batch_size: int = 32,
     sweep_per_family: int = 4,
     progress: bool = True,
@@ -541,8 +542,8 @@ def plot_sweep(results: dict[str, Any], path: str | Path) -> Path:
         if not pts:
             continue
         xs, ys, cis = zip(*pts, strict=True)
-        ax.plot(xs, [100 * y for y in ys], marker="o", label=mode)
-        ax.fill_between(xs, [100 * c[0] for c in cis], [100 * c[1] for c in cis], alpha=0.15)
+        (line,) = ax.plot(xs, [100 * y for y in ys], marker="o", label=mode)
+        ax.fill_between(xs, [100 * c[0] for c in cis], [100 * c[1] for c in cis], color=line.get_color(), alpha=0.12)
     ax.set(xlabel="update position (% of the response's words)", ylabel="revision accuracy (%)",
            ylim=(-2, 102), xlim=(0, 100), title="Revision accuracy vs update position")
     ax.set_xticks(x, sweep["bins"])
@@ -578,7 +579,8 @@ def load_checkpoint(path: str | Path, device: str = "cpu", dtype: str = "float32
 
     torch_dtype = getattr(torch, dtype)
     model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=True, dtype=torch_dtype)
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    # trust_remote_code: AutoTokenizer reads config.json (auto_map) and would otherwise ask on stdin
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=True)
     return model.to(device).eval(), tokenizer
 
 

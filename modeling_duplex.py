@@ -3,7 +3,7 @@
 Data flow (one forward pass):
 
     update texts --embed_tokens--> UpdateEncoder --> Workspace.apply_update --> workspace versions (B, V, S, D)
-    input_ids --embed_tokens--> [decoder layer i --> CrossAttentionAdapter i (reads the workspace)]* --> norm --> lm_head
+    input_ids --embed_tokens--> [decoder layer i --> CrossAttentionAdapter i (reads the workspace)]* --> lm_head
 
 Every position sees exactly one workspace version: the one after all updates whose position is <= its own
 (the prompt is update 0, at position 0). Teacher-forced training and step-by-step generation share this rule
@@ -12,6 +12,7 @@ and the single `DuplexForCausalLM.apply_update`; the backbone's token sequence a
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 import time
@@ -62,7 +63,7 @@ def rotate_half_positions(x: torch.Tensor) -> torch.Tensor:
 
 
 class DuplexAttention(nn.Module):
-    """Multi-head attention from queries (B, T, D) to a memory (B, M, D); used by the encoder, workspace and adapters."""
+    """Multi-head attention from queries (B, T, D) to a memory (B, M, D): the encoder, workspace and adapters use it."""
 
     def __init__(self, hidden_size: int, num_heads: int, inner_size: int | None = None, zero_init_output: bool = False):
         super().__init__()
@@ -265,7 +266,7 @@ def pack_updates(
     mask = torch.zeros((batch, num, length), dtype=torch.long)
     positions = torch.full((batch, num), NO_UPDATE, dtype=torch.long)
     for b, row in enumerate(updates):
-        if any(p1 > p2 for (p1, _), (p2, _) in zip(row, row[1:])):
+        if any(p1 > p2 for (p1, _), (p2, _) in itertools.pairwise(row)):
             raise ValueError(f"pack_updates: row {b}'s updates must be sorted by position, got {[p for p, _ in row]}")
         for u, (pos, tokens) in enumerate(row):
             ids[b, u, : len(tokens)] = torch.as_tensor(list(tokens), dtype=torch.long)
@@ -518,7 +519,7 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithPast:
         r"""
         update_input_ids (`torch.LongTensor` of shape `(batch, num_updates, update_len)`, *optional*):
-            Token ids of each row's updates, in order; the prompt is usually update 0 at position 0 (see `pack_updates`).
+            Token ids of each row's updates, in order; the prompt is usually update 0, at position 0 (`pack_updates`).
         update_attention_mask (`torch.Tensor` of shape `(batch, num_updates, update_len)`, *optional*):
             1 for update tokens, 0 for padding.
         update_positions (`torch.LongTensor` of shape `(batch, num_updates)`, *optional*):
@@ -546,15 +547,24 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
             workspace_mask = workspace_version_mask(starts, chunk_positions, self.config.num_slots)
 
         hidden_states, all_hidden = self._decode(
-            inputs_embeds, attention_mask, position_ids, past_key_values, use_cache, workspace_kv, workspace_mask,
-            output_hidden_states, **kwargs,
+            inputs_embeds,
+            attention_mask,
+            position_ids,
+            past_key_values,
+            use_cache,
+            workspace_kv,
+            workspace_mask,
+            output_hidden_states,
+            **kwargs,
         )
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, slice_indices, :])
 
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -563,8 +573,16 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
         )
 
     def _decode(
-        self, inputs_embeds, attention_mask, position_ids, past_key_values, use_cache, workspace_kv, workspace_mask,
-        output_hidden_states=False, **kwargs,
+        self,
+        inputs_embeds,
+        attention_mask,
+        position_ids,
+        past_key_values,
+        use_cache,
+        workspace_kv,
+        workspace_mask,
+        output_hidden_states=False,
+        **kwargs,
     ):
         """The backbone's decoder loop (as in its own `forward`), with each adapter right after its layer."""
         backbone = self.model
@@ -590,7 +608,7 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
 
         hidden = inputs_embeds
         position_embeddings = backbone.rotary_emb(hidden, position_ids)
-        adapter_kv = dict(zip(self.adapters.keys(), workspace_kv))
+        adapter_kv = dict(zip(self.adapters.keys(), workspace_kv, strict=True))
         all_hidden = (hidden,) if output_hidden_states else None
         for i, layer in enumerate(backbone.layers[: text_config.num_hidden_layers]):
             hidden = layer(
@@ -631,7 +649,9 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
             raise ValueError(f"`update_mode` must be one of {UPDATE_MODES}, got {update_mode!r}")
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
         if input_ids is None:
-            raise ValueError("DuplexForCausalLM.generate needs `input_ids` (the prompt is also written into the workspace)")
+            raise ValueError(
+                "DuplexForCausalLM.generate needs `input_ids` (the prompt is also written into the workspace)"
+            )
         if kwargs.get("inputs_embeds") is not None:
             raise ValueError("DuplexForCausalLM.generate does not support `inputs_embeds`; pass `input_ids`")
         batch_size = input_ids.shape[0]
@@ -649,9 +669,11 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
     def _check_generation_supports_updates(self, generation_config, kwargs: dict, update_mode: str) -> None:
         """Refuse, naming the option, decoding modes in which updates would not land as promised."""
         config = generation_config if generation_config is not None else self.generation_config
-        for name, unsupported in (("num_beams", lambda v: v is not None and v > 1),
-                                  ("assistant_model", lambda v: v is not None),
-                                  ("prompt_lookup_num_tokens", lambda v: v is not None)):
+        for name, unsupported in (
+            ("num_beams", lambda v: v is not None and v > 1),
+            ("assistant_model", lambda v: v is not None),
+            ("prompt_lookup_num_tokens", lambda v: v is not None),
+        ):
             value = kwargs.get(name, getattr(config, name, None))
             if unsupported(value):
                 raise ValueError(f"`{name}={value!r}` is not supported together with `updates`")
@@ -659,7 +681,9 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
             raise ValueError("`update_mode='inband'` needs `use_cache=True`: the correction is spliced into the cache")
 
     def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, duplex_state=None, **kwargs):
-        model_inputs = super().prepare_inputs_for_generation(input_ids, next_sequence_length=next_sequence_length, **kwargs)
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, next_sequence_length=next_sequence_length, **kwargs
+        )
         if duplex_state is not None:
             duplex_state.prepare_step(input_ids, model_inputs)
         return model_inputs
@@ -898,7 +922,9 @@ class DuplexGenerationState:
             inserted = torch.tensor(ins, dtype=torch.long, device=device)
             ids.append(torch.cat([lead, chunk[b], inserted]))
             mask.append(torch.cat([lead, torch.ones(length + len(ins), dtype=torch.long, device=device)]))
-            positions.append(torch.cat([lead, position_ids[b], position_ids[b, -1] + 1 + torch.arange(len(ins), device=device)]))
+            positions.append(
+                torch.cat([lead, position_ids[b], position_ids[b, -1] + 1 + torch.arange(len(ins), device=device)])
+            )
         chunk_mask, chunk_positions = torch.stack(mask), torch.stack(positions)
         full_mask = model_inputs.get("attention_mask")
         if full_mask is None:

@@ -33,9 +33,9 @@ from transformers import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data import build_byte_tokenizer, build_dataset  # noqa: E402
-from data.collate import DuplexCollator, tokenize_row  # noqa: E402
-from modeling_duplex import DuplexForCausalLM  # noqa: E402
+from data import build_byte_tokenizer, build_dataset
+from data.collate import DuplexCollator, tokenize_row
+from modeling_duplex import DuplexForCausalLM
 
 logger = logging.getLogger("train_duplex")
 
@@ -151,7 +151,12 @@ def pretrain_tiny_backbone(args: DuplexArguments, training_args: TrainingArgumen
     restart = tokenized(training_args.seed + 101, args.train_size // 2, tokenizer, "restart")
     corpus = datasets.concatenate_datasets([plain, restart]).shuffle(seed=training_args.seed)
     run_phase(
-        backbone, corpus, training_args, "phase0", args.phase0_steps, DuplexCollator(tokenizer.pad_token_id),
+        backbone,
+        corpus,
+        training_args,
+        "phase0",
+        args.phase0_steps,
+        DuplexCollator(tokenizer.pad_token_id),
         learning_rate=args.phase0_lr,
     )
     backbone.save_pretrained(out)

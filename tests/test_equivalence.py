@@ -59,8 +59,15 @@ def test_left_padded_batch_equals_each_row_alone(duplex):
     for b, (ids, _) in enumerate(rows):
         batch[b, -ids.shape[1] :], mask[b, -ids.shape[1] :] = ids[0], 1
     together = duplex.generate(
-        batch, attention_mask=mask, updates=[u for _, u in rows], max_new_tokens=8, min_new_tokens=8,
-        do_sample=False, pad_token_id=pad, return_dict_in_generate=True, output_logits=True,
+        batch,
+        attention_mask=mask,
+        updates=[u for _, u in rows],
+        max_new_tokens=8,
+        min_new_tokens=8,
+        do_sample=False,
+        pad_token_id=pad,
+        return_dict_in_generate=True,
+        output_logits=True,
     )
     for b, (ids, updates) in enumerate(rows):
         alone = generate(duplex, ids, updates=updates, max_new_tokens=8, min_new_tokens=8, output_logits=True)

@@ -46,8 +46,14 @@ def test_update_stream_from_another_thread_with_text_streamer(model):
 
     def run():
         result["out"] = model.generate(
-            **enc, updates=stream, tokenizer=TOK, streamer=streamer, max_new_tokens=12, min_new_tokens=12,
-            do_sample=False, return_dict_in_generate=True,
+            **enc,
+            updates=stream,
+            tokenizer=TOK,
+            streamer=streamer,
+            max_new_tokens=12,
+            min_new_tokens=12,
+            do_sample=False,
+            return_dict_in_generate=True,
         )
 
     thread = threading.Thread(target=run)
@@ -63,7 +69,11 @@ def test_update_stream_from_another_thread_with_text_streamer(model):
     assert landing.applied and landing.requested_at is None and 1 <= landing.at < 12
     assert landing.arrived_time <= landing.landed_time
     replay = model.generate(
-        **enc, updates=[(landing.at, "Stop at 5.")], tokenizer=TOK, max_new_tokens=12, min_new_tokens=12,
+        **enc,
+        updates=[(landing.at, "Stop at 5.")],
+        tokenizer=TOK,
+        max_new_tokens=12,
+        min_new_tokens=12,
         do_sample=False,
     )
     assert torch.equal(out.sequences, replay)
@@ -87,7 +97,10 @@ def test_update_past_the_end_is_reported_not_lost(model):
     enc = prompt()
     with pytest.warns(UserWarning, match="never landed"):
         out = model.generate(
-            **enc, updates=[(2, "Stop at 5."), (50, "Stop at 7.")], tokenizer=TOK, max_new_tokens=5,
+            **enc,
+            updates=[(2, "Stop at 5."), (50, "Stop at 7.")],
+            tokenizer=TOK,
+            max_new_tokens=5,
             return_dict_in_generate=True,
         )
     late = out.update_landings[0][1]

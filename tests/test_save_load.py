@@ -59,7 +59,12 @@ print("RESULT=" + json.dumps(out[0].tolist()))
     workdir = tmp_path / "elsewhere"
     workdir.mkdir()
     result = subprocess.run(
-        [sys.executable, "-c", script], cwd=workdir, env=env, capture_output=True, text=True, timeout=300,
+        [sys.executable, "-c", script],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
         stdin=subprocess.DEVNULL,
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -1,0 +1,40 @@
+"""Smoke test of the performance benchmark on a micro backbone: it runs end to end and reports every figure."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_duplex.py"
+
+
+def load_bench():
+    """bench/ is a folder of scripts, not a package: load the module from its file."""
+    spec = importlib.util.spec_from_file_location("bench_duplex", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_bench_micro_reports_every_figure(tmp_path: Path) -> None:
+    bench = load_bench()
+    contexts = [16, 32]
+    argv = ["--shape", "micro", "--contexts", *map(str, contexts), "--new-tokens", "4", "--repeats", "1"]
+    results = bench.main([*argv, "--threads", "1", "--sweep-placement", "--out", str(tmp_path)])
+
+    saved = json.loads(Path(results["files"]["json"]).read_text())
+    for variant in bench.VARIANTS:
+        assert saved["decode"][variant]["decode_tok_s"] > 0
+        assert saved["decode"][variant]["end_to_end_tok_s"] > 0
+    assert sorted(int(length) for length in saved["latency"]) == contexts
+    for row in saved["latency"].values():
+        for mode in bench.MODES:
+            assert row[f"{mode}_ms"] > 0
+    assert saved["params"]["trainable"] > 0 and saved["params"]["frozen"] > 0
+    assert saved["params"]["adapter_weights_mb"] > 0
+    assert all(row["decode_tok_s"] > 0 for row in saved["placement"])
+    assert Path(results["files"]["markdown"]).read_text().startswith("## Duplex benchmark")
+    if results["files"]["plot"] is not None:
+        assert Path(results["files"]["plot"]).stat().st_size > 0

@@ -1,0 +1,210 @@
+"""eval_duplex: statistics, the scoring plumbing (an oracle stands in for the model), identical instances across
+modes, and the report/CLI on a tiny random checkpoint."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import TINY
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+import eval_duplex
+from data import FAMILIES, build_byte_tokenizer, word_boundary
+from data.collate import restart_prompt, restart_response
+from data.tasks import Instance, TaskUpdate
+from modeling_duplex import DuplexForCausalLM
+
+ALL_MODES = ("workspace", "ignore", "inband", "restart")
+
+
+# ---- a model that answers with the oracle ---------------------------------------------------------------------------
+
+
+def oracle_table(eval_set: dict) -> dict:
+    """(prompt, updates) -> the oracle response; each `at` computed independently of eval_duplex (byte tokenizer:
+    the UTF-8 length of the response up to the update's word boundary)."""
+    table = {}
+
+    def put(key, answer):
+        # A model answers each prompt one way; the list family's picks hang on a hidden seed, so two rows with
+        # one prompt may want different answers: such an eval set cannot be scored perfectly by any model.
+        assert table.setdefault(key, answer) == answer, f"ambiguous oracle for {key}: pick other seeds"
+
+    for kinds in eval_set.values():
+        for rows in kinds.values():
+            for row in rows:
+                response, texts = row["response"], row["update_texts"]
+                ats = [len(response[: word_boundary(response, k)].encode()) for k in row["update_word_indices"]]
+                put((row["prompt"], tuple(zip(ats, texts, strict=True))), response)
+                put((row["prompt"], ()), row["original_response"])
+                if len(texts) == 1:  # the restart baseline's prompt
+                    corrected = row["update_kinds"][0] == "correction"
+                    put((restart_prompt(row["instruction"], texts), ()),
+                        restart_response(row) if corrected else row["original_response"])
+    return table
+
+
+class OracleLM:
+    """Duck-typed stand-in for DuplexForCausalLM: looks up the oracle answer for each left-padded prompt and its
+    updates (ignore mode: no updates), records what it was asked, and answers like `generate`."""
+
+    def __init__(self, tokenizer, table: dict):
+        self.tok, self.table, self.calls = tokenizer, table, []
+        self.base = None
+
+    def get_base_model(self) -> "OracleLM":
+        self.base = self.base or OracleLM(self.tok, self.table)
+        return self.base
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, pad_token_id, eos_token_id, updates=None,
+                 update_mode=None, tokenizer=None, **kwargs):
+        assert (attention_mask[:, -1] == 1).all(), "batches must be left padded"
+        new = []
+        for b in range(input_ids.shape[0]):
+            prompt = self.tok.decode(input_ids[b][attention_mask[b].bool()].tolist())
+            asked = tuple(tuple(u) for u in updates[b]) if updates is not None else ()
+            self.calls.append((update_mode, prompt, asked))
+            response = self.table[(prompt, () if update_mode == "ignore" else asked)]
+            ids = [*self.tok(response, add_special_tokens=False).input_ids, eos_token_id]
+            assert len(ids) <= max_new_tokens, "max_new_tokens must fit the longest oracle response"
+            new.append(ids + [pad_token_id] * (max_new_tokens - len(ids)))
+        return SimpleNamespace(sequences=torch.cat([input_ids, torch.tensor(new)], dim=1))
+
+
+@pytest.fixture(scope="module")
+def oracle_run():
+    tok = build_byte_tokenizer()
+    kwargs = dict(n_per_family=1, seeds=(0,), sweep_per_family=2)  # seeds whose list rows are unambiguous
+    eval_set = eval_duplex.build_eval_set(kwargs["seeds"], kwargs["n_per_family"], kwargs["sweep_per_family"])
+    model, tdm = OracleLM(tok, oracle_table(eval_set)), OracleLM(tok, oracle_table(eval_set))
+    results = eval_duplex.evaluate(model, tok, modes=ALL_MODES, tdm_model=tdm, batch_size=8, progress=False, **kwargs)
+    return results, model, tdm, eval_set
+
+
+def overall(results, mode, metric):
+    return results["metrics"][mode][metric]["overall"]
+
+
+def test_oracle_model_scores_perfectly(oracle_run):
+    """The oracle as the model: 100% revision, 0% contradiction, everywhere the mode hears the update."""
+    results, *_ = oracle_run
+    assert results["config"]["counts"]["one"] == len(FAMILIES)
+    for mode in ("workspace", "inband", "restart", "tdm"):
+        for metric, want in [("revision_accuracy", 1.0), ("contradiction_rate", 0.0),
+                             ("distractor_stability", 1.0), ("retention", 1.0)]:
+            stat = overall(results, mode, metric)
+            assert stat["n"] == len(FAMILIES) and stat["rate"] == want, (mode, metric, stat)
+        per_family = results["metrics"][mode]["revision_accuracy"]["per_family"]
+        assert all(s["rate"] == 1.0 and s["n"] == 1 for s in per_family.values())
+        curve = results["sweep"]["modes"][mode]
+        assert sum(s["n"] for s in curve) > len(FAMILIES) and all(s["rate"] in (1.0, None) for s in curve)
+    for mode in ("workspace", "inband", "tdm"):
+        assert overall(results, mode, "two_update_accuracy")["rate"] == 1.0
+        assert overall(results, mode, "three_update_accuracy")["rate"] == 1.0
+        assert overall(results, mode, "tokens_to_revision")["n"] == len(FAMILIES)
+    assert overall(results, "restart", "two_update_accuracy")["n"] == 0  # restart: single corrections only
+    assert overall(results, "backbone", "retention")["rate"] == 1.0
+    # the ablation hears nothing: never revised, old values everywhere, trivially stable
+    assert overall(results, "ignore", "revision_accuracy")["rate"] == 0.0
+    assert overall(results, "ignore", "contradiction_rate")["rate"] > 0.5
+    assert overall(results, "ignore", "distractor_stability")["rate"] == 1.0
+    assert all(s["rate"] in (0.0, None) for s in results["sweep"]["modes"]["ignore"])
+
+
+def test_modes_see_identical_instances(oracle_run):
+    results, model, tdm, eval_set = oracle_run
+    asked = {mode: {(p, u) for m, p, u in model.calls if m == mode} for mode in ("workspace", "ignore", "inband")}
+    asked["tdm"] = {(p, u) for m, p, u in tdm.calls if m == "inband"}
+    assert asked["workspace"] and asked["workspace"] == asked["ignore"] == asked["inband"] == asked["tdm"]
+    instructions = {p.split("\n")[0] for _, p, _ in model.calls}
+    assert {p.split("\n")[0] for _, p, _ in model.base.calls} <= instructions  # restart re-prompts the same ones
+    assert eval_duplex.build_eval_set((0,), 1, 2) == eval_set  # deterministic
+    assert results["config"]["instances"] == eval_duplex.fingerprint(eval_set)
+    tok = build_byte_tokenizer()
+    alone = eval_duplex.evaluate(OracleLM(tok, oracle_table(eval_set)), tok, n_per_family=1, seeds=(0,),
+                                 sweep_per_family=2, modes=("ignore",), progress=False)
+    assert alone["config"]["instances"] == results["config"]["instances"]
+    pooled = eval_duplex.build_eval_set((0, 1), 1, 0)  # seeds add instances, the first seed's stay the same
+    assert pooled[0]["one"] == eval_set[0]["one"] and pooled[1]["one"] != pooled[0]["one"]
+
+
+def test_wilson_interval():
+    lo, hi = eval_duplex.wilson_interval(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
+    lo, hi = eval_duplex.wilson_interval(10, 10)
+    assert hi == 1.0 and lo == pytest.approx(0.7225, abs=1e-4)
+    assert eval_duplex.wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    lo, hi = eval_duplex.wilson_interval(55, 100)
+    small_lo, small_hi = eval_duplex.wilson_interval(11, 20)
+    assert lo < 0.55 < hi and hi - lo < small_hi - small_lo  # more data, narrower interval
+    assert eval_duplex.wilson_interval(0, 0) is None
+    stat = eval_duplex.proportion([True, False, True, True])
+    assert (stat["k"], stat["n"], stat["rate"]) == (3, 4, 0.75)
+    assert stat["ci"] == list(eval_duplex.wilson_interval(3, 4))
+
+
+def test_tokens_to_revision_known_value():
+    """Count 3..9, `Stop at 6.` after "3 4": the pre-update course " 5 6 7 8 9" and the oracle " 5 6" part at the
+    space after "6" (the oracle ends there): 4 tokens after `at`."""
+    tok = build_byte_tokenizer()
+    inst = FAMILIES["count"]._build({"a": 3, "b": 9}, [6], [TaskUpdate(2, "Stop at 6.", "correction")])
+    assert isinstance(inst, Instance) and inst.response == "3 4 5 6"
+    ids = tok(inst.response, add_special_tokens=False).input_ids
+    assert eval_duplex.tokens_to_revision(tok, inst, 3, ids, ended=True) == 4
+
+
+# ---- the real thing, tiny ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    backbone = Qwen3ForCausalLM(Qwen3Config(**{**TINY, "vocab_size": 258, "num_hidden_layers": 2})).eval()
+    model = DuplexForCausalLM.from_backbone(backbone, num_slots=4, encoder_layers=1)
+    path = tmp_path_factory.mktemp("tiny_duplex")
+    model.save_pretrained(path)
+    build_byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_cli_writes_the_report(checkpoint, tmp_path, capsys):
+    out = tmp_path / "report"
+    results = eval_duplex.main([
+        "--checkpoint", str(checkpoint), "--tdm-checkpoint", str(checkpoint), "--out", str(out),
+        "--families", "count", "case", "--n-per-family", "1", "--sweep-per-family", "1", "--max-new-tokens", "12",
+        "--batch-size", "16", "--no-progress",
+    ])
+    printed = capsys.readouterr().out
+    assert "| metric | workspace | ignore | inband | restart | tdm | backbone |" in printed
+    assert {p.name for p in out.iterdir()} == {"results.json", "results.md", "sweep.png"}
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["columns"] == [*ALL_MODES, "tdm", "backbone"] == results["columns"]
+    assert set(saved) >= {"config", "metrics", "sweep", "reference", "timing", "examples"}
+    for mode in ALL_MODES:
+        assert set(saved["metrics"][mode]) == {*eval_duplex.PROPORTIONS, "tokens_to_revision"}
+        stat = saved["metrics"][mode]["revision_accuracy"]["overall"]
+        assert stat["n"] == 2 and stat["ci"][0] <= stat["rate"] <= stat["ci"][1]
+        assert set(saved["metrics"][mode]["revision_accuracy"]["per_family"]) == {"count", "case"}
+    assert set(saved["sweep"]["modes"]) == {*ALL_MODES, "tdm"}
+    assert eval_duplex.render_markdown(saved) == (out / "results.md").read_text()
+    assert "55.0% (ablation 4.4%)" in printed and "Revision accuracy per family" in printed
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--n-per-family", "0"], ["--modes", "bogus"], ["--modes", "tdm"], ["--batch-size", "x"], ["--seeds"]],
+)
+def test_cli_rejects_bad_arguments(checkpoint, argv):
+    with pytest.raises(SystemExit) as exc:
+        eval_duplex.main(["--checkpoint", str(checkpoint), *argv])
+    assert exc.value.code == 2
+
+
+def test_cli_rejects_a_missing_checkpoint(tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        eval_duplex.main(["--checkpoint", str(tmp_path / "nope")])
+    assert exc.value.code == 2
+    with pytest.raises(ValueError, match="tdm"):
+        eval_duplex.evaluate(None, build_byte_tokenizer(), modes=("tdm",))
