@@ -107,7 +107,9 @@ def run_phase(model, dataset, training_args: TrainingArguments, name: str, steps
     args = dataclasses.replace(training_args, output_dir=str(out), max_steps=steps, **overrides)
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
     resume = training_args.resume_from_checkpoint
-    if resume is not None and not list(out.glob("checkpoint-*")):
+    if str(resume).lower() in ("true", "1", "yes"):
+        resume = True  # `--resume_from_checkpoint True`: this phase's last checkpoint
+    if resume is True and not list(out.glob("checkpoint-*")):
         resume = None  # nothing saved yet in this phase: start it fresh
     trainer.train(resume_from_checkpoint=resume)
     save_loss_curve(trainer.state.log_history, out / "loss.png", name)

@@ -443,21 +443,16 @@ class Add(TaskFamily):
 
 
 @functools.lru_cache(maxsize=4096)
-def _order(seed: int, category: str) -> tuple[str, ...]:
-    """The oracle's seeded order of a category's members (distinct picks, cached)."""
-    members = CATEGORIES[category]
-    return tuple(random.Random(f"{seed}:{category}").sample(members, len(members)))
-
-
 class ListFamily(TaskFamily):
     """`Name n fruits.` -> distinct members, comma separated; `Name animals instead.` switches
-    category. The oracle's picks come from a seeded order; scoring accepts any valid picks."""
+    category. The oracle picks members in a fixed order per category (so the prompt determines the
+    answer and it can be learnt); scoring accepts any valid picks."""
 
     name = "list"
     phrasings = ("Name {v} instead.", "Actually, name {v}.", "Switch to {v}.", "Make it {v} instead.")
 
     def _params(self, rng, split):
-        return {"cat": rng.choice(list(CATEGORIES)), "n": rng.randint(3, 6), "seed": rng.randrange(2**31)}
+        return {"cat": rng.choice(list(CATEGORIES)), "n": rng.randint(3, 6)}
 
     def _split_key(self, p, values):
         return "list:" + "|".join([str(p["n"]), p["cat"], *values])
@@ -471,7 +466,7 @@ class ListFamily(TaskFamily):
     def _emit(self, p, state, i):
         if i >= p["n"]:
             return None
-        word = _order(p["seed"], state["cat"])[state["used"]]
+        word = CATEGORIES[state["cat"]][state["used"]]
         state["used"] += 1
         return word + ("," if i < p["n"] - 1 else "")
 
@@ -487,15 +482,13 @@ class ListFamily(TaskFamily):
         return set(CATEGORIES[p["cat"]])
 
     def _correct(self, inst, generated):
-        """The rule: right count, distinct, prefix as the original, each later item a member of
-        the category the oracle uses at that position, `a, b, c` format."""
+        """The rule (SPEC §4): right count, all distinct, each item a member of the category the
+        oracle uses at that position (the original one before the update), `a, b, c` format."""
         items, oracle = generated.split(", "), inst.response.split(", ")
-        k = inst.updates[0].word_index if inst.updates else len(oracle)
         category = {m: c for c, ms in CATEGORIES.items() for m in ms}
         return (
             len(items) == len(oracle)
             and len(set(items)) == len(items)
-            and items[:k] == inst.original_response.split(", ")[:k]
             and all(category.get(g) == category[o] for g, o in zip(items, oracle, strict=True))
         )
 

@@ -127,13 +127,14 @@ def test_scorer_flags_old_values():
 def test_list_rule_accepts_alternatives():
     fam = FAMILIES["list"]
     upd = [TaskUpdate(2, "Name animals instead.", "correction")]
-    inst = fam._build({"cat": "fruits", "n": 4, "seed": 7}, ["animals"], upd)
+    inst = fam._build({"cat": "fruits", "n": 4}, ["animals"], upd)
     pre = inst.original_response.split(", ")[:2]
     used = set(inst.response.split(", "))
     alt = [a for a in CATEGORIES["animals"] if a not in used][:2]
     assert fam.score(inst, ", ".join(pre + alt))["correct"]
     fruit = next(f for f in CATEGORIES["fruits"] if f not in pre)
-    for wrong in ([*pre, alt[0], alt[0]], [*pre, alt[0]], [pre[1], pre[0], *alt], [*pre, alt[0], fruit]):
+    assert fam.score(inst, ", ".join([pre[1], pre[0], *alt]))["correct"]  # any distinct members, by the rule
+    for wrong in ([*pre, alt[0], alt[0]], [*pre, alt[0]], [pre[0], alt[0], *alt[1:], fruit], [*pre, alt[0], fruit]):
         assert not fam.score(inst, ", ".join(wrong))["correct"], wrong
     assert fam.score(inst, ", ".join([*pre, alt[0], fruit]))["contradiction"]
     assert not fam.score(inst, " ".join(pre + alt))["correct"]  # format
