@@ -85,6 +85,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[DuplexArguments, Training
         report_to="none",
         remove_unused_columns=False,  # the collator needs the update columns
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
         seed=0,
     )
     duplex_args, training_args = parser.parse_args_into_dataclasses(args=argv)
