@@ -11,8 +11,9 @@ import functools
 import itertools
 import random
 import re
+import string
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -80,6 +81,23 @@ def in_split(key: str, split: str) -> bool:
 def split_pool(pool: list[str], split: str) -> list[str]:
     """The part of a value pool that belongs to `split`."""
     return [v for v in pool if in_split(v, split)]
+
+
+PSEUDO_WORD_PROB = 0.5  # share of training values that are random letter strings
+
+
+def pick(rng: random.Random, pool: list[str], split: str, exclude: Iterable[str] = ()) -> str:
+    """A value of `split` for a word slot. Training draws a random letter string half the time, so a
+    small model cannot get by on memorising the pool and must learn to copy (test values stay real words)."""
+    exclude = set(exclude)
+    if split == "train" and rng.random() < PSEUDO_WORD_PROB:
+        test_values = set(split_pool(pool, "test"))
+        while True:
+            word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 7)))
+            word = word.capitalize() if pool[0][:1].isupper() else word
+            if word not in exclude and word not in test_values:
+                return word
+    return rng.choice([v for v in split_pool(pool, split) if v not in exclude])
 
 
 def word_boundary(text: str, k: int) -> int:
@@ -373,7 +391,7 @@ class Repeat(TaskFamily):
     phrasings = ("Say {v} instead.", "Actually, say {v}.", "Use {v} instead.", "Switch to {v}.")
 
     def _params(self, rng, split):
-        return {"w": rng.choice(split_pool(WORDS, split)), "n": rng.randint(3, 8)}
+        return {"w": pick(rng, WORDS, split), "n": rng.randint(3, 8)}
 
     def _instruction(self, p):
         return f"Say {p['w']} {p['n']} times."
@@ -388,7 +406,7 @@ class Repeat(TaskFamily):
         state["w"] = value
 
     def _value(self, rng, split, p, prev):
-        return rng.choice([w for w in split_pool(WORDS, split) if w != p["w"] and w not in prev])
+        return pick(rng, WORDS, split, exclude=[p["w"], *prev])
 
 
 class Spell(Repeat):
@@ -398,7 +416,7 @@ class Spell(Repeat):
     phrasings = ("Spell {v} instead.", "Actually, spell {v}.", "Now spell {v}.", "Switch to spelling {v}.")
 
     def _params(self, rng, split):
-        return {"w": rng.choice(split_pool(WORDS, split))}
+        return {"w": pick(rng, WORDS, split)}
 
     def _instruction(self, p):
         return f"Spell {p['w']}."
@@ -506,7 +524,7 @@ class Note(TaskFamily):
     pools: ClassVar[dict[str, list[str]]] = {"name": NAMES, "topic": TOPICS}
 
     def _params(self, rng, split):
-        return {s: rng.choice(split_pool(pool, split)) for s, pool in self.pools.items()}
+        return {s: pick(rng, pool, split) for s, pool in self.pools.items()}
 
     def _instruction(self, p):
         return f"Write to {p['name']} about {p['topic']}."
@@ -523,7 +541,7 @@ class Note(TaskFamily):
     def _value(self, rng, split, p, prev):
         slot = rng.choice(list(self.pools))
         used = {p[slot]} | {v for s, v in prev if s == slot}
-        return [slot, rng.choice([v for v in split_pool(self.pools[slot], split) if v not in used])]
+        return [slot, pick(rng, self.pools[slot], split, exclude=used)]
 
     def _templates(self, value):
         return self.phrasing_sets[value[0]]
@@ -541,7 +559,10 @@ class Case(TaskFamily):
 
     def _params(self, rng, split):
         case = rng.choice(["Uppercase", "Lowercase"])
-        return {"case": case, "words": rng.sample(split_pool(WORDS, split), rng.randint(3, 6))}
+        words: list[str] = []
+        for _ in range(rng.randint(3, 6)):
+            words.append(pick(rng, WORDS, split, exclude=words))
+        return {"case": case, "words": words}
 
     def _instruction(self, p):
         shown = [w.lower() if p["case"] == "Uppercase" else w.upper() for w in p["words"]]
