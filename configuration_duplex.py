@@ -24,7 +24,8 @@ class DuplexConfig(PreTrainedConfig):
         encoder_intermediate_size (`int`, *optional*):
             MLP width of the update encoder and the workspace's delta MLP. Defaults to twice the hidden size.
         adapter_layers (`list[int]`, *optional*):
-            Indices of the decoder layers followed by a cross-attention adapter. `None` means every layer.
+            Indices of the decoder layers followed by a cross-attention adapter. `None` means every second layer
+            (1, 3, 5, ...): the decode-speed / quality trade-off measured by `bench/bench_duplex.py`.
         adapter_hidden_size (`int`, *optional*):
             Inner width of each adapter's attention (queries, keys, values). Defaults to a quarter of the hidden size.
         adapter_heads (`int`, *optional*):
@@ -73,7 +74,7 @@ class DuplexConfig(PreTrainedConfig):
         if self.adapter_heads is None:
             self.adapter_heads = max(1, self.adapter_hidden_size // head_dim)
         if self.adapter_layers is None:
-            self.adapter_layers = list(range(text.num_hidden_layers))
+            self.adapter_layers = list(range(1, text.num_hidden_layers, 2)) or [0]
         self.adapter_layers = sorted(int(i) for i in self.adapter_layers)
         self._validate_duplex_fields(hidden, text.num_hidden_layers)
 

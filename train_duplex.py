@@ -58,10 +58,10 @@ class DuplexArguments:
 
     backbone: str | None = field(default=None, metadata={"help": "Hub id or local dir; default: pretrain a tiny one"})
     method: str = field(default="duplex", metadata={"help": "duplex (frozen backbone + workspace) or tdm (baseline)"})
-    phase0_steps: int = field(default=1500, metadata={"help": "backbone pretraining steps (offline default only)"})
+    phase0_steps: int = field(default=4000, metadata={"help": "backbone pretraining steps (offline default only)"})
     phase0_lr: float = field(default=3e-3, metadata={"help": "backbone pretraining learning rate"})
     phase1_steps: int = field(default=100, metadata={"help": "duplex steps without corrections"})
-    phase2_steps: int = field(default=1200, metadata={"help": "duplex (or tdm) steps with corrections"})
+    phase2_steps: int = field(default=2000, metadata={"help": "duplex (or tdm) steps with corrections"})
     train_size: int = field(default=20000, metadata={"help": "training instances per phase"})
     num_slots: int = field(default=32, metadata={"help": "workspace slots"})
     encoder_layers: int | None = field(default=None, metadata={"help": "update encoder layers (default 4; tiny 2)"})
@@ -74,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[DuplexArguments, Training
     parser = HfArgumentParser((DuplexArguments, TrainingArguments))
     parser.set_defaults(  # offline-default friendly; every one can be overridden on the command line
         output_dir="runs/duplex-tiny",
-        per_device_train_batch_size=32,
+        per_device_train_batch_size=16,
         learning_rate=2e-3,
         warmup_steps=50,
         lr_scheduler_type="cosine",
