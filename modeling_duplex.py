@@ -154,6 +154,7 @@ class Workspace(nn.Module):
         self.initial_slots = nn.Parameter(torch.empty(config.num_slots, hidden))
         self.slot_norm = nn.RMSNorm(hidden, eps=eps)
         self.read = DuplexAttention(hidden, config.encoder_heads)
+        self.delta_norm = nn.RMSNorm(hidden, eps=eps)  # pre-norm MLP: the update is not drowned by the slots at init
         self.delta = nn.Sequential(
             nn.Linear(hidden, config.encoder_intermediate_size),
             nn.GELU(),
@@ -170,7 +171,7 @@ class Workspace(nn.Module):
         key, value = self.read.project_memory(encoded)
         read = self.read.attend(query, key, value, attention_mask_to_keys(attention_mask))  # W~
         gate = torch.sigmoid(self.gate(torch.cat([workspace, read], dim=-1)))
-        return workspace + gate * self.delta(read)
+        return workspace + gate * self.delta(self.delta_norm(read))
 
 
 class CrossAttentionAdapter(nn.Module):
@@ -309,11 +310,10 @@ class DuplexPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["UpdateEncoderLayer", "CrossAttentionAdapter"]
 
     def _init_weights(self, module: nn.Module) -> None:
-        std = self.config.initializer_range
         if isinstance(module, ZeroInitLinear):
             init.zeros_(module.weight)
         elif isinstance(module, Workspace):
-            init.normal_(module.initial_slots, mean=0.0, std=std)
+            init.normal_(module.initial_slots, mean=0.0, std=1.0)  # unit-scale, distinct slots: sharper reads
             init.constant_(module.gate.bias, self.config.gate_bias_init)
         else:
             super()._init_weights(module)

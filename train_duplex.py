@@ -49,7 +49,14 @@ TINY_BACKBONE = dict(  # the offline default's backbone: Qwen3 architecture, byt
     max_position_embeddings=512,
     tie_word_embeddings=True,
 )
-TINY_DUPLEX = dict(num_slots=32, encoder_layers=2, encoder_heads=4, adapter_hidden_size=128, adapter_heads=4)
+TINY_DUPLEX = dict(
+    num_slots=32,
+    encoder_layers=2,
+    encoder_heads=4,
+    adapter_hidden_size=128,
+    adapter_heads=4,
+    adapter_layers=[0, 1, 2, 3],
+)
 
 
 @dataclass
@@ -58,15 +65,17 @@ class DuplexArguments:
 
     backbone: str | None = field(default=None, metadata={"help": "Hub id or local dir; default: pretrain a tiny one"})
     method: str = field(default="duplex", metadata={"help": "duplex (frozen backbone + workspace) or tdm (baseline)"})
-    phase0_steps: int = field(default=4000, metadata={"help": "backbone pretraining steps (offline default only)"})
+    phase0_steps: int = field(default=3000, metadata={"help": "backbone pretraining steps (offline default only)"})
     phase0_lr: float = field(default=3e-3, metadata={"help": "backbone pretraining learning rate"})
-    phase1_steps: int = field(default=100, metadata={"help": "duplex steps without corrections"})
-    phase2_steps: int = field(default=2000, metadata={"help": "duplex (or tdm) steps with corrections"})
+    phase1_steps: int = field(default=50, metadata={"help": "duplex steps without corrections"})
+    phase2_steps: int = field(default=1000, metadata={"help": "duplex (or tdm) steps with corrections"})
+    tdm_lr: float = field(default=1e-3, metadata={"help": "learning rate of the tdm baseline's full fine-tune"})
     train_size: int = field(default=20000, metadata={"help": "training instances per phase"})
+    families: str | None = field(default=None, metadata={"help": "comma-separated task families (default all)"})
     num_slots: int = field(default=32, metadata={"help": "workspace slots"})
     encoder_layers: int | None = field(default=None, metadata={"help": "update encoder layers (default 4; tiny 2)"})
     adapter_layers: str | None = field(default=None, metadata={"help": "comma-separated decoder layers (default all)"})
-    eval_per_family: int = field(default=30, metadata={"help": "held-out instances per family and kind at the end"})
+    eval_per_family: int = field(default=8, metadata={"help": "held-out instances per family and kind at the end"})
     skip_eval: bool = field(default=False, metadata={"help": "do not evaluate after training"})
 
 
@@ -75,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[DuplexArguments, Training
     parser.set_defaults(  # offline-default friendly; every one can be overridden on the command line
         output_dir="runs/duplex-tiny",
         per_device_train_batch_size=16,
-        learning_rate=2e-3,
+        learning_rate=5e-3,
         warmup_steps=50,
         lr_scheduler_type="cosine",
         weight_decay=0.0,
@@ -94,9 +103,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[DuplexArguments, Training
     return duplex_args, training_args
 
 
-def tokenized(split_seed: int, n: int, tokenizer, fmt: str, mix: dict | None = None) -> datasets.Dataset:
+def tokenized(
+    args: DuplexArguments, split_seed: int, n: int, tokenizer, fmt: str, mix: dict | None = None
+) -> datasets.Dataset:
     """Instances of the training split, rendered in one of the collator's formats."""
-    rows = build_dataset("train", n, seed=split_seed, mix=mix)
+    families = args.families.split(",") if args.families else None
+    rows = build_dataset("train", n, seed=split_seed, mix=mix, families=families)
     if fmt == "restart":  # turn-based corrections: single-correction instances only
         rows = rows.filter(lambda r: r["update_kinds"].count("correction") == 1)
     return rows.map(lambda r: tokenize_row(r, tokenizer, fmt), remove_columns=rows.column_names)
@@ -150,8 +162,8 @@ def pretrain_tiny_backbone(args: DuplexArguments, training_args: TrainingArgumen
     )
     set_seed(training_args.seed)
     backbone = Qwen3ForCausalLM(config)
-    plain = tokenized(training_args.seed + 100, args.train_size, tokenizer, "plain")
-    restart = tokenized(training_args.seed + 101, args.train_size // 2, tokenizer, "restart")
+    plain = tokenized(args, training_args.seed + 100, args.train_size, tokenizer, "plain")
+    restart = tokenized(args, training_args.seed + 101, args.train_size // 2, tokenizer, "restart")
     corpus = datasets.concatenate_datasets([plain, restart]).shuffle(seed=training_args.seed)
     run_phase(
         backbone,
@@ -202,17 +214,17 @@ def main(argv: list[str] | None = None) -> dict | None:
     model = build_model(args, backbone_path, offline_default)
     collator = DuplexCollator(tokenizer.pad_token_id)
     if args.method == "tdm":  # same instances and budget as phase 2, corrections in the token stream
-        data = tokenized(training_args.seed + 2, args.train_size, tokenizer, "inband")
-        run_phase(model, data, training_args, "tdm", args.phase2_steps, collator)
+        data = tokenized(args, training_args.seed + 2, args.train_size, tokenizer, "inband")
+        run_phase(model, data, training_args, "tdm", args.phase2_steps, collator, learning_rate=args.tdm_lr)
         model = DuplexForCausalLM.from_backbone(model)  # zero-init duplex modules: exactly the tuned backbone
     else:
         if args.phase1_steps:
-            data = tokenized(training_args.seed + 1, args.train_size, tokenizer, "duplex", mix={"none": 1.0})
+            data = tokenized(args, training_args.seed + 1, args.train_size, tokenizer, "duplex", mix={"none": 1.0})
             run_phase(model, data, training_args, "phase1", args.phase1_steps, collator)
-        data = tokenized(training_args.seed + 2, args.train_size, tokenizer, "duplex")
+        data = tokenized(args, training_args.seed + 2, args.train_size, tokenizer, "duplex")
         run_phase(model, data, training_args, "phase2", args.phase2_steps, collator)
 
-    final = out / "final"
+    final = out / ("final" if args.method == "duplex" else "tdm-final")  # tdm reuses the same backbone dir
     model.config.backbone_name_or_path = str(backbone_path)
     model.save_pretrained(final)
     tokenizer.save_pretrained(final)
@@ -220,12 +232,16 @@ def main(argv: list[str] | None = None) -> dict | None:
     if training_args.push_to_hub and training_args.hub_model_id:
         model.push_to_hub(training_args.hub_model_id)
         tokenizer.push_to_hub(training_args.hub_model_id)
+    if args.method == "tdm":
+        logger.info("compare: python eval_duplex.py --checkpoint %s --tdm-checkpoint %s", out / "final", final)
+        return None
     if args.skip_eval:
         return None
     import eval_duplex
 
     model.eval()
-    results = eval_duplex.evaluate(model, tokenizer, n_per_family=args.eval_per_family)
+    families = args.families.split(",") if args.families else None
+    results = eval_duplex.evaluate(model, tokenizer, n_per_family=args.eval_per_family, families=families)
     eval_duplex.write_report(results, final / "eval")
     print(eval_duplex.render_markdown(results))
     (final / "eval" / "train_args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))

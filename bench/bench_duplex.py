@@ -835,7 +835,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--sweep-new-tokens", type=int, default=None, help="new tokens in the sweep (default: --new-tokens)"
     )
-    parser.add_argument("--adapter-layers", type=int, nargs="*", default=None, help="default: the config's (all)")
+    parser.add_argument(
+        "--adapter-layers", type=int, nargs="*", default=None, help="default: the config's (every second layer)"
+    )
     parser.add_argument("--adapter-hidden-size", type=int, default=None, help="default: the config's (hidden/4)")
     parser.add_argument("--num-slots", type=int, default=None)
     parser.add_argument("--encoder-layers", type=int, default=None)
