@@ -147,6 +147,14 @@ def save_loss_curve(log_history: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def ready_for_generation(model: PreTrainedModel) -> PreTrainedModel:
+    """The Trainer turns the KV cache off in the config for training; a saved checkpoint must decode with it."""
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        config.use_cache = True
+    model.generation_config.use_cache = True
+    return model
+
+
 def pretrain_tiny_backbone(args: DuplexArguments, training_args: TrainingArguments, tokenizer) -> Path:
     """Phase 0: a tiny Qwen3 learns the tasks, with corrections given as a new turn (restart format)."""
     out = Path(training_args.output_dir) / "backbone"
@@ -174,7 +182,7 @@ def pretrain_tiny_backbone(args: DuplexArguments, training_args: TrainingArgumen
         DuplexCollator(tokenizer.pad_token_id),
         learning_rate=args.phase0_lr,
     )
-    backbone.save_pretrained(out)
+    ready_for_generation(backbone).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
 
@@ -226,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     final = out / ("final" if args.method == "duplex" else "tdm-final")  # tdm reuses the same backbone dir
     model.config.backbone_name_or_path = str(backbone_path)
-    model.save_pretrained(final)
+    ready_for_generation(model).save_pretrained(final)
     tokenizer.save_pretrained(final)
     logger.info("saved %s", final)
     if training_args.push_to_hub and training_args.hub_model_id:
