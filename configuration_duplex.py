@@ -37,7 +37,8 @@ class DuplexConfig(PreTrainedConfig):
         inband_template (`str`, defaults to `"\n{text}\n"`):
             How a correction is spliced into the token stream by the `update_mode="inband"` baseline.
         initializer_range (`float`, defaults to 0.02):
-            Standard deviation of the duplex modules' initial weights.
+            Standard deviation of the duplex modules' initial weights (the workspace's initial slots use unit scale,
+            so that their reads of an update differ from the start).
     """
 
     model_type = "duplex"
