@@ -736,7 +736,7 @@ class DuplexGenerationState:
         self.current: torch.Tensor | None = None  # (B,) index of each row's newest version
         self.current_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # adapters' K/V of the newest versions
         self.landed_this_step: list[UpdateLanding] = []
-        self.inserted: tuple[torch.Tensor, torch.Tensor] | None = None  # inband: (chunk mask, chunk positions)
+        self.inserted: tuple[torch.Tensor, torch.Tensor, int] | None = None  # inband: (mask, positions, chunk len)
 
     @property
     def has_updates(self) -> bool:
