@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import itertools
 import queue
-import threading
 import time
 import warnings
 from collections.abc import Sequence
@@ -229,8 +228,7 @@ class UpdateStream:
     """Thread-safe source of live updates: `put` from any thread while `generate` runs; polled before every step."""
 
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()  # thread-safe on its own
 
     def put(self, update: str | Sequence[int], row: int | None = None) -> None:
         """Queue a correction (text or token ids) for `row` (None: every row); it lands before the next token."""
@@ -241,13 +239,13 @@ class UpdateStream:
         self._queue.put((update, row, time.perf_counter()))
 
     def drain(self) -> list[tuple[str | Sequence[int], int | None, float]]:
+        """Everything queued so far, oldest first (called by `generate` before each step)."""
         items = []
-        with self._lock:
-            while True:
-                try:
-                    items.append(self._queue.get_nowait())
-                except queue.Empty:
-                    return items
+        while True:
+            try:
+                items.append(self._queue.get_nowait())
+            except queue.Empty:
+                return items
 
 
 def update_position(prompt_length: int, at: int) -> int:
@@ -850,7 +848,10 @@ class DuplexGenerationState:
             this_round: dict[int, _PendingUpdate] = {}
             rest = []
             for b, update in due:
-                (rest.append((b, update)) if b in this_round else this_round.__setitem__(b, update))
+                if b in this_round:
+                    rest.append((b, update))
+                else:
+                    this_round[b] = update
             due = rest
             packed = pack_updates(
                 [[(position, this_round[b].token_ids)] if b in this_round else [] for b in range(self.batch_size)]
@@ -875,13 +876,13 @@ class DuplexGenerationState:
         model = self.model
         chunk = model_inputs["input_ids"]
         cache = model_inputs.get("past_key_values")
-        past_seen = cache.get_seq_length() if cache is not None else 0
         if self.versions.shape[1] == 1 or (chunk.shape[1] == 1 and cache is not None):
             if self.current_kv is None:
                 rows = torch.arange(self.batch_size, device=self.versions.device)
                 self.current_kv = model.project_workspace(self.versions[rows, self.current][:, None])
             model_inputs["workspace_kv"], model_inputs["workspace_mask"] = self.current_kv, None
             return
+        past_seen = cache.get_seq_length() if cache is not None else 0
         positions = torch.arange(past_seen, past_seen + chunk.shape[1], device=chunk.device)
         model_inputs["workspace_kv"] = model.project_workspace(self.versions)
         model_inputs["workspace_mask"] = workspace_version_mask(self.version_starts, positions, model.config.num_slots)
