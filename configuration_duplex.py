@@ -1,5 +1,5 @@
 """Configuration of Duplex: a frozen decoder-only backbone plus an update encoder, a latent workspace and
-zero-initialised cross-attention adapters, so that corrections can arrive while the model is generating."""
+zero-gated workspace adapters, so that corrections can arrive while the model is generating."""
 
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
@@ -16,29 +16,20 @@ class DuplexConfig(PreTrainedConfig):
         backbone_name_or_path (`str`, *optional*):
             Hub id or local path of the pretrained backbone. Adapter-only checkpoints load the backbone from here.
         num_slots (`int`, defaults to 32):
-            Number of latent workspace vectors (each of the backbone's hidden size).
+            Number of workspace slots (soft tokens of the backbone's hidden size). An update writes its encoded tokens
+            into the newest slots and the oldest make room, so this bounds how much correction text is held at once.
         encoder_layers (`int`, defaults to 4):
-            Layers of the bidirectional update encoder.
+            Layers of the bidirectional update encoder (each starts as the identity).
         encoder_heads (`int`, *optional*):
-            Attention heads of the update encoder and of the workspace's read attention. Defaults to the backbone's.
+            Attention heads of the update encoder. Defaults to the backbone's.
         encoder_intermediate_size (`int`, *optional*):
-            MLP width of the update encoder and the workspace's delta MLP. Defaults to twice the hidden size.
+            MLP width of the update encoder. Defaults to twice the hidden size.
         adapter_layers (`list[int]`, *optional*):
-            Indices of the decoder layers followed by a cross-attention adapter. `None` means every second layer
-            (1, 3, 5, ...): the decode-speed / quality trade-off measured by `bench/bench_duplex.py`.
-        adapter_hidden_size (`int`, *optional*):
-            Inner width of each adapter's attention (queries, keys, values). Defaults to a quarter of the hidden size.
-        adapter_heads (`int`, *optional*):
-            Attention heads per adapter. Defaults to `adapter_hidden_size // backbone head_dim` (at least 1).
-        gate_bias_init (`float`, defaults to 0.0):
-            Initial bias of the workspace update gate (`sigmoid(0) = 0.5`).
-        encode_prompt (`bool`, defaults to `True`):
-            Whether the prompt is written into the workspace (as update number 0, visible from the first position).
+            Indices of the decoder layers that read the workspace through their own attention. `None` means all.
         inband_template (`str`, defaults to `"\n{text}\n"`):
             How a correction is spliced into the token stream by the `update_mode="inband"` baseline.
         initializer_range (`float`, defaults to 0.02):
-            Standard deviation of the duplex modules' initial weights (the workspace's initial slots use unit scale,
-            so that their reads of an update differ from the start).
+            Standard deviation of the update encoder's initial weights.
     """
 
     model_type = "duplex"
@@ -51,33 +42,23 @@ class DuplexConfig(PreTrainedConfig):
     encoder_heads: int | None = None
     encoder_intermediate_size: int | None = None
     adapter_layers: list[int] | None = None
-    adapter_hidden_size: int | None = None
-    adapter_heads: int | None = None
-    gate_bias_init: float = 0.0
-    encode_prompt: bool = True
     inband_template: str = "\n{text}\n"
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        text = self.text_config
+        backbone = self.text_config
         # The backbone decides whether lm_head and embed_tokens share weights.
-        self.tie_word_embeddings = bool(getattr(text, "tie_word_embeddings", False))
-        hidden = text.hidden_size
-        head_dim = getattr(text, "head_dim", None) or hidden // text.num_attention_heads
+        self.tie_word_embeddings = bool(getattr(backbone, "tie_word_embeddings", False))
         if self.encoder_heads is None:
-            self.encoder_heads = text.num_attention_heads
+            self.encoder_heads = backbone.num_attention_heads
         if self.encoder_intermediate_size is None:
-            self.encoder_intermediate_size = 2 * hidden
-        if self.adapter_hidden_size is None:
-            self.adapter_hidden_size = max(hidden // 4, head_dim)
-        if self.adapter_heads is None:
-            self.adapter_heads = max(1, self.adapter_hidden_size // head_dim)
+            self.encoder_intermediate_size = 2 * backbone.hidden_size
         if self.adapter_layers is None:
-            self.adapter_layers = list(range(1, text.num_hidden_layers, 2)) or [0]
+            self.adapter_layers = list(range(backbone.num_hidden_layers))
         self.adapter_layers = sorted(int(i) for i in self.adapter_layers)
-        self._validate_duplex_fields(hidden, text.num_hidden_layers)
+        self._validate_duplex_fields(backbone.hidden_size, backbone.num_hidden_layers)
 
     def _validate_duplex_fields(self, hidden: int, num_layers: int) -> None:
         """Fail at construction, naming the field, rather than deep inside a forward pass."""
@@ -85,10 +66,6 @@ class DuplexConfig(PreTrainedConfig):
             raise ValueError(f"`num_slots` must be >= 1, got {self.num_slots}")
         if hidden % self.encoder_heads:
             raise ValueError(f"`encoder_heads`={self.encoder_heads} must divide the hidden size {hidden}")
-        if self.adapter_hidden_size % self.adapter_heads:
-            raise ValueError(
-                f"`adapter_heads`={self.adapter_heads} must divide `adapter_hidden_size`={self.adapter_hidden_size}"
-            )
         bad = [i for i in self.adapter_layers if not 0 <= i < num_layers]
         if bad or len(set(self.adapter_layers)) != len(self.adapter_layers):
             raise ValueError(

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from data import FAMILIES, Instance, build_dataset, get_family, instance_from_row, instance_to_row, word_boundary
-from data.collate import encode, restart_prompt, update_ats
+from data.collate import IGNORE_INDEX, DuplexCollator, encode, restart_prompt, tokenize_row, update_ats
 
 MODES = ("workspace", "ignore", "inband", "restart", "tdm")
 DEFAULT_MODES = ("workspace", "ignore", "inband", "restart")
@@ -402,6 +402,11 @@ def evaluate(
     seconds = time.perf_counter() - start
 
     records = [_score(it, done, tokenizer) for it in items]
+    diagnostics = None
+    if hasattr(model, "workspace_versions"):  # a DuplexForCausalLM (not a generate-only stand-in)
+        with _eval_mode(model):
+            one_rows = [row for kinds in eval_set.values() for row in kinds["one"]]
+            diagnostics = teacher_forced_diagnostics(model, tokenizer, one_rows, batch_size)
     columns = [*modes, BACKBONE]
     examples = {
         mode: [
@@ -421,6 +426,7 @@ def evaluate(
         "columns": columns,
         "metrics": _aggregate(records, columns, families),
         "sweep": _sweep(records, modes),
+        "teacher_forced": diagnostics,
         "unlanded_updates": {m: sum(r["unlanded"] for r in records if r["mode"] == m) for m in modes},
         "reference": REFERENCE,
         "timing": {
@@ -428,6 +434,39 @@ def evaluate(
             "seconds_per_100_generations": 100 * seconds / max(len(done), 1),
         },
         "examples": examples,
+    }
+
+
+@torch.no_grad()
+def teacher_forced_diagnostics(model: Any, tokenizer: Any, rows: Sequence[dict], batch_size: int = 32) -> dict:
+    """Teacher-forced accuracy of the post-update tokens (all of them, and the first one) with the updates in the
+    workspace and without them (ignore): set beside greedy exact match, it shows how far decoding falls behind."""
+    collator = DuplexCollator(tokenizer.pad_token_id)
+    device = _device(model)
+    hits: dict[str, list[int]] = {m: [0, 0, 0, 0] for m in ("workspace", "ignore")}  # tokens ok/all, first ok/all
+    for start in range(0, len(rows), batch_size):
+        features = [tokenize_row(row, tokenizer, "duplex") for row in rows[start : start + batch_size]]
+        batch = {k: v.to(device) for k, v in collator(features).items()}
+        labels = batch.pop("labels")[:, 1:]
+        first_update = batch["update_positions"][:, 0]  # position whose logits predict the first post-update token
+        positions = torch.arange(labels.shape[1], device=device)[None]
+        after = (positions >= first_update[:, None]) & (labels != IGNORE_INDEX)
+        first = positions == first_update[:, None]
+        updates = {k: batch.pop(k) for k in ("update_input_ids", "update_attention_mask", "update_positions")}
+        for mode, extra in (("workspace", updates), ("ignore", {})):
+            predicted = model(**batch, **extra).logits[:, :-1].argmax(-1)
+            correct = predicted == labels
+            counts = hits[mode]
+            counts[0] += int((correct & after).sum())
+            counts[1] += int(after.sum())
+            counts[2] += int((correct & first).sum())
+            counts[3] += int(first.sum())
+    return {
+        mode: {
+            "post_update_token_accuracy": proportion([True] * c[0] + [False] * (c[1] - c[0])),
+            "first_post_update_token_accuracy": proportion([True] * c[2] + [False] * (c[3] - c[2])),
+        }
+        for mode, c in hits.items()
     }
 
 
@@ -512,6 +551,19 @@ def render_markdown(results: dict[str, Any]) -> str:
         ["family", *modes],
         ([f, *(_pct(metrics[m]["revision_accuracy"]["per_family"][f]) for m in modes)] for f in cfg["families"]),
     )
+    if tf := results.get("teacher_forced"):
+        lines += ["", "### Teacher-forced diagnostics (single-update instances)", ""]
+        lines += _table(
+            ["metric", *tf],
+            (
+                [label, *(_pct(tf[m][key]) for m in tf)]
+                for key, label in (
+                    ("post_update_token_accuracy", "post-update token accuracy"),
+                    ("first_post_update_token_accuracy", "first post-update token accuracy"),
+                )
+            ),
+        )
+        lines += ["", "Greedy revision accuracy (above) is exact match of whole continuations; these are per token."]
     sweep = results["sweep"]
     if sweep["modes"]:
         lines += ["", "### Revision accuracy vs update position (sweep)", ""]

@@ -61,78 +61,74 @@ def rotate_half_positions(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
-class DuplexAttention(nn.Module):
-    """Multi-head attention from queries (B, T, D) to a memory (B, M, D): the encoder, workspace and adapters use it."""
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """The backbone's rotary helper (as in modeling_llama / modeling_qwen3)."""
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
 
-    def __init__(self, hidden_size: int, num_heads: int, inner_size: int | None = None, zero_init_output: bool = False):
+
+class DuplexAttention(nn.Module):
+    """Multi-head attention from queries (B, T, D) to a memory (B, M, D), used by the update encoder."""
+
+    def __init__(self, hidden_size: int, num_heads: int, zero_init_output: bool = False):
         super().__init__()
-        inner_size = inner_size or hidden_size
         self.num_heads = num_heads
-        self.head_dim = inner_size // num_heads
-        self.q_proj = nn.Linear(hidden_size, inner_size, bias=False)
-        self.k_proj = nn.Linear(hidden_size, inner_size, bias=False)
-        self.v_proj = nn.Linear(hidden_size, inner_size, bias=False)
-        self.o_proj = (ZeroInitLinear if zero_init_output else nn.Linear)(inner_size, hidden_size, bias=False)
+        self.head_dim = hidden_size // num_heads
+        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.o_proj = (ZeroInitLinear if zero_init_output else nn.Linear)(hidden_size, hidden_size, bias=False)
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(*x.shape[:-1], self.num_heads, self.head_dim).transpose(1, 2)  # (B, h, L, hd)
 
-    def project_queries(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self._split_heads(self.q_proj(hidden))
-
-    def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values (B, h, M, hd) of a memory; adapters cache these once per workspace change."""
-        return self._split_heads(self.k_proj(memory)), self._split_heads(self.v_proj(memory))
-
-    def attend(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """softmax(q k^T / sqrt(d)) v, then the output projection. mask: bool, broadcastable to (B, h, T, M)."""
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)  # (B, h, T, hd)
-        out = out.transpose(1, 2).reshape(*query.shape[:1], query.shape[2], -1)
-        return self.o_proj(out)
+    def forward(self, hidden: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        """Bidirectional self-attention with rotary positions (order matters: "Spell cat" != "Spell act")."""
+        query = rotate_half_positions(self._split_heads(self.q_proj(hidden)))
+        key = rotate_half_positions(self._split_heads(self.k_proj(hidden)))
+        out = F.scaled_dot_product_attention(query, key, self._split_heads(self.v_proj(hidden)), attn_mask=key_mask)
+        return self.o_proj(out.transpose(1, 2).flatten(2))
 
 
 class UpdateEncoderLayer(nn.Module):
-    """Pre-norm bidirectional transformer layer with rotary positions (order matters: "Spell cat" != "Spell act")."""
+    """Pre-norm bidirectional transformer layer whose output projections start at zero (identity at init)."""
 
     def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int, eps: float):
         super().__init__()
         self.attn_norm = nn.RMSNorm(hidden_size, eps=eps)
-        self.self_attn = DuplexAttention(hidden_size, num_heads)
+        self.self_attn = DuplexAttention(hidden_size, num_heads, zero_init_output=True)
         self.mlp_norm = nn.RMSNorm(hidden_size, eps=eps)
         self.mlp = nn.Sequential(
-            nn.Linear(hidden_size, intermediate_size), nn.GELU(), nn.Linear(intermediate_size, hidden_size)
+            nn.Linear(hidden_size, intermediate_size), nn.GELU(), ZeroInitLinear(intermediate_size, hidden_size)
         )
 
     def forward(self, hidden: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-        normed = self.attn_norm(hidden)
-        query = rotate_half_positions(self.self_attn.project_queries(normed))
-        key, value = self.self_attn.project_memory(normed)
-        hidden = hidden + self.self_attn.attend(query, rotate_half_positions(key), value, key_mask)
+        hidden = hidden + self.self_attn(self.attn_norm(hidden), key_mask)
         return hidden + self.mlp(self.mlp_norm(hidden))
 
 
 class UpdateEncoder(nn.Module):
-    """Bidirectional transformer over the backbone's (frozen) token embeddings of a prompt or a correction."""
+    """Residual bidirectional transformer over the backbone's (frozen) token embeddings of a correction.
+
+    Every block starts as the identity, so at initialisation a correction enters the workspace as its own token
+    embeddings, which the backbone reads exactly as it would read the correction in-band; training refines them."""
 
     def __init__(self, config: DuplexConfig):
         super().__init__()
-        text = config.text_config
-        eps = getattr(text, "rms_norm_eps", 1e-6)
+        backbone_config = config.text_config
+        eps = getattr(backbone_config, "rms_norm_eps", 1e-6)
         self.layers = nn.ModuleList(
-            UpdateEncoderLayer(text.hidden_size, config.encoder_heads, config.encoder_intermediate_size, eps)
+            UpdateEncoderLayer(backbone_config.hidden_size, config.encoder_heads, config.encoder_intermediate_size, eps)
             for _ in range(config.encoder_layers)
         )
-        self.norm = nn.RMSNorm(text.hidden_size, eps=eps)
 
     def forward(self, embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """embeds (B, L, D), attention_mask (B, L) -> encoded (B, L, D)."""
+        """embeds (B, L, D), attention_mask (B, L) -> encoded (B, L, D), in the backbone's embedding space."""
         key_mask = attention_mask_to_keys(attention_mask)
         hidden = embeds
         for layer in self.layers:
             hidden = layer(hidden, key_mask)
-        return self.norm(hidden)
+        return hidden
 
 
 def attention_mask_to_keys(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -143,58 +139,74 @@ def attention_mask_to_keys(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class Workspace(nn.Module):
-    """`num_slots` latent vectors with a gated update: W~ = Attn(W, e, e), W_new = W + sigmoid(G[W; W~]) * MLP(W~)."""
+    """`num_slots` latent slots in the backbone's embedding space (soft tokens) with a validity mask.
+
+    An update writes its encoded tokens into the newest slots; the oldest slots make room (first in, first out),
+    so the latest corrections are always held in full. The workspace starts empty: until the first update the
+    adapters read nothing and the model is exactly its backbone."""
 
     def __init__(self, config: DuplexConfig):
         super().__init__()
-        text = config.text_config
-        hidden = text.hidden_size
-        eps = getattr(text, "rms_norm_eps", 1e-6)
-        self.initial_slots = nn.Parameter(torch.empty(config.num_slots, hidden))
-        self.slot_norm = nn.RMSNorm(hidden, eps=eps)
-        self.read = DuplexAttention(hidden, config.encoder_heads)
-        self.delta_norm = nn.RMSNorm(hidden, eps=eps)  # pre-norm MLP: the update is not drowned by the slots at init
-        self.delta = nn.Sequential(
-            nn.Linear(hidden, config.encoder_intermediate_size),
-            nn.GELU(),
-            nn.Linear(config.encoder_intermediate_size, hidden),
-        )
-        self.gate = nn.Linear(2 * hidden, hidden)
+        self.num_slots = config.num_slots
+        self.hidden_size = config.text_config.hidden_size
 
-    def initial(self, batch_size: int) -> torch.Tensor:
-        return self.initial_slots.unsqueeze(0).expand(batch_size, -1, -1)  # (B, S, D)
-
-    def forward(self, workspace: torch.Tensor, encoded: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """workspace (B, S, D), encoded update (B, L, D), attention_mask (B, L) -> new workspace (B, S, D)."""
-        query = self.read.project_queries(self.slot_norm(workspace))
-        key, value = self.read.project_memory(encoded)
-        read = self.read.attend(query, key, value, attention_mask_to_keys(attention_mask))  # W~
-        gate = torch.sigmoid(self.gate(torch.cat([workspace, read], dim=-1)))
-        return workspace + gate * self.delta(self.delta_norm(read))
-
-
-class CrossAttentionAdapter(nn.Module):
-    """After a decoder layer: h + o_proj(Attn(norm(h), W, W)); o_proj starts at zero, so h passes through exactly."""
-
-    def __init__(self, config: DuplexConfig):
-        super().__init__()
-        text = config.text_config
-        eps = getattr(text, "rms_norm_eps", 1e-6)
-        self.hidden_norm = nn.RMSNorm(text.hidden_size, eps=eps)
-        self.workspace_norm = nn.RMSNorm(text.hidden_size, eps=eps)
-        self.attn = DuplexAttention(
-            text.hidden_size, config.adapter_heads, config.adapter_hidden_size, zero_init_output=True
-        )
-
-    def project_workspace(self, workspace: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, V*S, D) workspace slots (all versions side by side) -> keys, values (B, h, V*S, hd)."""
-        return self.attn.project_memory(self.workspace_norm(workspace))
+    def initial(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """An empty workspace: slots (B, S, D) and slot mask (B, S)."""
+        slots = torch.zeros(batch_size, self.num_slots, self.hidden_size, device=device, dtype=dtype)
+        return slots, torch.zeros(batch_size, self.num_slots, dtype=torch.bool, device=device)
 
     def forward(
-        self, hidden: torch.Tensor, key: torch.Tensor, value: torch.Tensor, version_mask: torch.Tensor | None = None
+        self, slots: torch.Tensor, slot_mask: torch.Tensor, encoded: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the encoded update (B, L, D) behind the valid slots and keep the newest `num_slots`, right-aligned."""
+        combined = torch.cat([slots, encoded.to(slots.dtype)], dim=1)  # (B, S+L, D)
+        valid = torch.cat([slot_mask, attention_mask.bool()], dim=1)  # (B, S+L)
+        order = torch.sort(valid.long(), dim=1, stable=True).indices[:, -self.num_slots :]  # invalid first, in order
+        new_slots = combined.gather(1, order[..., None].expand(-1, -1, combined.shape[-1]))
+        return new_slots, valid.gather(1, order)
+
+
+class WorkspaceAdapter(nn.Module):
+    """Reads the workspace through decoder layer i's own frozen attention (LLaMA-Adapter style).
+
+    The layer's query (from its input) attends to the workspace's keys and values *for that layer* (the backbone's
+    own projections of the slots); a per-head gate tanh(g), zero at initialisation, scales the result before the
+    layer's output projection, and it is added to the layer's output. Zero gate: the layer passes through exactly."""
+
+    def __init__(self, config: DuplexConfig):
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(config.text_config.num_attention_heads))
+
+    def forward(
+        self,
+        layer: nn.Module,
+        layer_input: torch.Tensor,
+        layer_output: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        slot_mask: torch.Tensor,
+        query_rotation: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
-        query = self.attn.project_queries(self.hidden_norm(hidden))
-        return hidden + self.attn.attend(query, key, value, version_mask)
+        """layer_input/output (B, T, D); key/value (B, kv_heads, M, hd); slot_mask bool (B, 1, 1 or T, M)."""
+        attn = layer.self_attn
+        batch, length, _ = layer_input.shape
+        query = attn.q_proj(layer.input_layernorm(layer_input)).view(batch, length, -1, attn.head_dim)
+        if getattr(attn, "q_norm", None) is not None:
+            query = attn.q_norm(query)
+        cos, sin = query_rotation  # every position reads the workspace as if it sat right before it
+        query = query.transpose(1, 2)  # (B, h, T, hd)
+        query = query * cos + rotate_half(query) * sin
+        readable = slot_mask.any(dim=-1, keepdim=True)  # (B, 1, 1 or T, 1): positions with a non-empty workspace
+        out = F.scaled_dot_product_attention(
+            query,
+            key.to(query.dtype),
+            value.to(query.dtype),
+            attn_mask=slot_mask | ~readable,
+            scale=attn.scaling,
+            enable_gqa=True,
+        )  # (B, h, T, hd)
+        out = out * (torch.tanh(self.gate).to(out.dtype)[:, None, None] * readable)
+        return layer_output + F.linear(out.transpose(1, 2).reshape(batch, length, -1), attn.o_proj.weight)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -274,22 +286,55 @@ def pack_updates(
     return {"update_input_ids": ids, "update_attention_mask": mask, "update_positions": positions}
 
 
-def workspace_version_mask(
-    version_starts: torch.Tensor, positions: torch.Tensor, num_slots: int
-) -> torch.Tensor | None:
-    """Which workspace slots each position may read: those of the newest version started at or before it.
+NEVER = torch.iinfo(torch.long).max  # start of a version that a row never reaches
 
-    version_starts (B, V): sequence index from which each version is visible (unused versions: a huge index).
-    positions (T,) or (B, T): sequence indices of the current chunk.  Returns a bool mask (B, 1, T, V*S),
-    or None when there is a single version (no masking needed).
+
+@dataclass
+class WorkspaceVersions:
+    """The workspace states a sequence goes through, and from which position each is visible.
+
+    One bookkeeping for teacher-forced `forward` and for generation: version 0 is the empty workspace (visible
+    from position 0); each later version follows one update of its row (`starts` = NEVER where the row had none).
+    Position t reads the newest version whose start is <= t.
     """
-    batch, num_versions = version_starts.shape
-    if num_versions == 1:
-        return None
-    positions = positions.expand(batch, -1) if positions.dim() == 1 else positions
-    version = (version_starts[:, None, :] <= positions[:, :, None]).sum(-1) - 1  # (B, T)
-    slot_version = torch.arange(num_versions, device=positions.device).repeat_interleave(num_slots)  # (V*S,)
-    return (slot_version[None, None, :] == version[:, :, None]).unsqueeze(1)
+
+    slots: torch.Tensor  # (B, V, S, D)
+    slot_mask: torch.Tensor  # (B, V, S) bool: which slots hold something
+    starts: torch.Tensor  # (B, V) long
+
+    @classmethod
+    def empty(cls, slots: torch.Tensor, slot_mask: torch.Tensor) -> WorkspaceVersions:
+        starts = torch.zeros(slots.shape[0], 1, dtype=torch.long, device=slots.device)
+        return cls(slots[:, None], slot_mask[:, None], starts)
+
+    def latest(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's newest started-or-pending version: slots (B, S, D), mask (B, S)."""
+        version = self.newest_version(torch.full_like(self.starts[:, :1], NEVER - 1))[:, 0]
+        rows = torch.arange(self.starts.shape[0], device=self.starts.device)
+        return self.slots[rows, version], self.slot_mask[rows, version]
+
+    def append(self, slots: torch.Tensor, slot_mask: torch.Tensor, start: torch.Tensor) -> WorkspaceVersions:
+        """A new version per row (B, S, D) visible from `start` (B,) (NEVER for rows without an update)."""
+        return WorkspaceVersions(
+            torch.cat([self.slots, slots[:, None]], dim=1),
+            torch.cat([self.slot_mask, slot_mask[:, None]], dim=1),
+            torch.cat([self.starts, start[:, None]], dim=1),
+        )
+
+    def newest_version(self, positions: torch.Tensor) -> torch.Tensor:
+        """(B, T) sequence indices -> (B, T) index of the newest version started at or before each of them."""
+        started = self.starts[:, None, :] <= positions[:, :, None]  # (B, T, V)
+        index = torch.arange(self.starts.shape[1], device=positions.device)
+        return torch.where(started, index, 0).amax(dim=-1)
+
+    def readable_slots(self, positions: torch.Tensor) -> torch.Tensor:
+        """(T,) or (B, T) positions -> bool (B, 1, T, V*S): the filled slots of the version each position reads."""
+        batch, num_versions, num_slots = self.slot_mask.shape
+        positions = positions.expand(batch, -1) if positions.dim() == 1 else positions
+        version = self.newest_version(positions)  # (B, T)
+        slot_version = torch.arange(num_versions, device=positions.device).repeat_interleave(num_slots)  # (V*S,)
+        same_version = slot_version[None, None, :] == version[:, :, None]  # (B, T, V*S)
+        return (same_version & self.slot_mask.flatten(1)[:, None, :]).unsqueeze(1)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -305,21 +350,20 @@ class DuplexPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _no_split_modules = ["UpdateEncoderLayer", "CrossAttentionAdapter"]
+    _no_split_modules = ["UpdateEncoderLayer"]
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, ZeroInitLinear):
             init.zeros_(module.weight)
-        elif isinstance(module, Workspace):
-            init.normal_(module.initial_slots, mean=0.0, std=1.0)  # unit-scale, distinct slots: sharper reads
-            init.constant_(module.gate.bias, self.config.gate_bias_init)
+        elif isinstance(module, WorkspaceAdapter):
+            init.zeros_(module.gate)
         else:
             super()._init_weights(module)
 
 
 class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
     """A frozen causal LM (`model`, `lm_head`) plus the trainable duplex modules: `update_encoder`, `workspace`,
-    and `adapters` (one after each decoder layer in `config.adapter_layers`, keyed by the layer index)."""
+    and `adapters` (one per decoder layer in `config.adapter_layers`, keyed by the layer index)."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     accepts_loss_kwargs = True
@@ -334,7 +378,7 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
             self.lm_head = backbone.get_output_embeddings()
         self.update_encoder = UpdateEncoder(config)
         self.workspace = Workspace(config)
-        self.adapters = nn.ModuleDict({str(i): CrossAttentionAdapter(config) for i in config.adapter_layers})
+        self.adapters = nn.ModuleDict({str(i): WorkspaceAdapter(config) for i in config.adapter_layers})
         self.post_init()
         self.freeze_backbone()
 
@@ -410,8 +454,8 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
             attn_implementation=attn_implementation,
             **duplex_kwargs,
         )
-        model = cls(config, backbone=backbone)
-        return model.to(device=backbone.device, dtype=backbone.dtype)
+        model = cls(config, backbone=backbone)  # the duplex modules stay fp32 (master weights) whatever the backbone's
+        return model.to(device=backbone.device)
 
     def save_pretrained(self, save_directory, *args, adapter_only: bool = False, **kwargs) -> None:
         """A complete Hub repo; with `adapter_only=True` just config.json + the duplex weights (PEFT-style),
@@ -461,13 +505,17 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
     # -- Updates -------------------------------------------------------------------------------------------------------
 
     def apply_update(
-        self, workspace: torch.Tensor, update_input_ids: torch.Tensor, update_attention_mask: torch.Tensor
-    ) -> torch.Tensor:
-        """Encode one update per row and write it into the workspace: (B, S, D) -> (B, S, D).
+        self,
+        slots: torch.Tensor,
+        slot_mask: torch.Tensor,
+        update_input_ids: torch.Tensor,
+        update_attention_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode one update per row and write it into the workspace: slots (B, S, D), mask (B, S) -> new ones.
         The only place an update enters the model: training, generation and every mode go through here."""
         embeds = self.model.embed_tokens(update_input_ids)
-        encoded = self.update_encoder(embeds.to(workspace.dtype), update_attention_mask)
-        return self.workspace(workspace, encoded, update_attention_mask)
+        encoded = self.update_encoder(embeds.to(slots.dtype), update_attention_mask)
+        return self.workspace(slots, slot_mask, encoded, update_attention_mask)
 
     def workspace_versions(
         self,
@@ -475,25 +523,64 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
         update_input_ids: torch.Tensor | None = None,
         update_attention_mask: torch.Tensor | None = None,
         update_positions: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Apply a padded batch of updates in order -> versions (B, U+1, S, D) and their start indices (B, U+1).
-        Version 0 is the learned initial workspace; version u+1 follows update u (if that row has one)."""
-        workspace = self.workspace.initial(batch_size)
-        versions, starts = [workspace], [torch.zeros(batch_size, dtype=torch.long, device=workspace.device)]
+    ) -> WorkspaceVersions:
+        """Apply a padded batch of updates in order: version 0 is the empty workspace, version u+1 follows update u
+        (for the rows that have one)."""
+        param = self.update_encoder_dtype_param()
+        versions = WorkspaceVersions.empty(*self.workspace.initial(batch_size, param.device, param.dtype))
         num_updates = 0 if update_positions is None else update_positions.shape[1]
-        never = torch.iinfo(torch.long).max
+        slots, slot_mask = versions.latest()
         for u in range(num_updates):
             has_update = update_positions[:, u] != NO_UPDATE  # (B,)
-            updated = self.apply_update(workspace, update_input_ids[:, u], update_attention_mask[:, u])
-            workspace = torch.where(has_update[:, None, None], updated, workspace)
-            versions.append(workspace)
-            starts.append(torch.where(has_update, update_positions[:, u], never))
-        return torch.stack(versions, dim=1), torch.stack(starts, dim=1)
+            new_slots, new_mask = self.apply_update(
+                slots, slot_mask, update_input_ids[:, u], update_attention_mask[:, u]
+            )
+            slots = torch.where(has_update[:, None, None], new_slots, slots)
+            slot_mask = torch.where(has_update[:, None], new_mask, slot_mask)
+            versions = versions.append(slots, slot_mask, torch.where(has_update, update_positions[:, u], NEVER))
+        return versions
 
-    def project_workspace(self, versions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Each adapter's keys/values of the workspace versions (B, V, S, D); generation caches this per change."""
-        flat = versions.flatten(1, 2)  # (B, V*S, D)
-        return [adapter.project_workspace(flat) for adapter in self.adapters.values()]
+    def update_encoder_dtype_param(self) -> torch.Tensor:
+        """A duplex parameter: the device and dtype (fp32 unless cast) the workspace is computed in."""
+        return next(self.update_encoder.parameters(), self.model.embed_tokens.weight)
+
+    def project_workspace(
+        self, slots: torch.Tensor, slot_mask: torch.Tensor
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each adapted layer's keys/values of workspace slots (B, V, S, D) -> (B, kv_heads, V*S, hd) per adapter.
+
+        The frozen backbone reads the filled slots as a short sequence of its own (positions 0..S-1), so every layer
+        sees the workspace in its own terms, as it would see the correction in-band. Generation calls this once per
+        workspace change: the cost does not depend on the length of the context."""
+        batch, num_versions, num_slots, hidden = slots.shape
+        flat_slots, flat_mask = slots.reshape(-1, num_slots, hidden), slot_mask.reshape(-1, num_slots)
+        rows = flat_mask.any(dim=-1).nonzero()[:, 0]  # versions with something to read; empty ones stay masked out
+        width = int(flat_mask.sum(dim=-1).max())  # filled slots are right-aligned: only the last `width` are read
+        text_config = self.model.config
+        num_kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+        cache = DynamicCache(config=text_config)
+        if width:
+            self.model(
+                inputs_embeds=flat_slots[rows, -width:].to(self.model.embed_tokens.weight.dtype),
+                attention_mask=flat_mask[rows, -width:].long(),
+                position_ids=torch.arange(num_slots - width, num_slots, device=slots.device)[None],
+                past_key_values=cache,
+                use_cache=True,
+            )
+        projected = []
+        for key in self.adapters:
+            layer_kv = []
+            for name in ("keys", "values"):
+                full = flat_slots.new_zeros(batch * num_versions, num_kv_heads, num_slots, head_dim)
+                if width:
+                    read = getattr(cache.layers[int(key)], name)  # (rows, kv_heads, width, hd)
+                    full = full.to(read.dtype)
+                    full[rows, :, num_slots - width :] = read
+                full = torch.where(flat_mask[:, None, :, None], full, 0)  # padding slots: zeros, never NaN
+                layer_kv.append(full.view(batch, num_versions, num_kv_heads, num_slots, head_dim).transpose(1, 2))
+            projected.append(tuple(t.flatten(2, 3) for t in layer_kv))  # (B, kv_heads, V*S, hd)
+        return projected
 
     # -- Forward -------------------------------------------------------------------------------------------------------
 
@@ -517,13 +604,13 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithPast:
         r"""
         update_input_ids (`torch.LongTensor` of shape `(batch, num_updates, update_len)`, *optional*):
-            Token ids of each row's updates, in order; the prompt is usually update 0, at position 0 (`pack_updates`).
+            Token ids of each row's updates, in order (`pack_updates`).
         update_attention_mask (`torch.Tensor` of shape `(batch, num_updates, update_len)`, *optional*):
             1 for update tokens, 0 for padding.
         update_positions (`torch.LongTensor` of shape `(batch, num_updates)`, *optional*):
             Sequence index from which each update is visible (`update_position(prompt_len, at)`); `NO_UPDATE` pads.
         workspace_kv / workspace_mask (*optional*):
-            Precomputed adapter keys/values and version mask; `generate` passes these instead of updates.
+            Precomputed adapter keys/values and readable-slot mask; `generate` passes these instead of updates.
         """
         if kwargs.pop("output_attentions", False):
             raise ValueError("DuplexForCausalLM does not support `output_attentions=True`")
@@ -536,13 +623,12 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
             past_key_values = DynamicCache(config=self.model.config)
         past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
 
-        if workspace_kv is None:  # teacher-forced: build every workspace version this sequence goes through
-            versions, starts = self.workspace_versions(
-                batch_size, update_input_ids, update_attention_mask, update_positions
-            )
-            workspace_kv = self.project_workspace(versions.to(inputs_embeds.dtype))
+        if workspace_kv is None and update_positions is not None and update_positions.numel():
+            # teacher-forced: every workspace version this sequence goes through, each visible from its position on
+            versions = self.workspace_versions(batch_size, update_input_ids, update_attention_mask, update_positions)
+            workspace_kv = self.project_workspace(versions.slots, versions.slot_mask)
             chunk_positions = torch.arange(past_seen, past_seen + seq_len, device=inputs_embeds.device)
-            workspace_mask = workspace_version_mask(starts, chunk_positions, self.config.num_slots)
+            workspace_mask = versions.readable_slots(chunk_positions)
 
         hidden_states, all_hidden = self._decode(
             inputs_embeds,
@@ -563,6 +649,8 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
             loss = self.loss_function(
                 logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
             )
+            if workspace_kv is None and torch.is_grad_enabled():  # a batch without updates: zero gradient, same graph
+                loss = loss + sum(p.sum() for p in self.adapters.parameters()) * 0.0
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -582,7 +670,8 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
         output_hidden_states=False,
         **kwargs,
     ):
-        """The backbone's decoder loop (as in its own `forward`), with each adapter right after its layer."""
+        """The backbone's decoder loop, as in `Qwen3Model.forward` / `LlamaModel.forward` of transformers 5.23,
+        with each adapter reading the workspace beside its layer. No workspace (`workspace_kv=None`): the backbone."""
         backbone = self.model
         text_config = backbone.config
         if position_ids is None:
@@ -606,9 +695,13 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
 
         hidden = inputs_embeds
         position_embeddings = backbone.rotary_emb(hidden, position_ids)
-        adapter_kv = dict(zip(self.adapters.keys(), workspace_kv, strict=True))
+        adapter_kv = {} if workspace_kv is None else dict(zip(self.adapters.keys(), workspace_kv, strict=True))
+        if adapter_kv:  # queries read the workspace as if it sat right before them (slots at 0..S-1, query at S)
+            query_position = torch.full((1, 1), self.config.num_slots, device=hidden.device)
+            query_rotation = tuple(t[:, None] for t in backbone.rotary_emb(hidden, query_position))
         all_hidden = (hidden,) if output_hidden_states else None
         for i, layer in enumerate(backbone.layers[: text_config.num_hidden_layers]):
+            layer_input = hidden
             hidden = layer(
                 hidden,
                 attention_mask=masks[layer_types[i]],
@@ -619,7 +712,9 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
                 **kwargs,
             )
             if (key := str(i)) in adapter_kv:
-                hidden = self.adapters[key](hidden, *adapter_kv[key], workspace_mask)
+                hidden = self.adapters[key](
+                    layer, layer_input, hidden, *adapter_kv[key], workspace_mask, query_rotation
+                )
             if output_hidden_states:
                 all_hidden += (hidden,)
         return backbone.norm(hidden), all_hidden
@@ -729,10 +824,9 @@ class DuplexGenerationState:
         self.pending = self._normalize(scheduled)
         self.landings = [[] for _ in range(self.batch_size)]
         self.prompt_length: int | None = None
-        self.versions: torch.Tensor | None = None  # (B, V, S, D)
-        self.version_starts: torch.Tensor | None = None  # (B, V)
-        self.current: torch.Tensor | None = None  # (B,) index of each row's newest version
+        self.versions: WorkspaceVersions | None = None
         self.current_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # adapters' K/V of the newest versions
+        self.stale_rows: set[int] = set()  # rows whose newest version changed since `current_kv` was computed
         self.landed_this_step: list[UpdateLanding] = []
         self.inserted: tuple[torch.Tensor, torch.Tensor, int] | None = None  # inband: (mask, positions, chunk len)
 
@@ -789,7 +883,7 @@ class DuplexGenerationState:
     def prepare_step(self, input_ids: torch.Tensor, model_inputs: dict) -> None:
         """Before each forward: poll the stream, land due updates, and hand the adapters their workspace K/V."""
         if self.prompt_length is None:
-            self._start(input_ids, model_inputs)
+            self._start(input_ids)
         generated = input_ids.shape[1] - self.prompt_length
         if self.stream is not None:
             for payload, row, arrived in self.stream.drain():
@@ -807,23 +901,16 @@ class DuplexGenerationState:
             self._land_in_workspace(due, generated)
         self._set_workspace_inputs(model_inputs)
 
-    def _start(self, input_ids: torch.Tensor, model_inputs: dict) -> None:
-        """First step: the prompt becomes update 0, visible from position 0."""
+    def _start(self, input_ids: torch.Tensor) -> None:
+        """First step: remember the prompt length; the workspace starts empty."""
         if input_ids.shape[0] != self.batch_size:
             raise ValueError(
                 f"generate expanded the batch from {self.batch_size} to {input_ids.shape[0]} rows "
                 "(num_return_sequences / beams); with DuplexForCausalLM pass repeated prompts instead"
             )
         self.prompt_length = input_ids.shape[1]
-        model = self.model
-        workspace = model.workspace.initial(self.batch_size)
-        if model.config.encode_prompt:  # the initial slots are then never read: keep only the prompt's version
-            mask = model_inputs.get("attention_mask")
-            mask = torch.ones_like(input_ids) if mask is None or isinstance(mask, dict) else mask
-            workspace = model.apply_update(workspace, input_ids, mask)
-        self.versions = workspace[:, None]  # (B, 1, S, D)
-        self.version_starts = torch.zeros(self.batch_size, 1, dtype=torch.long, device=input_ids.device)
-        self.current = torch.zeros(self.batch_size, dtype=torch.long, device=input_ids.device)
+        param = self.model.update_encoder_dtype_param()
+        self.versions = WorkspaceVersions.empty(*self.model.workspace.initial(self.batch_size, param.device, param.dtype))
 
     def _due_updates(self, generated: int) -> list[tuple[int, _PendingUpdate]]:
         due, now = [], time.perf_counter()
@@ -840,10 +927,10 @@ class DuplexGenerationState:
         self.landed_this_step.append(landing)
 
     def _land_in_workspace(self, due: list[tuple[int, _PendingUpdate]], generated: int) -> None:
-        """Apply due updates through `model.apply_update`, in rounds of at most one update per row."""
+        """Apply due updates through `model.apply_update`, in rounds of at most one update per row; only the rows
+        with an update are encoded (and later re-read)."""
         position = update_position(self.prompt_length, generated)
-        device = self.versions.device
-        rows = torch.arange(self.batch_size, device=device)
+        device = self.versions.starts.device
         while due:
             this_round: dict[int, _PendingUpdate] = {}
             rest = []
@@ -853,39 +940,50 @@ class DuplexGenerationState:
                 else:
                     this_round[b] = update
             due = rest
-            packed = pack_updates(
-                [[(position, this_round[b].token_ids)] if b in this_round else [] for b in range(self.batch_size)]
+            rows = torch.tensor(sorted(this_round), device=device)
+            packed = pack_updates([[(position, this_round[b].token_ids)] for b in sorted(this_round)])
+            slots, slot_mask = self.versions.latest()
+            new_slots, new_mask = slots.clone(), slot_mask.clone()
+            new_slots[rows], new_mask[rows] = self.model.apply_update(
+                slots[rows],
+                slot_mask[rows],
+                packed["update_input_ids"][:, 0].to(device),
+                packed["update_attention_mask"][:, 0].to(device),
             )
-            has_update = (packed["update_positions"][:, 0] != NO_UPDATE).to(device)
-            workspace = self.versions[rows, self.current]
-            updated = self.model.apply_update(
-                workspace, packed["update_input_ids"][:, 0].to(device), packed["update_attention_mask"][:, 0].to(device)
-            )
-            updated = torch.where(has_update[:, None, None], updated, workspace)
-            start = torch.where(has_update, position, torch.iinfo(torch.long).max)
-            self.versions = torch.cat([self.versions, updated[:, None]], dim=1)
-            self.version_starts = torch.cat([self.version_starts, start[:, None]], dim=1)
-            self.current = torch.where(has_update, self.versions.shape[1] - 1, self.current)
-            self.current_kv = None
+            start = torch.full((self.batch_size,), NEVER, dtype=torch.long, device=device)
+            start[rows] = position
+            self.versions = self.versions.append(new_slots, new_mask, start)
+            self.stale_rows.update(this_round)
             for b, update in this_round.items():
                 self._record(b, update, generated, applied=True)
 
     def _set_workspace_inputs(self, model_inputs: dict) -> None:
-        """Single-token steps read each row's newest version (K/V cached per change); longer chunks get every
-        version plus a per-position mask, exactly as in teacher-forced training."""
+        """Single-token steps read each row's newest version (its K/V computed once per change of that row); longer
+        chunks get every version plus a per-position mask, exactly as in teacher-forced training. No update yet:
+        the plain backbone."""
         model = self.model
         chunk = model_inputs["input_ids"]
         cache = model_inputs.get("past_key_values")
-        if self.versions.shape[1] == 1 or (chunk.shape[1] == 1 and cache is not None):
-            if self.current_kv is None:
-                rows = torch.arange(self.batch_size, device=self.versions.device)
-                self.current_kv = model.project_workspace(self.versions[rows, self.current][:, None])
-            model_inputs["workspace_kv"], model_inputs["workspace_mask"] = self.current_kv, None
+        if self.versions.starts.shape[1] == 1:
+            model_inputs["workspace_kv"], model_inputs["workspace_mask"] = None, None
+            return
+        if chunk.shape[1] == 1 and cache is not None:
+            slots, slot_mask = self.versions.latest()
+            if self.current_kv is None:  # first read: every row (the empty ones cost nothing)
+                self.current_kv = model.project_workspace(slots[:, None], slot_mask[:, None])
+            elif self.stale_rows:
+                rows = torch.tensor(sorted(self.stale_rows), device=slots.device)
+                fresh = model.project_workspace(slots[rows, None], slot_mask[rows, None])
+                for (key, value), (new_key, new_value) in zip(self.current_kv, fresh, strict=True):
+                    key[rows], value[rows] = new_key, new_value
+            self.stale_rows.clear()
+            model_inputs["workspace_kv"], model_inputs["workspace_mask"] = self.current_kv, slot_mask[:, None, None]
             return
         past_seen = cache.get_seq_length() if cache is not None else 0
         positions = torch.arange(past_seen, past_seen + chunk.shape[1], device=chunk.device)
-        model_inputs["workspace_kv"] = model.project_workspace(self.versions)
-        model_inputs["workspace_mask"] = workspace_version_mask(self.version_starts, positions, model.config.num_slots)
+        model_inputs["workspace_kv"] = model.project_workspace(self.versions.slots, self.versions.slot_mask)
+        model_inputs["workspace_mask"] = self.versions.readable_slots(positions)
+        self.current_kv = None
 
     def _inband_tokens(self, update: _PendingUpdate) -> list[int]:
         """`config.inband_template` around the correction, as token ids."""
@@ -936,8 +1034,9 @@ class DuplexGenerationState:
 
     def after_forward(self, model_kwargs: dict) -> None:
         """After each forward: time-stamp the updates it used; persist in-band insertions in mask and positions."""
-        if self.landed_this_step and self.versions.device.type == "cuda":
-            torch.cuda.synchronize(self.versions.device)  # the time the conditioned token exists, not was queued
+        device = self.versions.starts.device
+        if self.landed_this_step and device.type == "cuda":
+            torch.cuda.synchronize(device)  # the time the conditioned token exists, not was queued
         now = time.perf_counter()
         for landing in self.landed_this_step:
             landing.landed_time = now
@@ -979,7 +1078,6 @@ DuplexConfig.register_for_auto_class()
 DuplexForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = [
-    "CrossAttentionAdapter",
     "DuplexAttention",
     "DuplexForCausalLM",
     "DuplexGenerateOutput",
@@ -991,5 +1089,6 @@ __all__ = [
     "Workspace",
     "pack_updates",
     "update_position",
-    "workspace_version_mask",
+    "WorkspaceAdapter",
+    "WorkspaceVersions",
 ]

@@ -1,12 +1,14 @@
 """Train Duplex on the HF Trainer.
 
-    python train_duplex.py                                   # offline default: tiny backbone, ~10 min on 2 CPU cores
+    python train_duplex.py                                   # offline default: shipped tiny backbone, 2 CPU cores
     python train_duplex.py --backbone Qwen/Qwen3-1.7B-Base --bf16 --output_dir runs/duplex-1.7b   # the real thing
     python train_duplex.py --method tdm                      # baseline: full fine-tune with in-band corrections
+    python train_duplex.py --pretrain_backbone --pretrain_only --output_dir runs/backbone   # re-make the tiny backbone
 
-Phases: 0) offline default only: pretrain a tiny Qwen3 backbone on plain answers and turn-based corrections,
-then freeze it; 1) the duplex modules learn to carry the prompt (no corrections); 2) mid-stream corrections,
-distractors and several updates. Every TrainingArguments option is on the command line (`--help`).
+The offline default loads the frozen tiny backbone shipped in `checkpoints/duplex-tiny-backbone` (what
+`--pretrain_backbone` makes: phase 0, a tiny Qwen3 trained on plain answers, turn-based corrections and corrections
+given in-band mid-answer), then trains the duplex modules on mid-stream corrections, distractors and several
+updates. Every TrainingArguments option is on the command line (`--help`).
 """
 
 from __future__ import annotations
@@ -32,30 +34,30 @@ from transformers import (
     set_seed,
 )
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
 from data import build_byte_tokenizer, build_dataset
 from data.collate import DuplexCollator, tokenize_row
 from modeling_duplex import DuplexForCausalLM
 
 logger = logging.getLogger("train_duplex")
 
+SHIPPED_BACKBONE = ROOT / "checkpoints" / "duplex-tiny-backbone"
+
 TINY_BACKBONE = dict(  # the offline default's backbone: Qwen3 architecture, byte-level vocabulary
-    hidden_size=128,
-    intermediate_size=384,
+    hidden_size=256,
+    intermediate_size=768,
     num_hidden_layers=4,
     num_attention_heads=4,
     num_key_value_heads=2,
-    head_dim=32,
+    head_dim=64,
     max_position_embeddings=512,
     tie_word_embeddings=True,
 )
 TINY_DUPLEX = dict(
-    num_slots=32,
+    num_slots=64,  # byte-level tokens: two whole corrections
     encoder_layers=2,
     encoder_heads=4,
-    adapter_hidden_size=128,
-    adapter_heads=4,
-    adapter_layers=[0, 1, 2, 3],
 )
 
 
@@ -63,16 +65,25 @@ TINY_DUPLEX = dict(
 class DuplexArguments:
     """What to train; everything else is a TrainingArguments option."""
 
-    backbone: str | None = field(default=None, metadata={"help": "Hub id or local dir; default: pretrain a tiny one"})
+    backbone: str | None = field(
+        default=None, metadata={"help": "Hub id or local dir; default: the shipped tiny backbone"}
+    )
     method: str = field(default="duplex", metadata={"help": "duplex (frozen backbone + workspace) or tdm (baseline)"})
-    phase0_steps: int = field(default=3000, metadata={"help": "backbone pretraining steps (offline default only)"})
+    pretrain_backbone: bool = field(
+        default=False, metadata={"help": "phase 0: pretrain the tiny backbone from scratch (about 65 min, 2 CPU cores)"}
+    )
+    pretrain_only: bool = field(default=False, metadata={"help": "stop after phase 0 (with --pretrain_backbone)"})
+    phase0_steps: int = field(default=3000, metadata={"help": "backbone pretraining steps (--pretrain_backbone)"})
+    phase0_batch_size: int = field(default=32, metadata={"help": "backbone pretraining batch size"})
     phase0_lr: float = field(default=3e-3, metadata={"help": "backbone pretraining learning rate"})
-    phase1_steps: int = field(default=50, metadata={"help": "duplex steps without corrections"})
-    phase2_steps: int = field(default=1000, metadata={"help": "duplex (or tdm) steps with corrections"})
+    duplex_steps: int = field(default=1000, metadata={"help": "duplex (or tdm) training steps"})
+    gate_lr: float = field(
+        default=3e-2, metadata={"help": "learning rate of the adapters' zero-initialised gates (LLaMA-Adapter style)"}
+    )
     tdm_lr: float = field(default=1e-3, metadata={"help": "learning rate of the tdm baseline's full fine-tune"})
     train_size: int = field(default=20000, metadata={"help": "training instances per phase"})
     families: str | None = field(default=None, metadata={"help": "comma-separated task families (default all)"})
-    num_slots: int = field(default=32, metadata={"help": "workspace slots"})
+    num_slots: int | None = field(default=None, metadata={"help": "workspace slots (default 32; tiny 64)"})
     encoder_layers: int | None = field(default=None, metadata={"help": "update encoder layers (default 4; tiny 2)"})
     adapter_layers: str | None = field(default=None, metadata={"help": "comma-separated decoder layers (default all)"})
     eval_per_family: int = field(default=8, metadata={"help": "held-out instances per family and kind at the end"})
@@ -83,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[DuplexArguments, Training
     parser = HfArgumentParser((DuplexArguments, TrainingArguments))
     parser.set_defaults(  # offline-default friendly; every one can be overridden on the command line
         output_dir="runs/duplex-tiny",
-        per_device_train_batch_size=16,
+        per_device_train_batch_size=32,
         learning_rate=5e-3,
         warmup_steps=50,
         lr_scheduler_type="cosine",
@@ -100,6 +111,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[DuplexArguments, Training
     duplex_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     if duplex_args.method not in ("duplex", "tdm"):
         parser.error(f"--method must be 'duplex' or 'tdm', got {duplex_args.method!r}")
+    if duplex_args.pretrain_backbone and duplex_args.backbone:
+        parser.error("--pretrain_backbone makes the tiny offline backbone; it cannot be combined with --backbone")
+    if duplex_args.pretrain_only and not duplex_args.pretrain_backbone:
+        parser.error("--pretrain_only needs --pretrain_backbone")
     return duplex_args, training_args
 
 
@@ -114,11 +129,45 @@ def tokenized(
     return rows.map(lambda r: tokenize_row(r, tokenizer, fmt), remove_columns=rows.column_names)
 
 
-def run_phase(model, dataset, training_args: TrainingArguments, name: str, steps: int, collator, **overrides):
+def gated_optimizer(model: PreTrainedModel, args: TrainingArguments, gate_lr: float) -> torch.optim.Optimizer:
+    """AdamW with the adapters' gates in a group of their own: zero-initialised scalars that must open far and
+    early, so they get a higher learning rate than the rest (as LLaMA-Adapter's gating does)."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    gates = [p for n, p in trainable if n.endswith(".gate")]
+    rest = [p for n, p in trainable if not n.endswith(".gate")]
+    groups = [{"params": rest}, {"params": gates, "lr": gate_lr, "weight_decay": 0.0}]
+    return torch.optim.AdamW(
+        groups,
+        lr=args.learning_rate,
+        weight_decay=args.weight_decay,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+    )
+
+
+def run_phase(
+    model,
+    dataset,
+    training_args: TrainingArguments,
+    name: str,
+    steps: int,
+    collator,
+    tokenizer=None,
+    gate_lr: float | None = None,
+    **overrides,
+):
     """One Trainer run in `output_dir/name`; resumes from that phase's last checkpoint when asked."""
     out = Path(training_args.output_dir) / name
     args = dataclasses.replace(training_args, output_dir=str(out), max_steps=steps, **overrides)
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
+    optimizers = (gated_optimizer(model, args, gate_lr), None) if gate_lr is not None else (None, None)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=collator,
+        processing_class=tokenizer,
+        optimizers=optimizers,
+    )
     resume = training_args.resume_from_checkpoint
     if str(resume).lower() in ("true", "1", "yes"):
         resume = True  # `--resume_from_checkpoint True`: this phase's last checkpoint
@@ -156,7 +205,8 @@ def ready_for_generation(model: PreTrainedModel) -> PreTrainedModel:
 
 
 def pretrain_tiny_backbone(args: DuplexArguments, training_args: TrainingArguments, tokenizer) -> Path:
-    """Phase 0: a tiny Qwen3 learns the tasks, with corrections given as a new turn (restart format)."""
+    """Phase 0: a tiny Qwen3 learns the tasks from plain answers, turn-based corrections (restart format) and
+    corrections given in-band mid-answer, so that, like a real pretrained LM, it has seen text change course."""
     out = Path(training_args.output_dir) / "backbone"
     if (out / "config.json").exists():
         logger.info("phase 0: reusing the pretrained backbone in %s", out)
@@ -172,7 +222,8 @@ def pretrain_tiny_backbone(args: DuplexArguments, training_args: TrainingArgumen
     backbone = Qwen3ForCausalLM(config)
     plain = tokenized(args, training_args.seed + 100, args.train_size, tokenizer, "plain")
     restart = tokenized(args, training_args.seed + 101, args.train_size // 2, tokenizer, "restart")
-    corpus = datasets.concatenate_datasets([plain, restart]).shuffle(seed=training_args.seed)
+    inband = tokenized(args, training_args.seed + 102, args.train_size, tokenizer, "inband")
+    corpus = datasets.concatenate_datasets([plain, restart, inband]).shuffle(seed=training_args.seed)
     run_phase(
         backbone,
         corpus,
@@ -180,7 +231,9 @@ def pretrain_tiny_backbone(args: DuplexArguments, training_args: TrainingArgumen
         "phase0",
         args.phase0_steps,
         DuplexCollator(tokenizer.pad_token_id),
+        tokenizer,
         learning_rate=args.phase0_lr,
+        per_device_train_batch_size=args.phase0_batch_size,
     )
     ready_for_generation(backbone).save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -192,7 +245,8 @@ def build_model(args: DuplexArguments, backbone_path: str | Path, offline_defaul
     if args.method == "tdm":
         return AutoModelForCausalLM.from_pretrained(backbone_path)
     duplex_kwargs = dict(TINY_DUPLEX) if offline_default else {}
-    duplex_kwargs["num_slots"] = args.num_slots
+    if args.num_slots is not None:
+        duplex_kwargs["num_slots"] = args.num_slots
     if args.encoder_layers is not None:
         duplex_kwargs["encoder_layers"] = args.encoder_layers
     if args.adapter_layers:
@@ -206,12 +260,18 @@ def main(argv: list[str] | None = None) -> dict | None:
     args, training_args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     datasets.disable_progress_bars()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(training_args.output_dir)
     offline_default = args.backbone is None
-    if offline_default:
+    if args.pretrain_backbone:
         tokenizer = build_byte_tokenizer()
         backbone_path = pretrain_tiny_backbone(args, training_args, tokenizer)
+        if args.pretrain_only:
+            return None
+    elif offline_default:
+        if not (SHIPPED_BACKBONE / "config.json").exists():
+            raise SystemExit(f"{SHIPPED_BACKBONE} is missing: pretrain it with --pretrain_backbone")
+        tokenizer = AutoTokenizer.from_pretrained(SHIPPED_BACKBONE)
+        backbone_path = SHIPPED_BACKBONE
     else:
         tokenizer = AutoTokenizer.from_pretrained(args.backbone)
         if tokenizer.pad_token is None:
@@ -223,14 +283,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     collator = DuplexCollator(tokenizer.pad_token_id)
     if args.method == "tdm":  # same instances and budget as phase 2, corrections in the token stream
         data = tokenized(args, training_args.seed + 2, args.train_size, tokenizer, "inband")
-        run_phase(model, data, training_args, "tdm", args.phase2_steps, collator, learning_rate=args.tdm_lr)
+        run_phase(model, data, training_args, "tdm", args.duplex_steps, collator, learning_rate=args.tdm_lr)
         model = DuplexForCausalLM.from_backbone(model)  # zero-init duplex modules: exactly the tuned backbone
     else:
-        if args.phase1_steps:
-            data = tokenized(args, training_args.seed + 1, args.train_size, tokenizer, "duplex", mix={"none": 1.0})
-            run_phase(model, data, training_args, "phase1", args.phase1_steps, collator)
         data = tokenized(args, training_args.seed + 2, args.train_size, tokenizer, "duplex")
-        run_phase(model, data, training_args, "phase2", args.phase2_steps, collator)
+        run_phase(model, data, training_args, "duplex", args.duplex_steps, collator, gate_lr=args.gate_lr)
 
     final = out / ("final" if args.method == "duplex" else "tdm-final")  # tdm reuses the same backbone dir
     model.config.backbone_name_or_path = str(backbone_path)

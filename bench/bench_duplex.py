@@ -396,9 +396,13 @@ def make_stepper(model: PreTrainedModel, prompt: torch.Tensor) -> Callable[[], f
     device = prompt.device
     kwargs: dict = {}
     if isinstance(model, DuplexForCausalLM):
-        packed = {k: v.to(device) for k, v in pack_updates([[(0, prompt[0].tolist())]]).items()}
-        versions, _ = model.workspace_versions(1, **packed)
-        kwargs = {"workspace_kv": model.project_workspace(versions[:, -1:]), "workspace_mask": None}
+        correction = prompt[0, :16].tolist()  # a workspace holding one correction-sized update
+        packed = {k: v.to(device) for k, v in pack_updates([[(0, correction)]]).items()}
+        slots, slot_mask = model.workspace_versions(1, **packed).latest()
+        kwargs = {
+            "workspace_kv": model.project_workspace(slots[:, None], slot_mask[:, None]),
+            "workspace_mask": slot_mask[:, None, None],
+        }
     config = model.config.text_config if isinstance(model, DuplexForCausalLM) else model.config
     cache = DynamicCache(config=config)
     model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs)
@@ -546,26 +550,18 @@ def adapter_size_mb(model: DuplexForCausalLM, name: str) -> dict[str, float]:
     }
 
 
-def placement_configs(num_layers: int, hidden: int) -> list[dict]:
-    """Adapter placements (all / every 2nd / every 4th layer, always including the last) x widths (hidden/4, /8),
-    plus no adapters at all: the floor set by the update encoder and the generation bookkeeping."""
+def placement_configs(num_layers: int) -> list[dict]:
+    """Adapter placements (all / every 2nd / every 4th layer, always including the last), plus no adapters at all:
+    the floor set by the generation bookkeeping."""
     configs, seen = [], set()
     for every in (1, 2, 4):
         layers = sorted(range(num_layers - 1, -1, -every))
-        for divisor in (4, 8):
-            key = (tuple(layers), hidden // divisor)
-            if key in seen:
-                continue
-            seen.add(key)
-            label = "all layers" if every == 1 else f"every {every}th layer" if every > 2 else "every 2nd layer"
-            configs.append(
-                {
-                    "name": f"{label}, hidden/{divisor}",
-                    "adapter_layers": layers,
-                    "adapter_hidden_size": hidden // divisor,
-                }
-            )
-    configs.append({"name": "no adapters", "adapter_layers": [], "adapter_hidden_size": hidden // 4})
+        if tuple(layers) in seen:
+            continue
+        seen.add(tuple(layers))
+        label = "all layers" if every == 1 else f"every {every}th layer" if every > 2 else "every 2nd layer"
+        configs.append({"name": label, "adapter_layers": layers})
+    configs.append({"name": "no adapters", "adapter_layers": []})
     return configs
 
 
@@ -581,17 +577,11 @@ def bench_placement(
 ) -> list[dict]:
     """Decode ratio vs the bare backbone for each adapter configuration, all interleaved in one loop."""
     text = backbone.config
-    configs = placement_configs(text.num_hidden_layers, text.hidden_size)
+    configs = placement_configs(text.num_hidden_layers)
     runners: dict[str, Callable] = {"bare": lambda n: generate_timed(base, prompt, n, special)}
     models = {}
     for cfg in configs:
-        kwargs = {
-            **duplex_kwargs,
-            "adapter_layers": cfg["adapter_layers"],
-            "adapter_hidden_size": cfg["adapter_hidden_size"],
-        }
-        kwargs.pop("adapter_heads", None)
-        model = build_duplex(backbone, **kwargs)
+        model = build_duplex(backbone, **{**duplex_kwargs, "adapter_layers": cfg["adapter_layers"]})
         models[cfg["name"]] = model
         runners[cfg["name"]] = lambda n, m=model: generate_timed(m, prompt, n, special)
     with torch.inference_mode():
@@ -614,7 +604,6 @@ def bench_placement(
             {
                 **cfg,
                 "num_adapters": len(cfg["adapter_layers"]),
-                "adapter_heads": model.config.adapter_heads,
                 "trainable_params": model.get_nb_trainable_parameters()[0],
                 **timing,
                 "ratio_vs_bare": ratio(timing, bare, "decode_tok_s"),
@@ -652,7 +641,7 @@ def markdown(results: dict) -> str:
         f"{meta['threads']} threads",
         "",
         f"Duplex: {dc['num_slots']} slots, {dc['encoder_layers']} encoder layers, {len(dc['adapter_layers'])} "
-        f"adapters of width {dc['adapter_hidden_size']} ({dc['adapter_heads']} heads).",
+        "workspace adapters. Decode with duplex modules is timed with a correction in the workspace.",
         "",
         f"### Decode (batch 1, greedy, {meta['new_tokens']} new tokens after a {meta['prompt_len']}-token prompt, "
         f"median of {meta['repeats']}, interleaved)",
@@ -711,16 +700,16 @@ def markdown(results: dict) -> str:
     if results.get("placement"):
         lines += [
             "",
-            "### Adapter placement / width (decode, no updates, same run)",
+            "### Adapter placement (decode, no updates, same run; paired steps read a filled workspace)",
             "",
-            "| configuration | adapters | width | heads | trainable params | decode tok/s | ratio vs bare | "
+            "| configuration | adapters | trainable params | decode tok/s | ratio vs bare | "
             "ratio (CPU time) | paired step ratio |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "|---|---:|---:|---:|---:|---:|---:|",
         ]
         for row in results["placement"]:
             lines.append(
-                f"| {row['name']} | {row.get('num_adapters', '-')} | {row.get('adapter_hidden_size', '-')} | "
-                f"{row.get('adapter_heads', '-')} | {row.get('trainable_params', 0):,} | {fmt(row['decode_tok_s'])} | "
+                f"| {row['name']} | {row.get('num_adapters', '-')} | "
+                f"{row.get('trainable_params', 0):,} | {fmt(row['decode_tok_s'])} | "
                 f"{fmt(row['ratio_vs_bare'], 3)}x | {fmt(row['cpu_time_ratio_vs_bare'], 3)}x | "
                 f"{fmt(row['paired_step_ratio'], 3)}x |"
             )
@@ -838,7 +827,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--adapter-layers", type=int, nargs="*", default=None, help="default: the config's (every second layer)"
     )
-    parser.add_argument("--adapter-hidden-size", type=int, default=None, help="default: the config's (hidden/4)")
     parser.add_argument("--num-slots", type=int, default=None)
     parser.add_argument("--encoder-layers", type=int, default=None)
     parser.add_argument(
@@ -894,7 +882,6 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
             k: v
             for k, v in {
                 "adapter_layers": args.adapter_layers,
-                "adapter_hidden_size": args.adapter_hidden_size,
                 "num_slots": args.num_slots,
                 "encoder_layers": args.encoder_layers,
             }.items()
@@ -960,7 +947,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
                 args.sweep_new_tokens or args.new_tokens,
                 args.repeats,
                 special,
-                {k: v for k, v in duplex_kwargs.items() if k not in ("adapter_layers", "adapter_hidden_size")},
+                {k: v for k, v in duplex_kwargs.items() if k != "adapter_layers"},
                 args.step_samples,
             )
 
@@ -986,7 +973,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
             "updates_in_decode": [at for at, _ in updates],
             "duplex_config": {
                 k: getattr(cfg, k)
-                for k in ("num_slots", "encoder_layers", "adapter_layers", "adapter_hidden_size", "adapter_heads")
+                for k in ("num_slots", "encoder_layers", "adapter_layers")
             },
             "versions": {
                 "torch": torch.__version__,

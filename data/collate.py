@@ -42,7 +42,7 @@ def restart_response(row: dict) -> str:
 
 def tokenize_row(row: dict, tokenizer, fmt: str = "duplex", inband_template: str = "\n{text}\n") -> dict:
     """One dataset row -> input_ids, labels (response tokens only) and, for "duplex", the updates with the
-    positions `forward` expects (the prompt is update 0 at position 0)."""
+    positions `forward` expects."""
     if fmt not in FORMATS:
         raise ValueError(f"`fmt` must be one of {FORMATS}, got {fmt!r}")
     eos = [tokenizer.eos_token_id]
@@ -57,7 +57,7 @@ def tokenize_row(row: dict, tokenizer, fmt: str = "duplex", inband_template: str
         pieces = [encode(tokenizer, s) for s in row["segments"]]
         pieces[-1] = pieces[-1] + eos
     input_ids, labels = list(prompt), [IGNORE_INDEX] * len(prompt)
-    positions, update_ids = [0], [list(prompt)]
+    positions, update_ids = [], []
     for u, piece in enumerate(pieces):
         if u > 0 and fmt == "inband":  # the correction rides in the token stream, unlabelled
             inserted = encode(tokenizer, inband_template.format(text=row["update_texts"][u - 1]))

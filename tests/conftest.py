@@ -37,11 +37,12 @@ def tiny_backbone(arch: str) -> torch.nn.Module:
 
 
 def perturb_duplex(model: DuplexForCausalLM, seed: int = 1, scale: float = 0.2) -> DuplexForCausalLM:
-    """Move every duplex weight (the zero-initialised output projections too) away from its initial value."""
+    """Move every duplex weight (the zero-initialised gates and output projections too) away from its initial value;
+    the gates open wide, so that updates visibly change what this random model writes."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for param in model.duplex_state_dict().values():
-            param.add_(torch.randn(param.shape, generator=generator) * scale)
+        for name, param in model.duplex_state_dict().items():
+            param.add_(torch.randn(param.shape, generator=generator) * scale + (2.0 if name.endswith("gate") else 0.0))
     return model
 
 

@@ -3,6 +3,7 @@
 import torch
 from conftest import tiny_backbone
 
+from data import build_byte_tokenizer
 from modeling_duplex import DuplexForCausalLM, pack_updates, update_position
 
 PROMPT = torch.tensor([[72, 101, 108, 108, 111, 10, 51, 32, 52]])
@@ -34,12 +35,12 @@ def test_teacher_forced_equals_step_by_step(duplex):
     prompt_len, new = PROMPT.shape[1], step_logits.shape[1]
     landed = [(lnd.at, lnd.token_ids) for lnd in out.update_landings[0]]
     assert [at for at, _ in landed] == [0, 3, 3, 6]
-    packed = pack_updates([[(0, PROMPT[0].tolist())] + [(update_position(prompt_len, at), ids) for at, ids in landed]])
+    packed = pack_updates([[(update_position(prompt_len, at), ids) for at, ids in landed]])
     with torch.no_grad():
         forced = duplex(out.sequences, **packed).logits[:, prompt_len - 1 : prompt_len - 1 + new]
     torch.testing.assert_close(forced, step_logits, atol=1e-4, rtol=0)
     # and the updates matter: without them the same sequence scores differently
-    without = duplex(out.sequences, **pack_updates([[(0, PROMPT[0].tolist())]])).logits
+    without = duplex(out.sequences).logits
     assert (without[:, prompt_len - 1 : prompt_len - 1 + new] - forced).abs().max() > 1e-3
 
 
@@ -97,6 +98,19 @@ def test_inband_mode_equals_splicing_the_correction_into_the_prompt():
     context = torch.cat([head, torch.tensor([correction])], dim=1)
     reference = backbone.generate(context, max_new_tokens=8 - at, min_new_tokens=8 - at, do_sample=False)
     assert torch.equal(spliced.sequences[:, PROMPT.shape[1] + at :], reference[:, context.shape[1] :])
+
+
+def test_trained_model_writes_like_its_backbone_until_an_update_lands(duplex, backbone):
+    """Trained duplex modules change nothing before the first update (the workspace starts empty), so the in-band
+    baseline run through a trained model is exactly the frozen backbone given the correction in its token stream."""
+    fresh = DuplexForCausalLM.from_backbone(backbone, num_slots=4, encoder_layers=2, adapter_layers=[0, 2]).eval()
+    inband = dict(updates=[(4, "Stop.")], update_mode="inband", tokenizer=build_byte_tokenizer(), output_logits=True)
+    trained, reference = generate(duplex, **inband), generate(fresh, **inband)
+    assert torch.equal(trained.sequences, reference.sequences)
+    assert torch.equal(torch.stack(trained.logits), torch.stack(reference.logits))
+    late = generate(duplex, updates=[(6, [88, 89, 90])], output_logits=True)  # workspace mode, update at token 6
+    plain = generate(fresh, output_logits=True)
+    assert torch.equal(torch.stack(late.logits)[:6], torch.stack(plain.logits)[:6])
 
 
 def test_get_base_model_shares_the_backbone(duplex, backbone):
