@@ -210,8 +210,12 @@ def _device(model) -> torch.device:
 
 
 def generate_batch(
-    model: Any, tokenizer: Any, prompts: Sequence[str], updates: Sequence[Sequence[tuple[int, str]]] | None,
-    update_mode: str | None, max_new_tokens: int,
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    updates: Sequence[Sequence[tuple[int, str]]] | None,
+    update_mode: str | None,
+    max_new_tokens: int,
 ) -> list[Generation]:
     """Greedy generation for left-padded prompts (one mode per batch); decodes the new tokens up to EOS."""
     eos = tokenizer.eos_token_id
@@ -225,8 +229,12 @@ def generate_batch(
         attention_mask[b, width - len(ids) :] = 1
     device = _device(model)
     kwargs: dict[str, Any] = dict(
-        attention_mask=attention_mask.to(device), max_new_tokens=max_new_tokens, do_sample=False,
-        pad_token_id=pad, eos_token_id=eos, return_dict_in_generate=True,
+        attention_mask=attention_mask.to(device),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=pad,
+        eos_token_id=eos,
+        return_dict_in_generate=True,
     )
     if update_mode is not None:
         kwargs |= dict(updates=[list(u) for u in updates], update_mode=update_mode, tokenizer=tokenizer)
@@ -260,7 +268,11 @@ def _run_jobs(
                 batch = group[start : start + batch_size]
                 bar.set_postfix_str(f"{model_key}/{update_mode or 'plain'}")
                 gens = generate_batch(
-                    models[model_key], tokenizer, [j[1] for j in batch], [j[2] for j in batch], update_mode,
+                    models[model_key],
+                    tokenizer,
+                    [j[1] for j in batch],
+                    [j[2] for j in batch],
+                    update_mode,
                     max_new_tokens,
                 )
                 done.update(zip(batch, gens, strict=True))
@@ -292,8 +304,12 @@ def _score(item: _Item, done: dict[Job, Generation], tokenizer) -> dict[str, Any
     """Per-instance record: correct / contradiction (corrected kinds), stable (distractor), exact (none), ttr."""
     gen = done[item.job]
     record: dict[str, Any] = {
-        "mode": item.mode, "seed": item.seed, "kind": item.kind, "family": item.family,
-        "position": item.position, "unlanded": gen.unlanded,
+        "mode": item.mode,
+        "seed": item.seed,
+        "kind": item.kind,
+        "family": item.family,
+        "position": item.position,
+        "unlanded": gen.unlanded,
     }
     if item.kind == "none":
         record["exact"] = gen.text == item.target.original_response
@@ -410,17 +426,28 @@ def evaluate(
     columns = [*modes, BACKBONE]
     examples = {
         mode: [
-            {"prompt": it.job[1], "updates": [list(u) for u in it.job[2]], "oracle": it.target.response,
-             "generated": done[it.job].text}
-            for it in items if it.mode == mode and it.kind == "one"
+            {
+                "prompt": it.job[1],
+                "updates": [list(u) for u in it.job[2]],
+                "oracle": it.target.response,
+                "generated": done[it.job].text,
+            }
+            for it in items
+            if it.mode == mode and it.kind == "one"
         ][:3]
         for mode in modes
     }
     return {
         "config": {
-            "n_per_family": n_per_family, "seeds": [int(s) for s in seeds], "families": families,
-            "modes": modes, "sweep_per_family": sweep_per_family, "batch_size": batch_size,
-            "max_new_tokens": max_new_tokens, "split": "test", "instances": fingerprint(eval_set),
+            "n_per_family": n_per_family,
+            "seeds": [int(s) for s in seeds],
+            "families": families,
+            "modes": modes,
+            "sweep_per_family": sweep_per_family,
+            "batch_size": batch_size,
+            "max_new_tokens": max_new_tokens,
+            "split": "test",
+            "instances": fingerprint(eval_set),
             "counts": {kind: sum(len(k[kind]) for k in eval_set.values()) for kind in [*KINDS, "sweep"]},
         },
         "columns": columns,
@@ -430,7 +457,8 @@ def evaluate(
         "unlanded_updates": {m: sum(r["unlanded"] for r in records if r["mode"] == m) for m in modes},
         "reference": REFERENCE,
         "timing": {
-            "seconds": seconds, "generations": len(done),
+            "seconds": seconds,
+            "generations": len(done),
             "seconds_per_100_generations": 100 * seconds / max(len(done), 1),
         },
         "examples": examples,
@@ -570,8 +598,10 @@ def render_markdown(results: dict[str, Any]) -> str:
         curves = sweep["modes"]
         lines += _table(
             ["position", *curves],
-            ([label, *(f"{_pct(curves[m][i], ci=False)} (n={curves[m][i]['n']})" for m in curves)]
-             for i, label in enumerate(sweep["bins"])),
+            (
+                [label, *(f"{_pct(curves[m][i], ci=False)} (n={curves[m][i]['n']})" for m in curves)]
+                for i, label in enumerate(sweep["bins"])
+            ),
         )
     unlanded = {m: n for m, n in results.get("unlanded_updates", {}).items() if n}
     if unlanded:
@@ -596,8 +626,13 @@ def plot_sweep(results: dict[str, Any], path: str | Path) -> Path:
         xs, ys, cis = zip(*pts, strict=True)
         (line,) = ax.plot(xs, [100 * y for y in ys], marker="o", label=mode)
         ax.fill_between(xs, [100 * c[0] for c in cis], [100 * c[1] for c in cis], color=line.get_color(), alpha=0.12)
-    ax.set(xlabel="update position (% of the response's words)", ylabel="revision accuracy (%)",
-           ylim=(-2, 102), xlim=(0, 100), title="Revision accuracy vs update position")
+    ax.set(
+        xlabel="update position (% of the response's words)",
+        ylabel="revision accuracy (%)",
+        ylim=(-2, 102),
+        xlim=(0, 100),
+        title="Revision accuracy vs update position",
+    )
     ax.set_xticks(x, sweep["bins"])
     ax.grid(alpha=0.3)
     if sweep["modes"]:
@@ -683,9 +718,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     model, tokenizer = load_checkpoint(args.checkpoint, args.device, args.dtype)
     tdm_model = load_checkpoint(args.tdm_checkpoint, args.device, args.dtype)[0] if args.tdm_checkpoint else None
     results = evaluate(
-        model, tokenizer, n_per_family=args.n_per_family, seeds=args.seeds, modes=args.modes, tdm_model=tdm_model,
-        batch_size=args.batch_size, sweep_per_family=args.sweep_per_family, progress=not args.no_progress,
-        families=args.families, max_new_tokens=args.max_new_tokens,
+        model,
+        tokenizer,
+        n_per_family=args.n_per_family,
+        seeds=args.seeds,
+        modes=args.modes,
+        tdm_model=tdm_model,
+        batch_size=args.batch_size,
+        sweep_per_family=args.sweep_per_family,
+        progress=not args.no_progress,
+        families=args.families,
+        max_new_tokens=args.max_new_tokens,
     )
     results["config"] |= {"checkpoint": str(args.checkpoint), "tdm_checkpoint": args.tdm_checkpoint}
     write_report(results, args.out or Path(args.checkpoint) / "eval")

@@ -34,15 +34,14 @@ from transformers import (
     set_seed,
 )
 
-ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data import build_byte_tokenizer, build_dataset
 from data.collate import DuplexCollator, tokenize_row
 from modeling_duplex import DuplexForCausalLM
 
 logger = logging.getLogger("train_duplex")
 
-SHIPPED_BACKBONE = ROOT / "checkpoints" / "duplex-tiny-backbone"
+SHIPPED_BACKBONE = Path(__file__).resolve().parent / "checkpoints" / "duplex-tiny-backbone"
 
 TINY_BACKBONE = dict(  # the offline default's backbone: Qwen3 architecture, byte-level vocabulary
     hidden_size=256,

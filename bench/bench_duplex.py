@@ -971,10 +971,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
             "correction_len": args.correction_len,
             "update_at": args.update_at,
             "updates_in_decode": [at for at, _ in updates],
-            "duplex_config": {
-                k: getattr(cfg, k)
-                for k in ("num_slots", "encoder_layers", "adapter_layers")
-            },
+            "duplex_config": {k: getattr(cfg, k) for k in ("num_slots", "encoder_layers", "adapter_layers")},
             "versions": {
                 "torch": torch.__version__,
                 "transformers": transformers.__version__,

@@ -40,8 +40,10 @@ def oracle_table(eval_set: dict) -> dict:
                 put((row["prompt"], ()), row["original_response"])
                 if len(texts) == 1:  # the restart baseline's prompt
                     corrected = row["update_kinds"][0] == "correction"
-                    put((restart_prompt(row["instruction"], texts), ()),
-                        restart_response(row) if corrected else row["original_response"])
+                    put(
+                        (restart_prompt(row["instruction"], texts), ()),
+                        restart_response(row) if corrected else row["original_response"],
+                    )
     return table
 
 
@@ -57,8 +59,18 @@ class OracleLM:
         self.base = self.base or OracleLM(self.tok, self.table)
         return self.base
 
-    def generate(self, input_ids, attention_mask, max_new_tokens, pad_token_id, eos_token_id, updates=None,
-                 update_mode=None, tokenizer=None, **kwargs):
+    def generate(
+        self,
+        input_ids,
+        attention_mask,
+        max_new_tokens,
+        pad_token_id,
+        eos_token_id,
+        updates=None,
+        update_mode=None,
+        tokenizer=None,
+        **kwargs,
+    ):
         assert (attention_mask[:, -1] == 1).all(), "batches must be left padded"
         new = []
         for b in range(input_ids.shape[0]):
@@ -91,8 +103,12 @@ def test_oracle_model_scores_perfectly(oracle_run):
     results, *_ = oracle_run
     assert results["config"]["counts"]["one"] == len(FAMILIES)
     for mode in ("workspace", "inband", "restart", "tdm"):
-        for metric, want in [("revision_accuracy", 1.0), ("contradiction_rate", 0.0),
-                             ("distractor_stability", 1.0), ("retention", 1.0)]:
+        for metric, want in [
+            ("revision_accuracy", 1.0),
+            ("contradiction_rate", 0.0),
+            ("distractor_stability", 1.0),
+            ("retention", 1.0),
+        ]:
             stat = overall(results, mode, metric)
             assert stat["n"] == len(FAMILIES) and stat["rate"] == want, (mode, metric, stat)
         per_family = results["metrics"][mode]["revision_accuracy"]["per_family"]
@@ -122,8 +138,15 @@ def test_modes_see_identical_instances(oracle_run):
     assert eval_duplex.build_eval_set((0,), 1, 2) == eval_set  # deterministic
     assert results["config"]["instances"] == eval_duplex.fingerprint(eval_set)
     tok = build_byte_tokenizer()
-    alone = eval_duplex.evaluate(OracleLM(tok, oracle_table(eval_set)), tok, n_per_family=1, seeds=(0,),
-                                 sweep_per_family=2, modes=("ignore",), progress=False)
+    alone = eval_duplex.evaluate(
+        OracleLM(tok, oracle_table(eval_set)),
+        tok,
+        n_per_family=1,
+        seeds=(0,),
+        sweep_per_family=2,
+        modes=("ignore",),
+        progress=False,
+    )
     assert alone["config"]["instances"] == results["config"]["instances"]
     pooled = eval_duplex.build_eval_set((0, 1), 1, 0)  # seeds add instances, the first seed's stay the same
     assert pooled[0]["one"] == eval_set[0]["one"] and pooled[1]["one"] != pooled[0]["one"]
@@ -170,11 +193,28 @@ def checkpoint(tmp_path_factory):
 
 def test_cli_writes_the_report(checkpoint, tmp_path, capsys):
     out = tmp_path / "report"
-    results = eval_duplex.main([
-        "--checkpoint", str(checkpoint), "--tdm-checkpoint", str(checkpoint), "--out", str(out),
-        "--families", "count", "case", "--n-per-family", "1", "--sweep-per-family", "1", "--max-new-tokens", "12",
-        "--batch-size", "16", "--no-progress",
-    ])
+    results = eval_duplex.main(
+        [
+            "--checkpoint",
+            str(checkpoint),
+            "--tdm-checkpoint",
+            str(checkpoint),
+            "--out",
+            str(out),
+            "--families",
+            "count",
+            "case",
+            "--n-per-family",
+            "1",
+            "--sweep-per-family",
+            "1",
+            "--max-new-tokens",
+            "12",
+            "--batch-size",
+            "16",
+            "--no-progress",
+        ]
+    )
     printed = capsys.readouterr().out
     assert "| metric | workspace | ignore | inband | restart | tdm | backbone |" in printed
     assert {p.name for p in out.iterdir()} == {"results.json", "results.md", "sweep.png"}

@@ -12,7 +12,8 @@ import train_duplex
 
 MICRO = [
     "--pretrain_backbone", "--phase0_steps", "6", "--phase0_batch_size", "4", "--duplex_steps", "6",
-    "--train_size", "64", "--per_device_train_batch_size", "4", "--save_steps", "2", "--logging_steps", "2", "--skip_eval",
+    "--train_size", "64", "--per_device_train_batch_size", "4", "--save_steps", "2", "--logging_steps", "2",
+    "--skip_eval",
     "--encoder_layers", "1", "--num_slots", "4",
 ]  # fmt: skip
 
