@@ -661,11 +661,16 @@ def write_report(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu", dtype: str = "float32") -> tuple[Any, Any]:
-    """A saved Duplex checkpoint and its tokenizer, offline, in eval mode on `device` with `dtype`."""
+    """A saved Duplex checkpoint and its tokenizer, offline, in eval mode on `device` with `dtype`. A plain causal LM
+    (a backbone) is wrapped in fresh duplex modules: exactly the backbone, for its restart and in-band ceilings."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from modeling_duplex import DuplexForCausalLM
 
     torch_dtype = getattr(torch, dtype)
     model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=True, dtype=torch_dtype)
+    if not hasattr(model, "workspace_versions"):
+        model = DuplexForCausalLM.from_backbone(model)
     # trust_remote_code: AutoTokenizer reads config.json (auto_map) and would otherwise ask on stdin
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=True)
     return model.to(device).eval(), tokenizer
@@ -690,7 +695,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--checkpoint", required=True, help="Duplex checkpoint directory (save_pretrained output)")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="Duplex checkpoint directory (save_pretrained output), or a plain backbone (with --modes inband restart)",
+    )
     parser.add_argument("--tdm-checkpoint", help="fully fine-tuned in-band baseline checkpoint: adds the 'tdm' mode")
     parser.add_argument("--out", default=None, help="report directory (default: CHECKPOINT/eval)")
     parser.add_argument("--n-per-family", type=_positive, default=20, help="instances per family and kind, per seed")

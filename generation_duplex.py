@@ -77,6 +77,14 @@ def update_position(prompt_length: int, at: int) -> int:
     return prompt_length - 1 + at
 
 
+def workspace_update_tokens(prompt_ids: Sequence[int], correction_ids: Sequence[int], first: bool) -> list[int]:
+    """What the update encoder reads for one update: the correction as it would be written in-band, preceded by the
+    prompt it corrects when it is the row's first. The workspace then holds the prompt and the corrections in order,
+    the text from which the frozen backbone itself can restart, read in its own terms (one rule for training and
+    generation)."""
+    return [*prompt_ids, *correction_ids] if first else list(correction_ids)
+
+
 def pack_updates(
     updates: Sequence[Sequence[tuple[int, Sequence[int]]]], pad_token_id: int = 0
 ) -> dict[str, torch.Tensor]:
@@ -249,7 +257,8 @@ class DuplexGenerationState:
     def prepare_step(self, input_ids: torch.Tensor, model_inputs: dict) -> None:
         """Before each forward: poll the stream, land due updates, and hand the adapters their workspace K/V."""
         if self.prompt_length is None:
-            self._start(input_ids)
+            mask = model_inputs.get("attention_mask")
+            self._start(input_ids, mask if isinstance(mask, torch.Tensor) else None)
         generated = input_ids.shape[1] - self.prompt_length
         if self.stream is not None:
             for payload, row, arrived in self.stream.drain():
@@ -267,7 +276,7 @@ class DuplexGenerationState:
             self._land_in_workspace(due, generated)
         self._set_workspace_inputs(model_inputs)
 
-    def _start(self, input_ids: torch.Tensor) -> None:
+    def _start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         """First step: remember the prompt length; the workspace starts empty."""
         if input_ids.shape[0] != self.batch_size:
             raise ValueError(
@@ -275,6 +284,9 @@ class DuplexGenerationState:
                 "(num_return_sequences / beams); with DuplexForCausalLM pass repeated prompts instead"
             )
         self.prompt_length = input_ids.shape[1]
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        self.prompt_ids = [row[keep.bool()].tolist() for row, keep in zip(input_ids, mask, strict=True)]
+        self.has_written = [False] * self.batch_size
         self.versions = WorkspaceVersions.empty(*self.model.empty_workspace(self.batch_size))
 
     def _due_updates(self, generated: int) -> list[tuple[int, _PendingUpdate]]:
@@ -306,7 +318,13 @@ class DuplexGenerationState:
                     this_round[b] = update
             due = rest
             rows = torch.tensor(sorted(this_round), device=device)
-            packed = pack_updates([[(position, this_round[b].token_ids)] for b in sorted(this_round)])
+            tokens = [
+                workspace_update_tokens(self.prompt_ids[b], self._written_tokens(update), not self.has_written[b])
+                for b, update in sorted(this_round.items())
+            ]
+            packed = pack_updates([[(position, ids)] for ids in tokens])
+            for b in this_round:
+                self.has_written[b] = True
             slots, slot_mask = self.versions.latest()
             new_slots, new_mask = slots.clone(), slot_mask.clone()
             new_slots[rows], new_mask[rows] = self.model.apply_update(
@@ -349,6 +367,10 @@ class DuplexGenerationState:
         model_inputs["workspace_kv"] = model.project_workspace(self.versions.slots, self.versions.slot_mask)
         model_inputs["workspace_mask"] = self.versions.readable_slots(positions)
         self.current_kv = None
+
+    def _written_tokens(self, update: _PendingUpdate) -> list[int]:
+        """The correction as text writes it (`config.inband_template`); raw token ids when there is no tokenizer."""
+        return self._inband_tokens(update) if self.tokenizer is not None else update.token_ids
 
     def _inband_tokens(self, update: _PendingUpdate) -> list[int]:
         """`config.inband_template` around the correction, as token ids."""
@@ -450,4 +472,5 @@ __all__ = [
     "WorkspaceVersions",
     "pack_updates",
     "update_position",
+    "workspace_update_tokens",
 ]

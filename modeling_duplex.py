@@ -37,6 +37,7 @@ try:
         WorkspaceVersions,
         pack_updates,
         update_position,
+        workspace_update_tokens,
     )
 except ImportError:  # imported as a plain module from a checkout, not through trust_remote_code
     from configuration_duplex import DuplexConfig
@@ -52,6 +53,7 @@ except ImportError:  # imported as a plain module from a checkout, not through t
         WorkspaceVersions,
         pack_updates,
         update_position,
+        workspace_update_tokens,
     )
 
 logger = logging.get_logger(__name__)
@@ -694,4 +696,5 @@ __all__ = [
     "WorkspaceVersions",
     "pack_updates",
     "update_position",
+    "workspace_update_tokens",
 ]

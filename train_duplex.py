@@ -54,7 +54,7 @@ TINY_BACKBONE = dict(  # the offline default's backbone: Qwen3 architecture, byt
     tie_word_embeddings=True,
 )
 TINY_DUPLEX = dict(
-    num_slots=64,  # byte-level tokens: two whole corrections
+    num_slots=128,  # byte-level tokens: the prompt and three corrections
     encoder_layers=2,
     encoder_heads=4,
 )

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from modeling_duplex import pack_updates, update_position
+from modeling_duplex import pack_updates, update_position, workspace_update_tokens
 
 from .dataset import instance_from_row
 from .tasks import get_family
@@ -65,7 +65,8 @@ def tokenize_row(row: dict, tokenizer, fmt: str = "duplex", inband_template: str
             labels += [IGNORE_INDEX] * len(inserted)
         if u > 0 and fmt == "duplex":
             positions.append(update_position(len(prompt), len(input_ids) - len(prompt)))
-            update_ids.append(encode(tokenizer, row["update_texts"][u - 1]))
+            written = encode(tokenizer, inband_template.format(text=row["update_texts"][u - 1]))
+            update_ids.append(workspace_update_tokens(prompt, written, first=u == 1))
         input_ids += piece
         labels += piece
     features = {"input_ids": input_ids, "labels": labels}

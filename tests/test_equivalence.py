@@ -4,7 +4,7 @@ import torch
 from conftest import tiny_backbone
 
 from data import build_byte_tokenizer
-from modeling_duplex import DuplexForCausalLM, pack_updates, update_position
+from modeling_duplex import DuplexForCausalLM, pack_updates, update_position, workspace_update_tokens
 
 PROMPT = torch.tensor([[72, 101, 108, 108, 111, 10, 51, 32, 52]])
 UPDATES = [(0, [83, 116, 111, 112]), (3, [97, 98]), (3, [120]), (6, [49, 50, 46])]  # two land at the same step
@@ -35,7 +35,9 @@ def test_teacher_forced_equals_step_by_step(duplex):
     prompt_len, new = PROMPT.shape[1], step_logits.shape[1]
     landed = [(lnd.at, lnd.token_ids) for lnd in out.update_landings[0]]
     assert [at for at, _ in landed] == [0, 3, 3, 6]
-    packed = pack_updates([[(update_position(prompt_len, at), ids) for at, ids in landed]])
+    written = [workspace_update_tokens(PROMPT[0].tolist(), ids, first=i == 0) for i, (_, ids) in enumerate(landed)]
+    positions = [update_position(prompt_len, at) for at, _ in landed]
+    packed = pack_updates([list(zip(positions, written, strict=True))])
     with torch.no_grad():
         forced = duplex(out.sequences, **packed).logits[:, prompt_len - 1 : prompt_len - 1 + new]
     torch.testing.assert_close(forced, step_logits, atol=1e-4, rtol=0)
@@ -84,8 +86,8 @@ def test_ignore_mode_equals_no_updates(duplex):
     assert torch.equal(ignored.sequences, plain.sequences)
     assert torch.equal(torch.stack(ignored.logits), torch.stack(plain.logits))
     assert all(not landing.applied for landing in ignored.update_landings[0])
-    applied = generate(duplex, updates=UPDATES)
-    assert not torch.equal(applied.sequences, plain.sequences)  # the updates do change this (perturbed) model
+    applied = generate(duplex, updates=UPDATES, output_logits=True)
+    assert not torch.equal(torch.stack(applied.logits), torch.stack(plain.logits))  # they matter to this model
 
 
 def test_inband_mode_equals_splicing_the_correction_into_the_prompt():
