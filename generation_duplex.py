@@ -127,11 +127,11 @@ class WorkspaceVersions:
         starts = torch.zeros(slots.shape[0], 1, dtype=torch.long, device=slots.device)
         return cls(slots[:, None], slot_mask[:, None], starts)
 
-    def latest(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row's newest started-or-pending version: slots (B, S, D), mask (B, S)."""
+    def latest(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each row's newest version: slots (B, S, D), mask (B, S) and start (B,)."""
         version = self.newest_version(torch.full_like(self.starts[:, :1], NEVER - 1))[:, 0]
         rows = torch.arange(self.starts.shape[0], device=self.starts.device)
-        return self.slots[rows, version], self.slot_mask[rows, version]
+        return self.slots[rows, version], self.slot_mask[rows, version], self.starts[rows, version]
 
     def append(self, slots: torch.Tensor, slot_mask: torch.Tensor, start: torch.Tensor) -> WorkspaceVersions:
         """A new version per row (B, S, D) visible from `start` (B,) (NEVER for rows without an update)."""
@@ -286,6 +286,7 @@ class DuplexGenerationState:
         self.prompt_length = input_ids.shape[1]
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         self.prompt_ids = [row[keep.bool()].tolist() for row, keep in zip(input_ids, mask, strict=True)]
+        self.left_padding = (mask.long().cumsum(-1) == 0).sum(-1)  # (B,): RoPE positions start at the first token
         self.has_written = [False] * self.batch_size
         self.versions = WorkspaceVersions.empty(*self.model.empty_workspace(self.batch_size))
 
@@ -325,7 +326,7 @@ class DuplexGenerationState:
             packed = pack_updates([[(position, ids)] for ids in tokens])
             for b in this_round:
                 self.has_written[b] = True
-            slots, slot_mask = self.versions.latest()
+            slots, slot_mask, _ = self.versions.latest()
             new_slots, new_mask = slots.clone(), slot_mask.clone()
             new_slots[rows], new_mask[rows] = self.model.apply_update(
                 slots[rows],
@@ -351,12 +352,13 @@ class DuplexGenerationState:
             model_inputs["workspace_kv"], model_inputs["workspace_mask"] = None, None
             return
         if chunk.shape[1] == 1 and cache is not None:
-            slots, slot_mask = self.versions.latest()
+            slots, slot_mask, start = self.versions.latest()
+            start = start - self.left_padding.to(start.device)
             if self.current_kv is None:  # first read: every row (the empty ones cost nothing)
-                self.current_kv = model.project_workspace(slots[:, None], slot_mask[:, None])
+                self.current_kv = model.project_workspace(slots[:, None], slot_mask[:, None], start[:, None])
             elif self.stale_rows:
                 rows = torch.tensor(sorted(self.stale_rows), device=slots.device)
-                fresh = model.project_workspace(slots[rows, None], slot_mask[rows, None])
+                fresh = model.project_workspace(slots[rows, None], slot_mask[rows, None], start[rows, None])
                 for (key, value), (new_key, new_value) in zip(self.current_kv, fresh, strict=True):
                     key[rows], value[rows] = new_key, new_value
             self.stale_rows.clear()
@@ -364,7 +366,8 @@ class DuplexGenerationState:
             return
         past_seen = cache.get_seq_length() if cache is not None else 0
         positions = torch.arange(past_seen, past_seen + chunk.shape[1], device=chunk.device)
-        model_inputs["workspace_kv"] = model.project_workspace(self.versions.slots, self.versions.slot_mask)
+        versions, rope_starts = self.versions, self.versions.starts - self.left_padding.to(chunk.device)[:, None]
+        model_inputs["workspace_kv"] = model.project_workspace(versions.slots, versions.slot_mask, rope_starts)
         model_inputs["workspace_mask"] = self.versions.readable_slots(positions)
         self.current_kv = None
 

@@ -186,46 +186,90 @@ class Workspace(nn.Module):
 
 
 class WorkspaceAdapter(nn.Module):
-    """Reads the workspace through decoder layer i's own frozen attention (LLaMA-Adapter style).
+    """Decoder layer i with its self-attention reading the workspace as extra keys and values (LLaMA-Adapter style).
 
-    The layer's query (from its input) attends to the workspace's keys and values *for that layer* (the backbone's
-    own projections of the slots); a per-head gate tanh(g), zero at initialisation, scales the result before the
-    layer's output projection, and it is added to the layer's output. Zero gate: the layer passes through exactly."""
+    The frozen layer's own query attends to its context and to the workspace's keys/values *for that layer*. As if
+    the workspace were in the context, it takes its share lambda = Z_ws / (Z_ctx + Z_ws) of the attention (from the
+    two log-sum-exps), so a correction can displace what it corrects; a per-head gate tanh(g), zero at
+    initialisation, scales that share: out = o_ctx + tanh(g) * lambda * (o_ws - o_ctx). With g = 0 the layer is
+    exactly the backbone's (and `_decode` then runs the layer itself). Mirrors `Qwen3DecoderLayer.forward` /
+    `LlamaDecoderLayer.forward` of transformers 5.23 (pre-norm attention and MLP blocks)."""
 
     def __init__(self, config: DuplexConfig):
         super().__init__()
         self.gate = nn.Parameter(torch.zeros(config.text_config.num_attention_heads))
 
+    def is_open(self) -> bool:
+        return bool(self.gate.detach().any())
+
     def forward(
         self,
         layer: nn.Module,
-        layer_input: torch.Tensor,
-        layer_output: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        slot_mask: torch.Tensor,
-        query_rotation: tuple[torch.Tensor, torch.Tensor],
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        past_key_values,
+        workspace_key: torch.Tensor,
+        workspace_value: torch.Tensor,
+        workspace_mask: torch.Tensor,
     ) -> torch.Tensor:
-        """layer_input/output (B, T, D); key/value (B, kv_heads, M, hd); slot_mask bool (B, 1, 1 or T, M)."""
+        """hidden (B, T, D) -> (B, T, D); workspace key/value (B, kv_heads, M, hd), mask bool (B, 1, 1 or T, M)."""
+        residual = hidden
         attn = layer.self_attn
-        batch, length, _ = layer_input.shape
-        query = attn.q_proj(layer.input_layernorm(layer_input)).view(batch, length, -1, attn.head_dim)
-        if getattr(attn, "q_norm", None) is not None:
-            query = attn.q_norm(query)
-        cos, sin = query_rotation  # every position reads the workspace as if it sat right before it
-        query = query.transpose(1, 2)  # (B, h, T, hd)
-        query = query * cos + rotate_half(query) * sin
-        readable = slot_mask.any(dim=-1, keepdim=True)  # (B, 1, 1 or T, 1): positions with a non-empty workspace
-        out = F.scaled_dot_product_attention(
-            query,
-            key.to(query.dtype),
-            value.to(query.dtype),
-            attn_mask=slot_mask | ~readable,
-            scale=attn.scaling,
-            enable_gqa=True,
-        )  # (B, h, T, hd)
-        out = out * (torch.tanh(self.gate).to(out.dtype)[:, None, None] * readable)
-        return layer_output + F.linear(out.transpose(1, 2).reshape(batch, length, -1), attn.o_proj.weight)
+        normed = layer.input_layernorm(hidden)
+        batch, length, _ = normed.shape
+        shape = (batch, length, -1, attn.head_dim)
+        query, key = attn.q_proj(normed).view(shape), attn.k_proj(normed).view(shape)
+        if getattr(attn, "q_norm", None) is not None:  # Qwen3
+            query, key = attn.q_norm(query), attn.k_norm(key)
+        value = attn.v_proj(normed).view(shape).transpose(1, 2)
+        cos, sin = (t.unsqueeze(1) for t in position_embeddings)
+        query, key = query.transpose(1, 2), key.transpose(1, 2)  # (B, h, T, hd)
+        query, key = query * cos + rotate_half(query) * sin, key * cos + rotate_half(key) * sin
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, attn.layer_idx)
+        context_mask = as_bool_mask(attention_mask, length, key.shape[2], hidden.device)
+        out_ctx, lse_ctx = attention_with_lse(query, key, value, context_mask, attn.scaling)
+        out_ws, lse_ws = attention_with_lse(
+            query, workspace_key.to(query.dtype), workspace_value.to(query.dtype), workspace_mask, attn.scaling
+        )
+        share = torch.sigmoid((lse_ws - lse_ctx).nan_to_num(nan=float("-inf")))  # (B, h, T, 1): Z_ws/(Z_ctx+Z_ws)
+        share = share * torch.tanh(self.gate).to(share.dtype)[:, None, None]
+        out = out_ctx + share * (out_ws - out_ctx)
+        hidden = residual + attn.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+
+def left_padding(attention_mask: torch.Tensor | None, batch_size: int) -> torch.Tensor:
+    """(B, L) 0/1 mask -> (B,) number of leading padding tokens (positions count from the first real token)."""
+    if attention_mask is None or isinstance(attention_mask, dict):
+        return torch.zeros(batch_size, dtype=torch.long)
+    return (attention_mask.long().cumsum(-1) == 0).sum(-1).to(torch.long)
+
+
+def as_bool_mask(mask: torch.Tensor | None, query_length: int, key_length: int, device: torch.device) -> torch.Tensor:
+    """The backbone's prepared attention mask (None: plain causal; bool; or additive float) -> bool (B|1, 1, T, K)."""
+    if mask is None:
+        offset = key_length - query_length
+        keys = torch.arange(key_length, device=device)
+        return (keys[None, :] <= offset + torch.arange(query_length, device=device)[:, None])[None, None]
+    if mask.dtype == torch.bool:
+        return mask[..., -key_length:]
+    return mask[..., -key_length:] == 0
+
+
+def attention_with_lse(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention and its log-sum-exp: query (B, h, T, hd), key/value (B, kv_heads, K, hd), bool mask
+    broadcastable to (B, h, T, K) -> out (B, h, T, hd) (zeros where nothing is visible), lse (B, h, T, 1)."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # -inf where nothing is visible
+    weights = torch.exp(scores - lse.clamp_min(torch.finfo(scores.dtype).min)).nan_to_num(0.0)
+    return torch.matmul(weights, value), lse
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -419,7 +463,7 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
         (for the rows that have one)."""
         versions = WorkspaceVersions.empty(*self.empty_workspace(batch_size))
         num_updates = 0 if update_positions is None else update_positions.shape[1]
-        slots, slot_mask = versions.latest()
+        slots, slot_mask, _ = versions.latest()
         for u in range(num_updates):
             has_update = update_positions[:, u] != NO_UPDATE  # (B,)
             new_slots, new_mask = self.apply_update(
@@ -436,13 +480,15 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
         return self.workspace.initial(batch_size, param.device, param.dtype)
 
     def project_workspace(
-        self, slots: torch.Tensor, slot_mask: torch.Tensor
+        self, slots: torch.Tensor, slot_mask: torch.Tensor, starts: torch.Tensor
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Each adapted layer's keys/values of workspace slots (B, V, S, D) -> (B, kv_heads, V*S, hd) per adapter.
+        """Each adapted layer's keys/values of workspace versions: slots (B, V, S, D), mask (B, V, S), starts (B, V)
+        -> (B, kv_heads, V*S, hd) per adapter.
 
-        The frozen backbone reads the filled slots as a short sequence of its own (positions 0..S-1), so every layer
-        sees the workspace in its own terms, as it would see the correction in-band. Generation calls this once per
-        workspace change: the cost does not depend on the length of the context."""
+        The frozen backbone reads the filled slots as a short text of its own, placed right before the position
+        where the version becomes visible, so every layer sees the workspace in its own terms, as it would see the
+        same text in-band. Generation calls this once per workspace change: the cost does not depend on the length
+        of the context."""
         batch, num_versions, num_slots, hidden = slots.shape
         flat_slots, flat_mask = slots.reshape(-1, num_slots, hidden), slot_mask.reshape(-1, num_slots)
         rows = flat_mask.any(dim=-1).nonzero()[:, 0]  # versions with something to read; empty ones stay masked out
@@ -452,10 +498,11 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
         head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
         cache = DynamicCache(config=text_config)
         if width:
+            offsets = torch.arange(-width, 0, device=slots.device)
             self.model(
                 inputs_embeds=flat_slots[rows, -width:].to(self.model.embed_tokens.weight.dtype),
                 attention_mask=flat_mask[rows, -width:].long(),
-                position_ids=torch.arange(num_slots - width, num_slots, device=slots.device)[None],
+                position_ids=starts.reshape(-1)[rows, None] + offsets,  # the slots end right before the start
                 past_key_values=cache,
                 use_cache=True,
             )
@@ -517,7 +564,8 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
         if workspace_kv is None and update_positions is not None and update_positions.numel():
             # teacher-forced: every workspace version this sequence goes through, each visible from its position on
             versions = self.workspace_versions(batch_size, update_input_ids, update_attention_mask, update_positions)
-            workspace_kv = self.project_workspace(versions.slots, versions.slot_mask)
+            rope_starts = versions.starts - left_padding(attention_mask, batch_size)[:, None]  # RoPE positions
+            workspace_kv = self.project_workspace(versions.slots, versions.slot_mask, rope_starts)
             chunk_positions = torch.arange(past_seen, past_seen + seq_len, device=inputs_embeds.device)
             workspace_mask = versions.readable_slots(chunk_positions)
 
@@ -586,25 +634,34 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
 
         hidden = inputs_embeds
         position_embeddings = backbone.rotary_emb(hidden, position_ids)
-        adapter_kv = {} if workspace_kv is None else dict(zip(self.adapters.keys(), workspace_kv, strict=True))
-        if adapter_kv:  # queries read the workspace as if it sat right before them (slots at 0..S-1, query at S)
-            query_position = torch.full((1, 1), self.config.num_slots, device=hidden.device)
-            query_rotation = tuple(t[:, None] for t in backbone.rotary_emb(hidden, query_position))
+        open_adapters = {}
+        if workspace_kv is not None:  # adapters whose gates are all zero leave their layer exactly as it is
+            for key, kv in zip(self.adapters.keys(), workspace_kv, strict=True):
+                if self.adapters[key].is_open():
+                    open_adapters[int(key)] = (self.adapters[key], kv)
         all_hidden = (hidden,) if output_hidden_states else None
         for i, layer in enumerate(backbone.layers[: text_config.num_hidden_layers]):
-            layer_input = hidden
-            hidden = layer(
-                hidden,
-                attention_mask=masks[layer_types[i]],
-                position_embeddings=position_embeddings,
-                position_ids=position_ids,
-                past_key_values=past_key_values,
-                use_cache=use_cache,
-                **kwargs,
-            )
-            if (key := str(i)) in adapter_kv:
-                hidden = self.adapters[key](
-                    layer, layer_input, hidden, *adapter_kv[key], workspace_mask, query_rotation
+            if i in open_adapters:
+                adapter, (workspace_key, workspace_value) = open_adapters[i]
+                hidden = adapter(
+                    layer,
+                    hidden,
+                    masks[layer_types[i]],
+                    position_embeddings,
+                    past_key_values,
+                    workspace_key,
+                    workspace_value,
+                    workspace_mask,
+                )
+            else:
+                hidden = layer(
+                    hidden,
+                    attention_mask=masks[layer_types[i]],
+                    position_embeddings=position_embeddings,
+                    position_ids=position_ids,
+                    past_key_values=past_key_values,
+                    use_cache=use_cache,
+                    **kwargs,
                 )
             if output_hidden_states:
                 all_hidden += (hidden,)
