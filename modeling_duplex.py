@@ -199,8 +199,9 @@ class WorkspaceAdapter(nn.Module):
         super().__init__()
         self.gate = nn.Parameter(torch.zeros(config.text_config.num_attention_heads))
 
-    def is_open(self) -> bool:
-        return bool(self.gate.detach().any())
+    def is_active(self) -> bool:
+        """Closed gates (all zero) leave the layer exactly as it is, unless they are being trained."""
+        return bool(self.gate.detach().any()) or (self.gate.requires_grad and torch.is_grad_enabled())
 
     def forward(
         self,
@@ -635,9 +636,9 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
         hidden = inputs_embeds
         position_embeddings = backbone.rotary_emb(hidden, position_ids)
         open_adapters = {}
-        if workspace_kv is not None:  # adapters whose gates are all zero leave their layer exactly as it is
+        if workspace_kv is not None:
             for key, kv in zip(self.adapters.keys(), workspace_kv, strict=True):
-                if self.adapters[key].is_open():
+                if self.adapters[key].is_active():
                     open_adapters[int(key)] = (self.adapters[key], kv)
         all_hidden = (hidden,) if output_hidden_states else None
         for i, layer in enumerate(backbone.layers[: text_config.num_hidden_layers]):

@@ -75,7 +75,7 @@ class DuplexArguments:
     phase0_steps: int = field(default=3000, metadata={"help": "backbone pretraining steps (--pretrain_backbone)"})
     phase0_batch_size: int = field(default=32, metadata={"help": "backbone pretraining batch size"})
     phase0_lr: float = field(default=3e-3, metadata={"help": "backbone pretraining learning rate"})
-    duplex_steps: int = field(default=1000, metadata={"help": "duplex (or tdm) training steps"})
+    duplex_steps: int = field(default=250, metadata={"help": "duplex (or tdm) training steps"})
     gate_lr: float = field(
         default=3e-2, metadata={"help": "learning rate of the adapters' zero-initialised gates (LLaMA-Adapter style)"}
     )
@@ -93,9 +93,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[DuplexArguments, Training
     parser = HfArgumentParser((DuplexArguments, TrainingArguments))
     parser.set_defaults(  # offline-default friendly; every one can be overridden on the command line
         output_dir="runs/duplex-tiny",
-        per_device_train_batch_size=32,
+        per_device_train_batch_size=16,
         learning_rate=5e-3,
-        warmup_steps=50,
+        warmup_steps=20,
         lr_scheduler_type="cosine",
         weight_decay=0.0,
         logging_steps=25,
@@ -233,6 +233,7 @@ def pretrain_tiny_backbone(args: DuplexArguments, training_args: TrainingArgumen
         tokenizer,
         learning_rate=args.phase0_lr,
         per_device_train_batch_size=args.phase0_batch_size,
+        warmup_steps=100,
     )
     ready_for_generation(backbone).save_pretrained(out)
     tokenizer.save_pretrained(out)
