@@ -120,3 +120,23 @@ def test_get_base_model_shares_the_backbone(duplex, backbone):
     assert base.get_output_embeddings().weight.data_ptr() == backbone.get_output_embeddings().weight.data_ptr()
     with torch.no_grad():
         assert torch.equal(base(PROMPT).logits, backbone(PROMPT).logits)
+
+
+def test_uncached_batch_reads_the_newest_version_of_each_row(duplex):
+    """Rows updated in different rounds (row 0 at token 4, row 1 at token 1): without a cache every position must
+    still read its own row's newest workspace version, as the cached run does."""
+    batch = PROMPT.repeat(2, 1)
+    kwargs = dict(updates=[[(4, [65, 66])], [(1, [67, 68])]], output_logits=True)
+    cached = generate(duplex, batch, **kwargs)
+    uncached = generate(duplex, batch, use_cache=False, **kwargs)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    torch.testing.assert_close(torch.stack(cached.logits), torch.stack(uncached.logits), atol=1e-4, rtol=0)
+
+
+def test_duplex_modules_keep_fp32_master_weights_on_a_bf16_backbone(backbone):
+    model = DuplexForCausalLM.from_backbone(backbone.to(torch.bfloat16), num_slots=4, encoder_layers=1)
+    assert {p.dtype for p in model.duplex_state_dict().values()} == {torch.float32}
+    assert {p.dtype for p in model.model.parameters()} == {torch.bfloat16}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(PROMPT, **pack_updates([[(2, [65, 66, 67])]]))
+    assert torch.isfinite(out.logits).all()
