@@ -55,8 +55,7 @@ TINY_BACKBONE = dict(  # the offline default's backbone: Qwen3 architecture, byt
 )
 TINY_DUPLEX = dict(
     num_slots=128,  # byte-level tokens: the prompt and three corrections
-    encoder_layers=2,
-    encoder_heads=4,
+    encoder_layers=0,  # the identity encoder: a trained one did worse on this backbone (docs/channel-variants.md)
 )
 
 
@@ -83,7 +82,7 @@ class DuplexArguments:
     train_size: int = field(default=20000, metadata={"help": "training instances per phase"})
     families: str | None = field(default=None, metadata={"help": "comma-separated task families (default all)"})
     num_slots: int | None = field(default=None, metadata={"help": "workspace slots (default 32; tiny 64)"})
-    encoder_layers: int | None = field(default=None, metadata={"help": "update encoder layers (default 4; tiny 2)"})
+    encoder_layers: int | None = field(default=None, metadata={"help": "update encoder layers (default 4; tiny 0)"})
     adapter_layers: str | None = field(default=None, metadata={"help": "comma-separated decoder layers (default all)"})
     eval_per_family: int = field(default=8, metadata={"help": "held-out instances per family and kind at the end"})
     skip_eval: bool = field(default=False, metadata={"help": "do not evaluate after training"})

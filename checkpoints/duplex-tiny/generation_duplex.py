@@ -1,0 +1,479 @@
+"""Duplex generation runtime: the updates a user passes, the one rule that maps them to sequence positions and
+workspace versions, and the per-`generate` state that lands them between decoding steps.
+
+`modeling_duplex.DuplexForCausalLM` owns the modules and `apply_update`; this file owns the bookkeeping that
+teacher-forced `forward` and `generate` share (`pack_updates`, `update_position`, `WorkspaceVersions`) and the
+generation state that `generate` threads through transformers' own decoding loop.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+UPDATE_MODES = ("workspace", "ignore", "inband")
+NO_UPDATE = -1  # position of an empty update slot in a padded batch
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Updates: what the user passes, and the one rule that maps them to positions and workspace versions
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DuplexUpdate:
+    """A correction for `generate`: it lands after `at` new tokens (new token number `at` is the first to see it)."""
+
+    at: int
+    text: str | None = None
+    token_ids: tuple[int, ...] | None = None
+
+
+@dataclass
+class UpdateLanding:
+    """Where an update landed in one row of a `generate` call (returned with `return_dict_in_generate=True`)."""
+
+    at: int | None  # new tokens generated before it took effect (None: it never landed)
+    requested_at: int | None  # the `at` asked for (None for a live `UpdateStream` update)
+    text: str | None
+    token_ids: list[int]
+    applied: bool  # False for update_mode="ignore" and for updates past the end of generation
+    arrived_time: float | None = None  # time.perf_counter() when it reached generate (UpdateStream.put)
+    landed_time: float | None = None  # time.perf_counter() after the forward pass that first used it
+
+
+class UpdateStream:
+    """Thread-safe source of live updates: `put` from any thread while `generate` runs; polled before every step."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()  # thread-safe on its own
+
+    def put(self, update: str | Sequence[int], row: int | None = None) -> None:
+        """Queue a correction (text or token ids) for `row` (None: every row); it lands before the next token."""
+        if isinstance(update, str) and not update.strip():
+            raise ValueError("UpdateStream.put: `update` text is empty")
+        if not isinstance(update, str) and len(update) == 0:
+            raise ValueError("UpdateStream.put: `update` token ids are empty")
+        self._queue.put((update, row, time.perf_counter()))
+
+    def drain(self) -> list[tuple[str | Sequence[int], int | None, float]]:
+        """Everything queued so far, oldest first (called by `generate` before each step)."""
+        items = []
+        while True:
+            try:
+                items.append(self._queue.get_nowait())
+            except queue.Empty:
+                return items
+
+
+def update_position(prompt_length: int, at: int) -> int:
+    """Sequence index of the first position whose logits (for new token `at`) are conditioned on an update."""
+    return prompt_length - 1 + at
+
+
+def workspace_update_tokens(prompt_ids: Sequence[int], correction_ids: Sequence[int], first: bool) -> list[int]:
+    """What the update encoder reads for one update: the correction as it would be written in-band, preceded by the
+    prompt it corrects when it is the row's first. The workspace then holds the prompt and the corrections in order,
+    the text from which the frozen backbone itself can restart, read in its own terms (one rule for training and
+    generation)."""
+    return [*prompt_ids, *correction_ids] if first else list(correction_ids)
+
+
+def pack_updates(
+    updates: Sequence[Sequence[tuple[int, Sequence[int]]]], pad_token_id: int = 0
+) -> dict[str, torch.Tensor]:
+    """Per-row lists of (position, token_ids), sorted by position -> the padded tensors `forward` takes:
+    update_input_ids (B, U, L), update_attention_mask (B, U, L), update_positions (B, U) with NO_UPDATE padding."""
+    batch = len(updates)
+    num = max((len(row) for row in updates), default=0)
+    length = max((len(ids) for row in updates for _, ids in row), default=1)
+    ids = torch.full((batch, num, length), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((batch, num, length), dtype=torch.long)
+    positions = torch.full((batch, num), NO_UPDATE, dtype=torch.long)
+    for b, row in enumerate(updates):
+        if any(p1 > p2 for (p1, _), (p2, _) in itertools.pairwise(row)):
+            raise ValueError(f"pack_updates: row {b}'s updates must be sorted by position, got {[p for p, _ in row]}")
+        for u, (pos, tokens) in enumerate(row):
+            ids[b, u, : len(tokens)] = torch.as_tensor(list(tokens), dtype=torch.long)
+            mask[b, u, : len(tokens)] = 1
+            positions[b, u] = pos
+    return {"update_input_ids": ids, "update_attention_mask": mask, "update_positions": positions}
+
+
+NEVER = torch.iinfo(torch.long).max  # start of a version that a row never reaches
+
+
+@dataclass
+class WorkspaceVersions:
+    """The workspace states a sequence goes through, and from which position each is visible.
+
+    One bookkeeping for teacher-forced `forward` and for generation: version 0 is the empty workspace (visible
+    from position 0); each later version follows one update of its row (`starts` = NEVER where the row had none).
+    Position t reads the newest version whose start is <= t.
+    """
+
+    slots: torch.Tensor  # (B, V, S, D)
+    slot_mask: torch.Tensor  # (B, V, S) bool: which slots hold something
+    starts: torch.Tensor  # (B, V) long
+
+    @classmethod
+    def empty(cls, slots: torch.Tensor, slot_mask: torch.Tensor) -> WorkspaceVersions:
+        starts = torch.zeros(slots.shape[0], 1, dtype=torch.long, device=slots.device)
+        return cls(slots[:, None], slot_mask[:, None], starts)
+
+    def latest(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each row's newest version: slots (B, S, D), mask (B, S) and start (B,)."""
+        version = self.newest_version(torch.full_like(self.starts[:, :1], NEVER - 1))[:, 0]
+        rows = torch.arange(self.starts.shape[0], device=self.starts.device)
+        return self.slots[rows, version], self.slot_mask[rows, version], self.starts[rows, version]
+
+    def append(self, slots: torch.Tensor, slot_mask: torch.Tensor, start: torch.Tensor) -> WorkspaceVersions:
+        """A new version per row (B, S, D) visible from `start` (B,) (NEVER for rows without an update)."""
+        return WorkspaceVersions(
+            torch.cat([self.slots, slots[:, None]], dim=1),
+            torch.cat([self.slot_mask, slot_mask[:, None]], dim=1),
+            torch.cat([self.starts, start[:, None]], dim=1),
+        )
+
+    def newest_version(self, positions: torch.Tensor) -> torch.Tensor:
+        """(B, T) sequence indices -> (B, T) index of the newest version started at or before each of them."""
+        started = self.starts[:, None, :] <= positions[:, :, None]  # (B, T, V)
+        index = torch.arange(self.starts.shape[1], device=positions.device)
+        return torch.where(started, index, 0).amax(dim=-1)
+
+    def readable_slots(self, positions: torch.Tensor) -> torch.Tensor:
+        """(T,) or (B, T) positions -> bool (B, 1, T, V*S): the filled slots of the version each position reads."""
+        batch, num_versions, num_slots = self.slot_mask.shape
+        positions = positions.expand(batch, -1) if positions.dim() == 1 else positions
+        version = self.newest_version(positions)  # (B, T)
+        slot_version = torch.arange(num_versions, device=positions.device).repeat_interleave(num_slots)  # (V*S,)
+        same_version = slot_version[None, None, :] == version[:, :, None]  # (B, T, V*S)
+        return (same_version & self.slot_mask.flatten(1)[:, None, :]).unsqueeze(1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The generation state
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DuplexGenerateOutput(GenerateDecoderOnlyOutput):
+    """`generate`'s usual output plus, per row, where each update landed."""
+
+    update_landings: list[list[UpdateLanding]] | None = None
+
+
+@dataclass
+class _PendingUpdate:
+    at: int | None
+    token_ids: list[int]
+    text: str | None
+    arrived_time: float | None = None
+
+
+@dataclass
+class DuplexGenerationState:
+    """Per-`generate` state: pending updates, the workspace versions of every row and the adapters' cached K/V.
+
+    Lives in generate's model kwargs (a mutable object, like the KV cache), so it persists across steps.
+    """
+
+    model: torch.nn.Module  # the DuplexForCausalLM that generates
+    batch_size: int
+    updates: object = None
+    update_mode: str = "workspace"
+    tokenizer: object = None
+    pending: list[list[_PendingUpdate]] = field(default_factory=list)
+    landings: list[list[UpdateLanding]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.stream = self.updates if isinstance(self.updates, UpdateStream) else None
+        scheduled = None if self.stream is not None else self.updates
+        self.pending = self._normalize(scheduled)
+        self.landings = [[] for _ in range(self.batch_size)]
+        self.prompt_length: int | None = None
+        self.versions: WorkspaceVersions | None = None
+        self.current_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # adapters' K/V of the newest versions
+        self.stale_rows: set[int] = set()  # rows whose newest version changed since `current_kv` was computed
+        self.landed_this_step: list[UpdateLanding] = []
+        self.inserted: tuple[torch.Tensor, torch.Tensor, int] | None = None  # inband: (mask, positions, chunk len)
+
+    @property
+    def has_updates(self) -> bool:
+        return self.stream is not None or any(self.pending)
+
+    # -- input validation ----------------------------------------------------------------------------------------------
+
+    def _normalize(self, updates) -> list[list[_PendingUpdate]]:
+        """Accept the SPEC's update forms; one clear ValueError, naming `updates`, for anything else."""
+        if updates is None:
+            return [[] for _ in range(self.batch_size)]
+        if not isinstance(updates, (list, tuple)):
+            raise ValueError(f"`updates` must be None, a list or an UpdateStream, got {type(updates).__name__}")
+        per_row = len(updates) > 0 and all(isinstance(u, (list, tuple)) and not _is_single_update(u) for u in updates)
+        if not per_row:
+            if self.batch_size != 1 and len(updates) > 0:
+                raise ValueError(
+                    f"`updates` for a batch of {self.batch_size} must be a list with one list of updates per row"
+                )
+            updates = [list(updates)] * self.batch_size
+        if len(updates) != self.batch_size:
+            raise ValueError(f"`updates` has {len(updates)} rows but the batch has {self.batch_size}")
+        rows = [sorted((self._one(u) for u in row), key=lambda p: p.at) for row in updates]
+        return rows
+
+    def _one(self, update) -> _PendingUpdate:
+        if isinstance(update, DuplexUpdate):
+            at, payload = update.at, update.text if update.text is not None else update.token_ids
+        elif _is_single_update(update):
+            at, payload = update
+        else:
+            raise ValueError(f"`updates`: cannot read {update!r}; use (at, text), (at, token_ids) or DuplexUpdate")
+        if not isinstance(at, int) or isinstance(at, bool) or at < 0:
+            raise ValueError(f"`updates`: `at` must be a non-negative int, got {at!r}")
+        token_ids, text = self._tokenize(payload)
+        return _PendingUpdate(at=at, token_ids=token_ids, text=text)
+
+    def _tokenize(self, payload) -> tuple[list[int], str | None]:
+        if isinstance(payload, str):
+            if not payload.strip():
+                raise ValueError("`updates`: update text is empty")
+            if self.tokenizer is None:
+                raise ValueError("`updates` with text need `tokenizer=` in generate (or pass token ids)")
+            return list(self.tokenizer(payload, add_special_tokens=False)["input_ids"]), payload
+        token_ids = payload.tolist() if isinstance(payload, torch.Tensor) else list(payload or [])
+        if not token_ids:
+            raise ValueError("`updates`: update token ids are empty")
+        return [int(t) for t in token_ids], None
+
+    # -- the generation loop -------------------------------------------------------------------------------------------
+
+    def prepare_step(self, input_ids: torch.Tensor, model_inputs: dict) -> None:
+        """Before each forward: poll the stream, land due updates, and hand the adapters their workspace K/V."""
+        if self.prompt_length is None:
+            mask = model_inputs.get("attention_mask")
+            self._start(input_ids, mask if isinstance(mask, torch.Tensor) else None)
+        generated = input_ids.shape[1] - self.prompt_length
+        if self.stream is not None:
+            for payload, row, arrived in self.stream.drain():
+                token_ids, text = self._tokenize(payload)
+                rows = range(self.batch_size) if row is None else [row]
+                for b in rows:
+                    self.pending[b].append(_PendingUpdate(None, token_ids, text, arrived))
+        due = self._due_updates(generated)
+        if self.update_mode == "inband":
+            self._splice_inband(due, generated, model_inputs)
+        elif self.update_mode == "ignore":
+            for b, update in due:
+                self._record(b, update, generated, applied=False)
+        else:
+            self._land_in_workspace(due, generated)
+        self._set_workspace_inputs(model_inputs)
+
+    def _start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        """First step: remember the prompt length; the workspace starts empty."""
+        if input_ids.shape[0] != self.batch_size:
+            raise ValueError(
+                f"generate expanded the batch from {self.batch_size} to {input_ids.shape[0]} rows "
+                "(num_return_sequences / beams); with DuplexForCausalLM pass repeated prompts instead"
+            )
+        self.prompt_length = input_ids.shape[1]
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        self.prompt_ids = [row[keep.bool()].tolist() for row, keep in zip(input_ids, mask, strict=True)]
+        self.left_padding = (mask.long().cumsum(-1) == 0).sum(-1)  # (B,): RoPE positions start at the first token
+        self.has_written = [False] * self.batch_size
+        self.versions = WorkspaceVersions.empty(*self.model.empty_workspace(self.batch_size))
+
+    def _due_updates(self, generated: int) -> list[tuple[int, _PendingUpdate]]:
+        due, now = [], time.perf_counter()
+        for b, row in enumerate(self.pending):
+            while row and (row[0].at is None or row[0].at <= generated):
+                update = row.pop(0)
+                update.arrived_time = update.arrived_time or now  # a scheduled update arrives when it falls due
+                due.append((b, update))
+        return due
+
+    def _record(self, row: int, update: _PendingUpdate, at: int, applied: bool) -> None:
+        landing = UpdateLanding(at, update.at, update.text, update.token_ids, applied, update.arrived_time)
+        self.landings[row].append(landing)
+        self.landed_this_step.append(landing)
+
+    def _land_in_workspace(self, due: list[tuple[int, _PendingUpdate]], generated: int) -> None:
+        """Apply due updates through `model.apply_update`, in rounds of at most one update per row; only the rows
+        with an update are encoded (and later re-read)."""
+        position = update_position(self.prompt_length, generated)
+        device = self.versions.starts.device
+        while due:
+            this_round: dict[int, _PendingUpdate] = {}
+            rest = []
+            for b, update in due:
+                if b in this_round:
+                    rest.append((b, update))
+                else:
+                    this_round[b] = update
+            due = rest
+            rows = torch.tensor(sorted(this_round), device=device)
+            tokens = [
+                workspace_update_tokens(self.prompt_ids[b], self._written_tokens(update), not self.has_written[b])
+                for b, update in sorted(this_round.items())
+            ]
+            packed = pack_updates([[(position, ids)] for ids in tokens])
+            for b in this_round:
+                self.has_written[b] = True
+            slots, slot_mask, _ = self.versions.latest()
+            new_slots, new_mask = slots.clone(), slot_mask.clone()
+            new_slots[rows], new_mask[rows] = self.model.apply_update(
+                slots[rows],
+                slot_mask[rows],
+                packed["update_input_ids"][:, 0].to(device),
+                packed["update_attention_mask"][:, 0].to(device),
+            )
+            start = torch.full((self.batch_size,), NEVER, dtype=torch.long, device=device)
+            start[rows] = position
+            self.versions = self.versions.append(new_slots, new_mask, start)
+            self.stale_rows.update(this_round)
+            for b, update in this_round.items():
+                self._record(b, update, generated, applied=True)
+
+    def _set_workspace_inputs(self, model_inputs: dict) -> None:
+        """Single-token steps read each row's newest version (its K/V computed once per change of that row); longer
+        chunks get every version plus a per-position mask, exactly as in teacher-forced training. No update yet:
+        the plain backbone."""
+        model = self.model
+        chunk = model_inputs["input_ids"]
+        cache = model_inputs.get("past_key_values")
+        if self.versions.starts.shape[1] == 1:
+            model_inputs["workspace_kv"], model_inputs["workspace_mask"] = None, None
+            return
+        if chunk.shape[1] == 1 and cache is not None:
+            slots, slot_mask, start = self.versions.latest()
+            start = start - self.left_padding.to(start.device)
+            if self.current_kv is None:  # first read: every row (the empty ones cost nothing)
+                self.current_kv = model.project_workspace(slots[:, None], slot_mask[:, None], start[:, None])
+            elif self.stale_rows:
+                rows = torch.tensor(sorted(self.stale_rows), device=slots.device)
+                fresh = model.project_workspace(slots[rows, None], slot_mask[rows, None], start[rows, None])
+                for (key, value), (new_key, new_value) in zip(self.current_kv, fresh, strict=True):
+                    key[rows], value[rows] = new_key, new_value
+            self.stale_rows.clear()
+            model_inputs["workspace_kv"], model_inputs["workspace_mask"] = self.current_kv, slot_mask[:, None, None]
+            return
+        past_seen = cache.get_seq_length() if cache is not None else 0
+        positions = torch.arange(past_seen, past_seen + chunk.shape[1], device=chunk.device)
+        versions, rope_starts = self.versions, self.versions.starts - self.left_padding.to(chunk.device)[:, None]
+        model_inputs["workspace_kv"] = model.project_workspace(versions.slots, versions.slot_mask, rope_starts)
+        model_inputs["workspace_mask"] = self.versions.readable_slots(positions)
+        self.current_kv = None
+
+    def _written_tokens(self, update: _PendingUpdate) -> list[int]:
+        """The correction as text writes it (`config.inband_template`); raw token ids when there is no tokenizer."""
+        return self._inband_tokens(update) if self.tokenizer is not None else update.token_ids
+
+    def _inband_tokens(self, update: _PendingUpdate) -> list[int]:
+        """`config.inband_template` around the correction, as token ids."""
+        before, after = self.model.config.inband_template.split("{text}")
+        if self.tokenizer is None and (before or after):
+            raise ValueError("`update_mode='inband'` needs `tokenizer=` to encode `config.inband_template`")
+        if update.text is not None:
+            return self.tokenizer(before + update.text + after, add_special_tokens=False)["input_ids"]
+        encode = lambda s: self.tokenizer(s, add_special_tokens=False)["input_ids"] if s else []  # noqa: E731
+        return encode(before) + update.token_ids + encode(after)
+
+    def _splice_inband(self, due: list[tuple[int, _PendingUpdate]], generated: int, model_inputs: dict) -> None:
+        """In-band baseline: the correction's tokens follow the current input chunk of their row, in the same cache.
+        Rows are laid out [masked padding | usual chunk | inserted tokens] so that every row's last position is real."""
+        if not due:
+            return
+        inserts: list[list[int]] = [[] for _ in range(self.batch_size)]
+        for b, update in due:
+            inserts[b] += self._inband_tokens(update)
+            self._record(b, update, generated, applied=True)
+        chunk = model_inputs["input_ids"]  # (B, T)
+        device, length = chunk.device, chunk.shape[1]
+        position_ids = model_inputs.get("position_ids")
+        if position_ids is None:
+            cache = model_inputs.get("past_key_values")
+            past = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(past, past + length, device=device)[None].expand(self.batch_size, -1)
+        width = max(len(ins) for ins in inserts)
+        ids, mask, positions = [], [], []
+        for b, ins in enumerate(inserts):
+            lead = torch.zeros(width - len(ins), dtype=torch.long, device=device)
+            inserted = torch.tensor(ins, dtype=torch.long, device=device)
+            ids.append(torch.cat([lead, chunk[b], inserted]))
+            mask.append(torch.cat([lead, torch.ones(length + len(ins), dtype=torch.long, device=device)]))
+            positions.append(
+                torch.cat([lead, position_ids[b], position_ids[b, -1] + 1 + torch.arange(len(ins), device=device)])
+            )
+        chunk_mask, chunk_positions = torch.stack(mask), torch.stack(positions)
+        full_mask = model_inputs.get("attention_mask")
+        if full_mask is None:
+            cache = model_inputs.get("past_key_values")
+            past = cache.get_seq_length() if cache is not None else 0
+            full_mask = torch.ones((self.batch_size, past + length), dtype=torch.long, device=device)
+        model_inputs["input_ids"] = torch.stack(ids)
+        model_inputs["attention_mask"] = torch.cat([full_mask[:, : full_mask.shape[1] - length], chunk_mask], dim=1)
+        model_inputs["position_ids"] = chunk_positions
+        self.inserted = (model_inputs["attention_mask"], chunk_positions, length)
+
+    def after_forward(self, model_kwargs: dict) -> None:
+        """After each forward: time-stamp the updates it used; persist in-band insertions in mask and positions."""
+        device = self.versions.starts.device
+        if self.landed_this_step and device.type == "cuda":
+            torch.cuda.synchronize(device)  # the time the conditioned token exists, not was queued
+        now = time.perf_counter()
+        for landing in self.landed_this_step:
+            landing.landed_time = now
+        self.landed_this_step = []
+        if self.inserted is not None:
+            full_mask, chunk_positions, length = self.inserted
+            model_kwargs["attention_mask"] = full_mask
+            if (pos := model_kwargs.get("position_ids")) is not None:
+                model_kwargs["position_ids"] = torch.cat([pos[:, : pos.shape[1] - length], chunk_positions], dim=1)
+            self.inserted = None
+
+    def finish(self) -> list[list[UpdateLanding]]:
+        """Report updates that never landed (their `at` lay past the end of generation) instead of losing them."""
+        for b, row in enumerate(self.pending):
+            for update in row:
+                self.landings[b].append(UpdateLanding(None, update.at, update.text, update.token_ids, False))
+                warnings.warn(
+                    f"update {update.text or update.token_ids!r} for row {b} (at={update.at}) never landed: "
+                    "generation ended first",
+                    stacklevel=3,
+                )
+            row.clear()
+        return self.landings
+
+
+def _is_single_update(item) -> bool:
+    """(at, text) / (at, token_ids) / DuplexUpdate, as opposed to a row's list of updates."""
+    if isinstance(item, DuplexUpdate):
+        return True
+    return (
+        isinstance(item, tuple)
+        and len(item) == 2
+        and isinstance(item[0], int)
+        and isinstance(item[1], (str, list, tuple, torch.Tensor))
+    )
+
+
+__all__ = [
+    "NO_UPDATE",
+    "UPDATE_MODES",
+    "DuplexGenerateOutput",
+    "DuplexGenerationState",
+    "DuplexUpdate",
+    "UpdateLanding",
+    "UpdateStream",
+    "WorkspaceVersions",
+    "pack_updates",
+    "update_position",
+    "workspace_update_tokens",
+]

@@ -1,0 +1,758 @@
+"""Duplex: a frozen decoder-only LM that accepts corrections while it is generating.
+
+Data flow (one forward pass):
+
+    update texts --embed_tokens--> UpdateEncoder --> Workspace.apply_update --> workspace versions (B, V, S, D)
+    input_ids --embed_tokens--> [decoder layer i --> CrossAttentionAdapter i (reads the workspace)]* --> lm_head
+
+Every position sees exactly one workspace version: the one after all updates whose position is <= its own
+(the prompt is update 0, at position 0). Teacher-forced training and step-by-step generation share this rule
+and the single `DuplexForCausalLM.apply_update`; the backbone's token sequence and KV cache are never rewritten.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import DynamicCache
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import cached_file, logging
+
+try:
+    from .configuration_duplex import DuplexConfig
+    from .generation_duplex import (
+        NEVER,
+        NO_UPDATE,
+        UPDATE_MODES,
+        DuplexGenerateOutput,
+        DuplexGenerationState,
+        DuplexUpdate,
+        UpdateLanding,
+        UpdateStream,
+        WorkspaceVersions,
+        pack_updates,
+        update_position,
+        workspace_update_tokens,
+    )
+except ImportError:  # imported as a plain module from a checkout, not through trust_remote_code
+    from configuration_duplex import DuplexConfig
+    from generation_duplex import (
+        NEVER,
+        NO_UPDATE,
+        UPDATE_MODES,
+        DuplexGenerateOutput,
+        DuplexGenerationState,
+        DuplexUpdate,
+        UpdateLanding,
+        UpdateStream,
+        WorkspaceVersions,
+        pack_updates,
+        update_position,
+        workspace_update_tokens,
+    )
+
+logger = logging.get_logger(__name__)
+
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class ZeroInitLinear(nn.Linear):
+    """A Linear layer that `_init_weights` sets to zero: the adapters' output projection, so step 0 == backbone."""
+
+
+def rotate_half_positions(x: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding over the sequence axis of x (B, h, L, hd); relative, so left padding is harmless."""
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / (10000 ** (torch.arange(half, device=x.device, dtype=torch.float32) / half))
+    angles = torch.arange(x.shape[-2], device=x.device, dtype=torch.float32)[:, None] * inv_freq  # (L, half)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """The backbone's rotary helper (as in modeling_llama / modeling_qwen3)."""
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class DuplexAttention(nn.Module):
+    """Multi-head attention from queries (B, T, D) to a memory (B, M, D), used by the update encoder."""
+
+    def __init__(self, hidden_size: int, num_heads: int, zero_init_output: bool = False):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.o_proj = (ZeroInitLinear if zero_init_output else nn.Linear)(hidden_size, hidden_size, bias=False)
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(*x.shape[:-1], self.num_heads, self.head_dim).transpose(1, 2)  # (B, h, L, hd)
+
+    def forward(self, hidden: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        """Bidirectional self-attention with rotary positions (order matters: "Spell cat" != "Spell act")."""
+        query = rotate_half_positions(self._split_heads(self.q_proj(hidden)))
+        key = rotate_half_positions(self._split_heads(self.k_proj(hidden)))
+        out = F.scaled_dot_product_attention(query, key, self._split_heads(self.v_proj(hidden)), attn_mask=key_mask)
+        return self.o_proj(out.transpose(1, 2).flatten(2))
+
+
+class UpdateEncoderLayer(nn.Module):
+    """Pre-norm bidirectional transformer layer whose output projections start at zero (identity at init)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int, eps: float):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(hidden_size, eps=eps)
+        self.self_attn = DuplexAttention(hidden_size, num_heads, zero_init_output=True)
+        self.mlp_norm = nn.RMSNorm(hidden_size, eps=eps)
+        self.mlp = nn.Sequential(
+            nn.Linear(hidden_size, intermediate_size), nn.GELU(), ZeroInitLinear(intermediate_size, hidden_size)
+        )
+
+    def forward(self, hidden: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        hidden = hidden + self.self_attn(self.attn_norm(hidden), key_mask)
+        return hidden + self.mlp(self.mlp_norm(hidden))
+
+
+class UpdateEncoder(nn.Module):
+    """Residual bidirectional transformer over the backbone's (frozen) token embeddings of a correction.
+
+    Every block starts as the identity, so at initialisation a correction enters the workspace as its own token
+    embeddings, which the backbone reads exactly as it would read the correction in-band; training refines them."""
+
+    def __init__(self, config: DuplexConfig):
+        super().__init__()
+        backbone_config = config.text_config
+        eps = getattr(backbone_config, "rms_norm_eps", 1e-6)
+        self.layers = nn.ModuleList(
+            UpdateEncoderLayer(backbone_config.hidden_size, config.encoder_heads, config.encoder_intermediate_size, eps)
+            for _ in range(config.encoder_layers)
+        )
+
+    def forward(self, embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """embeds (B, L, D), attention_mask (B, L) -> encoded (B, L, D), in the backbone's embedding space."""
+        key_mask = attention_mask_to_keys(attention_mask)
+        hidden = embeds
+        for layer in self.layers:
+            hidden = layer(hidden, key_mask)
+        return hidden
+
+
+def attention_mask_to_keys(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) 0/1 mask -> (B, 1, 1, L) bool key mask; a row with no valid key attends to all (avoids NaN)."""
+    keys = attention_mask.bool()
+    keys = keys | ~keys.any(dim=-1, keepdim=True)
+    return keys[:, None, None, :]
+
+
+class Workspace(nn.Module):
+    """`num_slots` latent slots in the backbone's embedding space (soft tokens) with a validity mask.
+
+    An update writes its encoded tokens into the newest slots; the oldest slots make room (first in, first out),
+    so the latest corrections are always held in full. The workspace starts empty: until the first update the
+    adapters read nothing and the model is exactly its backbone."""
+
+    def __init__(self, config: DuplexConfig):
+        super().__init__()
+        self.num_slots = config.num_slots
+        self.hidden_size = config.text_config.hidden_size
+
+    def initial(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """An empty workspace: slots (B, S, D) and slot mask (B, S)."""
+        slots = torch.zeros(batch_size, self.num_slots, self.hidden_size, device=device, dtype=dtype)
+        return slots, torch.zeros(batch_size, self.num_slots, dtype=torch.bool, device=device)
+
+    def forward(
+        self, slots: torch.Tensor, slot_mask: torch.Tensor, encoded: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the encoded update (B, L, D) behind the valid slots and keep the newest `num_slots`, right-aligned."""
+        combined = torch.cat([slots, encoded.to(slots.dtype)], dim=1)  # (B, S+L, D)
+        valid = torch.cat([slot_mask, attention_mask.bool()], dim=1)  # (B, S+L)
+        order = torch.sort(valid.long(), dim=1, stable=True).indices[:, -self.num_slots :]  # invalid first, in order
+        new_slots = combined.gather(1, order[..., None].expand(-1, -1, combined.shape[-1]))
+        return new_slots, valid.gather(1, order)
+
+
+class WorkspaceAdapter(nn.Module):
+    """Decoder layer i with its self-attention reading the workspace as extra keys and values (LLaMA-Adapter style).
+
+    The frozen layer's own query attends to its context and to the workspace's keys/values *for that layer*. As if
+    the workspace were in the context, it takes its share lambda = Z_ws / (Z_ctx + Z_ws) of the attention (from the
+    two log-sum-exps), so a correction can displace what it corrects; a per-head gate tanh(g), zero at
+    initialisation, scales that share: out = o_ctx + tanh(g) * lambda * (o_ws - o_ctx). With g = 0 the layer is
+    exactly the backbone's (and `_decode` then runs the layer itself). Mirrors `Qwen3DecoderLayer.forward` /
+    `LlamaDecoderLayer.forward` of transformers 5.23 (pre-norm attention and MLP blocks)."""
+
+    def __init__(self, config: DuplexConfig):
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(config.text_config.num_attention_heads))
+
+    def is_active(self) -> bool:
+        """Closed gates (all zero) leave the layer exactly as it is, unless they are being trained."""
+        return bool(self.gate.detach().any()) or (self.gate.requires_grad and torch.is_grad_enabled())
+
+    def forward(
+        self,
+        layer: nn.Module,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        past_key_values,
+        workspace_key: torch.Tensor,
+        workspace_value: torch.Tensor,
+        workspace_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """hidden (B, T, D) -> (B, T, D); workspace key/value (B, kv_heads, M, hd), mask bool (B, 1, 1 or T, M)."""
+        residual = hidden
+        attn = layer.self_attn
+        normed = layer.input_layernorm(hidden)
+        batch, length, _ = normed.shape
+        shape = (batch, length, -1, attn.head_dim)
+        query, key = attn.q_proj(normed).view(shape), attn.k_proj(normed).view(shape)
+        if getattr(attn, "q_norm", None) is not None:  # Qwen3
+            query, key = attn.q_norm(query), attn.k_norm(key)
+        value = attn.v_proj(normed).view(shape).transpose(1, 2)
+        cos, sin = (t.unsqueeze(1) for t in position_embeddings)
+        query, key = query.transpose(1, 2), key.transpose(1, 2)  # (B, h, T, hd)
+        query, key = query * cos + rotate_half(query) * sin, key * cos + rotate_half(key) * sin
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, attn.layer_idx)
+        context_mask = as_bool_mask(attention_mask, length, key.shape[2], hidden.device)
+        out_ctx, lse_ctx = attention_with_lse(query, key, value, context_mask, attn.scaling)
+        out_ws, lse_ws = attention_with_lse(
+            query, workspace_key.to(query.dtype), workspace_value.to(query.dtype), workspace_mask, attn.scaling
+        )
+        share = torch.sigmoid((lse_ws - lse_ctx).nan_to_num(nan=float("-inf")))  # (B, h, T, 1): Z_ws/(Z_ctx+Z_ws)
+        share = share * torch.tanh(self.gate).to(share.dtype)[:, None, None]
+        out = out_ctx + share * (out_ws - out_ctx)
+        hidden = residual + attn.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+
+def left_padding(attention_mask: torch.Tensor | None, batch_size: int) -> torch.Tensor:
+    """(B, L) 0/1 mask -> (B,) number of leading padding tokens (positions count from the first real token)."""
+    if attention_mask is None or isinstance(attention_mask, dict):
+        return torch.zeros(batch_size, dtype=torch.long)
+    return (attention_mask.long().cumsum(-1) == 0).sum(-1).to(torch.long)
+
+
+def as_bool_mask(mask: torch.Tensor | None, query_length: int, key_length: int, device: torch.device) -> torch.Tensor:
+    """The backbone's prepared attention mask (None: plain causal; bool; or additive float) -> bool (B|1, 1, T, K)."""
+    if mask is None:
+        offset = key_length - query_length
+        keys = torch.arange(key_length, device=device)
+        return (keys[None, :] <= offset + torch.arange(query_length, device=device)[:, None])[None, None]
+    if mask.dtype == torch.bool:
+        return mask[..., -key_length:]
+    return mask[..., -key_length:] == 0
+
+
+def attention_with_lse(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention and its log-sum-exp: query (B, h, T, hd), key/value (B, kv_heads, K, hd), bool mask
+    broadcastable to (B, h, T, K) -> out (B, h, T, hd) (zeros where nothing is visible), lse (B, h, T, 1)."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # -inf where nothing is visible
+    weights = torch.exp(scores - lse.clamp_min(torch.finfo(scores.dtype).min)).nan_to_num(0.0)
+    return torch.matmul(weights, value), lse
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class DuplexPreTrainedModel(PreTrainedModel):
+    config_class = DuplexConfig
+    base_model_prefix = ""
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _no_split_modules = ["UpdateEncoderLayer"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, ZeroInitLinear):
+            init.zeros_(module.weight)
+        elif isinstance(module, WorkspaceAdapter):
+            init.zeros_(module.gate)
+        else:
+            super()._init_weights(module)
+
+
+class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
+    """A frozen causal LM (`model`, `lm_head`) plus the trainable duplex modules: `update_encoder`, `workspace`,
+    and `adapters` (one per decoder layer in `config.adapter_layers`, keyed by the layer index)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    accepts_loss_kwargs = True
+
+    def __init__(self, config: DuplexConfig, backbone: PreTrainedModel | None = None):
+        super().__init__(config)
+        if backbone is None:
+            self.model = AutoModel.from_config(config.text_config)
+            self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        else:  # from_backbone: reuse a loaded causal LM's decoder and head, no copy
+            self.model = backbone.get_decoder()
+            self.lm_head = backbone.get_output_embeddings()
+        self.update_encoder = UpdateEncoder(config)
+        self.workspace = Workspace(config)
+        self.adapters = nn.ModuleDict({str(i): WorkspaceAdapter(config) for i in config.adapter_layers})
+        self.post_init()
+        self.freeze_backbone()
+
+    # -- PEFT-style bookkeeping ----------------------------------------------------------------------------------------
+
+    def freeze_backbone(self) -> None:
+        """Only the duplex modules train; the backbone stays exactly as loaded."""
+        self.model.requires_grad_(False)
+        self.lm_head.requires_grad_(False)
+
+    def duplex_modules(self) -> dict[str, nn.Module]:
+        return {"update_encoder": self.update_encoder, "workspace": self.workspace, "adapters": self.adapters}
+
+    def duplex_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trainable duplex weights only (what an adapter-only checkpoint stores)."""
+        return {
+            f"{name}.{key}": tensor
+            for name, module in self.duplex_modules().items()
+            for key, tensor in module.state_dict().items()
+        }
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return trainable, sum(p.numel() for p in self.parameters())
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lm_head = value
+
+    def get_decoder(self) -> nn.Module:
+        return self.model
+
+    def get_base_model(self) -> PreTrainedModel:
+        """The frozen backbone as a plain causal LM sharing this model's modules (no copy): the half-duplex
+        baseline, and the reference for retention."""
+        with torch.device("meta"):
+            base = AutoModelForCausalLM.from_config(self.model.config)
+        setattr(base, base.base_model_prefix, self.model)
+        base.set_output_embeddings(self.lm_head)
+        base.generation_config = self.generation_config
+        return base.train(self.training)
+
+    # -- Loading and saving --------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_backbone(
+        cls, backbone: str | PreTrainedModel, backbone_kwargs: dict | None = None, **duplex_kwargs
+    ) -> DuplexForCausalLM:
+        """Wrap a pretrained causal LM (Hub id, local path or loaded model) with fresh duplex modules."""
+        if isinstance(backbone, PreTrainedModel):
+            name = backbone.config.name_or_path or None
+        else:
+            name = str(backbone)
+            backbone = AutoModelForCausalLM.from_pretrained(name, **(backbone_kwargs or {}))
+        for tensor in list(backbone.parameters()) + list(backbone.buffers()):
+            tensor._is_hf_initialized = True  # post_init must initialise the new modules only
+        attn_implementation = backbone.config._attn_implementation  # a composite config resets its sub-configs'
+        config = DuplexConfig(
+            text_config=backbone.config,
+            backbone_name_or_path=name,
+            attn_implementation=attn_implementation,
+            **duplex_kwargs,
+        )
+        model = cls(config, backbone=backbone)  # the duplex modules stay fp32 (master weights) whatever the backbone's
+        return model.to(device=backbone.device)
+
+    def save_pretrained(self, save_directory, *args, adapter_only: bool = False, **kwargs) -> None:
+        """A complete Hub repo; with `adapter_only=True` just config.json + the duplex weights (PEFT-style),
+        reloaded by `from_pretrained` on top of `config.backbone_name_or_path`."""
+        if not adapter_only:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        if not self.config.backbone_name_or_path:
+            raise ValueError("save_pretrained(adapter_only=True) needs `config.backbone_name_or_path` to be set")
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+
+        Path(save_directory).mkdir(parents=True, exist_ok=True)
+        super().save_pretrained(save_directory, *args, state_dict={}, **kwargs)  # config.json, code, generation config
+        weights = {k: v.detach().contiguous().cpu() for k, v in self.duplex_state_dict().items()}
+        save_file(weights, str(Path(save_directory) / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+        for stale in Path(save_directory).glob("model*.safetensors*"):
+            stale.unlink()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """A full checkpoint loads as usual; an adapter-only one loads its backbone by name, then the duplex weights."""
+        path = str(pretrained_model_name_or_path)
+        hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
+        adapter_file = cached_file(
+            path, ADAPTER_WEIGHTS_NAME, _raise_exceptions_for_missing_entries=False, **hub_kwargs
+        )
+        if adapter_file is None:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        from safetensors.torch import load_file
+
+        config = kwargs.pop("config", None) or DuplexConfig.from_pretrained(path, **hub_kwargs)
+        backbone_kwargs = {k: v for k, v in kwargs.items() if k not in ("trust_remote_code",)}
+        duplex_fields = {
+            k: getattr(config, k)
+            for k in DuplexConfig.__dataclass_fields__
+            if k not in ("text_config", "backbone_name_or_path") and k in config.to_diff_dict()
+        }
+        model = cls.from_backbone(config.backbone_name_or_path, backbone_kwargs=backbone_kwargs, **duplex_fields)
+        state = load_file(adapter_file)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if k in model.duplex_state_dict()]
+        if missing or unexpected:
+            raise ValueError(f"adapter checkpoint {path} does not match: missing {missing}, unexpected {unexpected}")
+        return model
+
+    # -- Updates -------------------------------------------------------------------------------------------------------
+
+    def apply_update(
+        self,
+        slots: torch.Tensor,
+        slot_mask: torch.Tensor,
+        update_input_ids: torch.Tensor,
+        update_attention_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode one update per row and write it into the workspace: slots (B, S, D), mask (B, S) -> new ones.
+        The only place an update enters the model: training, generation and every mode go through here."""
+        embeds = self.model.embed_tokens(update_input_ids)
+        encoded = self.update_encoder(embeds.to(slots.dtype), update_attention_mask)
+        return self.workspace(slots, slot_mask, encoded, update_attention_mask)
+
+    def workspace_versions(
+        self,
+        batch_size: int,
+        update_input_ids: torch.Tensor | None = None,
+        update_attention_mask: torch.Tensor | None = None,
+        update_positions: torch.Tensor | None = None,
+    ) -> WorkspaceVersions:
+        """Apply a padded batch of updates in order: version 0 is the empty workspace, version u+1 follows update u
+        (for the rows that have one)."""
+        versions = WorkspaceVersions.empty(*self.empty_workspace(batch_size))
+        num_updates = 0 if update_positions is None else update_positions.shape[1]
+        slots, slot_mask, _ = versions.latest()
+        for u in range(num_updates):
+            has_update = update_positions[:, u] != NO_UPDATE  # (B,)
+            new_slots, new_mask = self.apply_update(
+                slots, slot_mask, update_input_ids[:, u], update_attention_mask[:, u]
+            )
+            slots = torch.where(has_update[:, None, None], new_slots, slots)
+            slot_mask = torch.where(has_update[:, None], new_mask, slot_mask)
+            versions = versions.append(slots, slot_mask, torch.where(has_update, update_positions[:, u], NEVER))
+        return versions
+
+    def empty_workspace(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots (B, S, D) and mask (B, S) of an empty workspace, in the update encoder's dtype (fp32 unless cast)."""
+        param = next(self.update_encoder.parameters(), self.model.embed_tokens.weight)
+        return self.workspace.initial(batch_size, param.device, param.dtype)
+
+    def project_workspace(
+        self, slots: torch.Tensor, slot_mask: torch.Tensor, starts: torch.Tensor
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each adapted layer's keys/values of workspace versions: slots (B, V, S, D), mask (B, V, S), starts (B, V)
+        -> (B, kv_heads, V*S, hd) per adapter.
+
+        The frozen backbone reads the filled slots as a short text of its own, placed right before the position
+        where the version becomes visible, so every layer sees the workspace in its own terms, as it would see the
+        same text in-band. Generation calls this once per workspace change: the cost does not depend on the length
+        of the context."""
+        batch, num_versions, num_slots, hidden = slots.shape
+        flat_slots, flat_mask = slots.reshape(-1, num_slots, hidden), slot_mask.reshape(-1, num_slots)
+        rows = flat_mask.any(dim=-1).nonzero()[:, 0]  # versions with something to read; empty ones stay masked out
+        width = int(flat_mask.sum(dim=-1).max())  # filled slots are right-aligned: only the last `width` are read
+        text_config = self.model.config
+        num_kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+        cache = DynamicCache(config=text_config)
+        if width:
+            offsets = torch.arange(-width, 0, device=slots.device)
+            self.model(
+                inputs_embeds=flat_slots[rows, -width:].to(self.model.embed_tokens.weight.dtype),
+                attention_mask=flat_mask[rows, -width:].long(),
+                position_ids=starts.reshape(-1)[rows, None] + offsets,  # the slots end right before the start
+                past_key_values=cache,
+                use_cache=True,
+            )
+        projected = []
+        for key in self.adapters:
+            layer_kv = []
+            for name in ("keys", "values"):
+                full = flat_slots.new_zeros(batch * num_versions, num_kv_heads, num_slots, head_dim)
+                if width:
+                    read = getattr(cache.layers[int(key)], name)  # (rows, kv_heads, width, hd)
+                    full = full.to(read.dtype)
+                    full[rows, :, num_slots - width :] = read
+                full = torch.where(flat_mask[:, None, :, None], full, 0)  # padding slots: zeros, never NaN
+                layer_kv.append(full.view(batch, num_versions, num_kv_heads, num_slots, head_dim).transpose(1, 2))
+            projected.append(tuple(t.flatten(2, 3) for t in layer_kv))  # (B, kv_heads, V*S, hd)
+        return projected
+
+    # -- Forward -------------------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        update_input_ids: torch.LongTensor | None = None,
+        update_attention_mask: torch.Tensor | None = None,
+        update_positions: torch.LongTensor | None = None,
+        workspace_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        workspace_mask: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        r"""
+        update_input_ids (`torch.LongTensor` of shape `(batch, num_updates, update_len)`, *optional*):
+            Token ids of each row's updates, in order (`pack_updates`).
+        update_attention_mask (`torch.Tensor` of shape `(batch, num_updates, update_len)`, *optional*):
+            1 for update tokens, 0 for padding.
+        update_positions (`torch.LongTensor` of shape `(batch, num_updates)`, *optional*):
+            Sequence index from which each update is visible (`update_position(prompt_len, at)`); `NO_UPDATE` pads.
+        workspace_kv / workspace_mask (*optional*):
+            Precomputed adapter keys/values and readable-slot mask; `generate` passes these instead of updates.
+        """
+        if kwargs.pop("output_attentions", False):
+            raise ValueError("DuplexForCausalLM does not support `output_attentions=True`")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of `input_ids` or `inputs_embeds`")
+        if inputs_embeds is None:
+            inputs_embeds = self.model.embed_tokens(input_ids)
+        batch_size, seq_len = inputs_embeds.shape[:2]
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.model.config)
+        past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+
+        if workspace_kv is None and update_positions is not None and update_positions.numel():
+            # teacher-forced: every workspace version this sequence goes through, each visible from its position on
+            versions = self.workspace_versions(batch_size, update_input_ids, update_attention_mask, update_positions)
+            rope_starts = versions.starts - left_padding(attention_mask, batch_size)[:, None]  # RoPE positions
+            workspace_kv = self.project_workspace(versions.slots, versions.slot_mask, rope_starts)
+            chunk_positions = torch.arange(past_seen, past_seen + seq_len, device=inputs_embeds.device)
+            workspace_mask = versions.readable_slots(chunk_positions)
+
+        hidden_states, all_hidden = self._decode(
+            inputs_embeds,
+            attention_mask,
+            position_ids,
+            past_key_values,
+            use_cache,
+            workspace_kv,
+            workspace_mask,
+            output_hidden_states,
+            **kwargs,
+        )
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+            if workspace_kv is None and torch.is_grad_enabled():  # a batch without updates: zero gradient, same graph
+                loss = loss + sum(p.sum() for p in self.adapters.parameters()) * 0.0
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=all_hidden,
+        )
+
+    def _decode(
+        self,
+        inputs_embeds,
+        attention_mask,
+        position_ids,
+        past_key_values,
+        use_cache,
+        workspace_kv,
+        workspace_mask,
+        output_hidden_states=False,
+        **kwargs,
+    ):
+        """The backbone's decoder loop, as in `Qwen3Model.forward` / `LlamaModel.forward` of transformers 5.23,
+        with each adapter reading the workspace beside its layer. No workspace (`workspace_kv=None`): the backbone."""
+        backbone = self.model
+        text_config = backbone.config
+        if position_ids is None:
+            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)[None] + past_seen
+        if isinstance(attention_mask, dict):  # already prepared by generate for a compileable cache
+            masks = attention_mask
+        else:
+            mask_kwargs = {
+                "config": text_config,
+                "inputs_embeds": inputs_embeds,
+                "attention_mask": attention_mask,
+                "past_key_values": past_key_values,
+                "position_ids": position_ids,
+            }
+            masks = {"full_attention": create_causal_mask(**mask_kwargs)}
+            layer_types = getattr(text_config, "layer_types", None) or []
+            if "sliding_attention" in layer_types:
+                masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+        layer_types = getattr(text_config, "layer_types", None) or ["full_attention"] * text_config.num_hidden_layers
+
+        hidden = inputs_embeds
+        position_embeddings = backbone.rotary_emb(hidden, position_ids)
+        open_adapters = {}
+        if workspace_kv is not None:
+            for key, kv in zip(self.adapters.keys(), workspace_kv, strict=True):
+                if self.adapters[key].is_active():
+                    open_adapters[int(key)] = (self.adapters[key], kv)
+        all_hidden = (hidden,) if output_hidden_states else None
+        for i, layer in enumerate(backbone.layers[: text_config.num_hidden_layers]):
+            if i in open_adapters:
+                adapter, (workspace_key, workspace_value) = open_adapters[i]
+                hidden = adapter(
+                    layer,
+                    hidden,
+                    masks[layer_types[i]],
+                    position_embeddings,
+                    past_key_values,
+                    workspace_key,
+                    workspace_value,
+                    workspace_mask,
+                )
+            else:
+                hidden = layer(
+                    hidden,
+                    attention_mask=masks[layer_types[i]],
+                    position_embeddings=position_embeddings,
+                    position_ids=position_ids,
+                    past_key_values=past_key_values,
+                    use_cache=use_cache,
+                    **kwargs,
+                )
+            if output_hidden_states:
+                all_hidden += (hidden,)
+        return backbone.norm(hidden), all_hidden
+
+    # -- Generation ----------------------------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        inputs: torch.Tensor | None = None,
+        generation_config=None,
+        updates=None,
+        update_mode: str = "workspace",
+        tokenizer=None,
+        **kwargs,
+    ):
+        """`GenerationMixin.generate` plus mid-stream corrections.
+
+        updates: None; a list of `(at, text)`, `(at, token_ids)` or `DuplexUpdate` (one list per row for a batch);
+            or an `UpdateStream` fed from another thread. An update at `at` conditions new token `at` onwards.
+        update_mode: "workspace" (write into the workspace), "ignore" (drop updates: ablation), or "inband"
+            (splice `config.inband_template` with the correction into the context, continuing from the same cache).
+        With `return_dict_in_generate=True` the output's `update_landings[row]` tells where each update landed.
+        """
+        if update_mode not in UPDATE_MODES:
+            raise ValueError(f"`update_mode` must be one of {UPDATE_MODES}, got {update_mode!r}")
+        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if input_ids is None:
+            raise ValueError(
+                "DuplexForCausalLM.generate needs `input_ids` (the prompt is also written into the workspace)"
+            )
+        if kwargs.get("inputs_embeds") is not None:
+            raise ValueError("DuplexForCausalLM.generate does not support `inputs_embeds`; pass `input_ids`")
+        batch_size = input_ids.shape[0]
+        state = DuplexGenerationState(self, batch_size, updates, update_mode, tokenizer)
+        if state.has_updates:
+            self._check_generation_supports_updates(generation_config, kwargs, update_mode)
+        if tokenizer is not None:
+            kwargs["tokenizer"] = tokenizer
+        output = super().generate(inputs, generation_config, duplex_state=state, **kwargs)
+        landings = state.finish()
+        if isinstance(output, GenerateDecoderOnlyOutput):
+            output = DuplexGenerateOutput(**output, update_landings=landings)
+        return output
+
+    def _check_generation_supports_updates(self, generation_config, kwargs: dict, update_mode: str) -> None:
+        """Refuse, naming the option, decoding modes in which updates would not land as promised."""
+        config = generation_config if generation_config is not None else self.generation_config
+        for name, unsupported in (
+            ("num_beams", lambda v: v is not None and v > 1),
+            ("assistant_model", lambda v: v is not None),
+            ("prompt_lookup_num_tokens", lambda v: v is not None),
+        ):
+            value = kwargs.get(name, getattr(config, name, None))
+            if unsupported(value):
+                raise ValueError(f"`{name}={value!r}` is not supported together with `updates`")
+        if update_mode == "inband" and kwargs.get("use_cache", getattr(config, "use_cache", True)) is False:
+            raise ValueError("`update_mode='inband'` needs `use_cache=True`: the correction is spliced into the cache")
+
+    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, duplex_state=None, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, next_sequence_length=next_sequence_length, **kwargs
+        )
+        if duplex_state is not None:
+            duplex_state.prepare_step(input_ids, model_inputs)
+        return model_inputs
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):
+        state = model_kwargs.get("duplex_state")
+        if state is not None:
+            state.after_forward(model_kwargs)
+        return super()._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder, num_new_tokens)
+
+
+DuplexConfig.register_for_auto_class()
+DuplexForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+__all__ = [
+    "DuplexAttention",
+    "DuplexForCausalLM",
+    "DuplexGenerateOutput",
+    "DuplexPreTrainedModel",
+    "DuplexUpdate",
+    "UpdateEncoder",
+    "UpdateLanding",
+    "UpdateStream",
+    "Workspace",
+    "WorkspaceAdapter",
+    "WorkspaceVersions",
+    "pack_updates",
+    "update_position",
+    "workspace_update_tokens",
+]

@@ -1,0 +1,40 @@
+"""The shipped checkpoints: the offline default's frozen backbone and the trained Duplex-tiny, loaded the way a
+user loads them, with the project not importable (trust_remote_code)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKPOINTS = ROOT / "checkpoints"
+
+SCRIPT = """
+import json, sys
+from transformers import AutoModelForCausalLM, AutoTokenizer
+path = sys.argv[1]
+model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+enc = tok("Name 5 tools.\\n", return_tensors="pt")
+def write(updates=None):
+    ids = model.generate(**enc, max_new_tokens=48, do_sample=False, updates=updates, tokenizer=tok)
+    return tok.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+print(json.dumps({"plain": write(), "corrected": write([(0, "Name animals instead.")])}))
+"""
+
+
+def test_shipped_checkpoint_takes_a_correction_out_of_the_box(tmp_path):
+    """A fresh process, outside the repository: the checkpoint's own code loads, and a correction that lands before
+    the first token moves the answer off the old category (the tools it would have named)."""
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(CHECKPOINTS / "duplex-tiny")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    tools = set(out["plain"].split(", "))
+    assert len(tools) >= 4, out  # the backbone's own answer: tools
+    assert not tools & set(out["corrected"].split(", ")), out
