@@ -7,7 +7,6 @@ class turns that into instances, validity checks, held-out splits, sweeps and sc
 
 from __future__ import annotations
 
-import functools
 import itertools
 import random
 import re
@@ -460,7 +459,6 @@ class Add(TaskFamily):
         return rng.choice([k for k in range(1, 10) if k != p["k"] and k not in prev])
 
 
-@functools.lru_cache(maxsize=4096)
 class ListFamily(TaskFamily):
     """`Name n fruits.` -> distinct members, comma separated; `Name animals instead.` switches
     category. The oracle picks members in a fixed order per category (so the prompt determines the

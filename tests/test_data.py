@@ -209,3 +209,13 @@ def test_byte_tokenizer(tmp_path):
     assert len(loaded) == 258 and loaded.eos_token_id == 256 and loaded.pad_token_id == 257
     assert loaded("héllo 日本").input_ids == tok("héllo 日本").input_ids
     assert loaded.decode([*tok("ok").input_ids, 256], skip_special_tokens=True) == "ok"
+
+
+def test_families_pickle_and_are_their_classes():
+    """Multi-process `datasets.map` and DataLoader workers pickle the families."""
+    import pickle
+
+    from data.tasks import ListFamily
+
+    assert isinstance(FAMILIES["list"], ListFamily)
+    assert list(pickle.loads(pickle.dumps(FAMILIES))) == list(FAMILIES)
