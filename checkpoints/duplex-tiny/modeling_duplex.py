@@ -241,11 +241,11 @@ class WorkspaceAdapter(nn.Module):
         return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
 
-def left_padding(attention_mask: torch.Tensor | None, batch_size: int) -> torch.Tensor:
+def left_padding(attention_mask: torch.Tensor | None, batch_size: int, device: torch.device) -> torch.Tensor:
     """(B, L) 0/1 mask -> (B,) number of leading padding tokens (positions count from the first real token)."""
     if attention_mask is None or isinstance(attention_mask, dict):
-        return torch.zeros(batch_size, dtype=torch.long)
-    return (attention_mask.long().cumsum(-1) == 0).sum(-1).to(torch.long)
+        return torch.zeros(batch_size, dtype=torch.long, device=device)
+    return (attention_mask.long().cumsum(-1) == 0).sum(-1).to(device)
 
 
 def as_bool_mask(mask: torch.Tensor | None, query_length: int, key_length: int, device: torch.device) -> torch.Tensor:
@@ -565,7 +565,8 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
         if workspace_kv is None and update_positions is not None and update_positions.numel():
             # teacher-forced: every workspace version this sequence goes through, each visible from its position on
             versions = self.workspace_versions(batch_size, update_input_ids, update_attention_mask, update_positions)
-            rope_starts = versions.starts - left_padding(attention_mask, batch_size)[:, None]  # RoPE positions
+            padding = left_padding(attention_mask, batch_size, versions.starts.device)
+            rope_starts = versions.starts - padding[:, None]  # RoPE positions of the versions' starts
             workspace_kv = self.project_workspace(versions.slots, versions.slot_mask, rope_starts)
             chunk_positions = torch.arange(past_seen, past_seen + seq_len, device=inputs_embeds.device)
             workspace_mask = versions.readable_slots(chunk_positions)
