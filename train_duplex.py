@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     set_seed(training_args.seed)
     model = build_model(args, backbone_path, offline_default)
     collator = DuplexCollator(tokenizer.pad_token_id)
-    if args.method == "tdm":  # same instances and budget as phase 2, corrections in the token stream
+    if args.method == "tdm":  # same instances and budget as the duplex phase, corrections in the token stream
         data = tokenized(args, training_args.seed + 2, args.train_size, tokenizer, "inband")
         run_phase(model, data, training_args, "tdm", args.duplex_steps, collator, learning_rate=args.tdm_lr)
         model = DuplexForCausalLM.from_backbone(model)  # zero-init duplex modules: exactly the tuned backbone
