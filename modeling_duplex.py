@@ -241,6 +241,14 @@ class WorkspaceAdapter(nn.Module):
         return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
 
+def newest_tokens(ids: torch.Tensor, mask: torch.Tensor, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) token ids and 0/1 mask -> the newest `limit` valid tokens of each row, right-aligned: (B, <=limit)."""
+    if ids.shape[1] <= limit:
+        return ids, mask
+    order = torch.sort(mask.bool().long(), dim=1, stable=True).indices[:, -limit:]  # padding first, order kept
+    return ids.gather(1, order), mask.gather(1, order)
+
+
 def left_padding(attention_mask: torch.Tensor | None, batch_size: int, device: torch.device) -> torch.Tensor:
     """(B, L) 0/1 mask -> (B,) number of leading padding tokens (positions count from the first real token)."""
     if attention_mask is None or isinstance(attention_mask, dict):
@@ -449,6 +457,9 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode one update per row and write it into the workspace: slots (B, S, D), mask (B, S) -> new ones.
         The only place an update enters the model: training, generation and every mode go through here."""
+        update_input_ids, update_attention_mask = newest_tokens(
+            update_input_ids, update_attention_mask, self.config.num_slots
+        )  # the workspace keeps only the newest slots: encoding more would cost O(prompt length) for nothing
         embeds = self.model.embed_tokens(update_input_ids)
         encoded = self.update_encoder(embeds.to(slots.dtype), update_attention_mask)
         return self.workspace(slots, slot_mask, encoded, update_attention_mask)
