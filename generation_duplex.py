@@ -287,7 +287,6 @@ class DuplexGenerationState:
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         self.prompt_ids = [row[keep.bool()].tolist() for row, keep in zip(input_ids, mask, strict=True)]
         self.left_padding = (mask.long().cumsum(-1) == 0).sum(-1)  # (B,): RoPE positions start at the first token
-        self.has_written = [False] * self.batch_size
         self.versions = WorkspaceVersions.empty(*self.model.empty_workspace(self.batch_size))
 
     def _due_updates(self, generated: int) -> list[tuple[int, _PendingUpdate]]:
@@ -319,14 +318,13 @@ class DuplexGenerationState:
                     this_round[b] = update
             due = rest
             rows = torch.tensor(sorted(this_round), device=device)
+            slots, slot_mask, _ = self.versions.latest()
+            empty = (~slot_mask.any(dim=-1)).tolist()  # a row's first update brings its prompt
             tokens = [
-                workspace_update_tokens(self.prompt_ids[b], self._written_tokens(update), not self.has_written[b])
+                workspace_update_tokens(self.prompt_ids[b], self._written_tokens(update), first=empty[b])
                 for b, update in sorted(this_round.items())
             ]
             packed = pack_updates([[(position, ids)] for ids in tokens])
-            for b in this_round:
-                self.has_written[b] = True
-            slots, slot_mask, _ = self.versions.latest()
             new_slots, new_mask = slots.clone(), slot_mask.clone()
             new_slots[rows], new_mask[rows] = self.model.apply_update(
                 slots[rows],
