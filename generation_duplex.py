@@ -269,7 +269,7 @@ class DuplexGenerationState:
     # -- input validation ----------------------------------------------------------------------------------------------
 
     def _normalize(self, updates) -> list[list[_PendingUpdate]]:
-        """Accept the SPEC's update forms; one clear ValueError, naming `updates`, for anything else."""
+        """Accept every documented form of `updates`; one clear ValueError, naming `updates`, for anything else."""
         if updates is None:
             return [[] for _ in range(self.batch_size)]
         if not isinstance(updates, (list, tuple)):
