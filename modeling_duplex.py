@@ -2,12 +2,14 @@
 
 Data flow (one forward pass):
 
-    update texts --embed_tokens--> UpdateEncoder --> Workspace.apply_update --> workspace versions (B, V, S, D)
-    input_ids --embed_tokens--> [decoder layer i --> CrossAttentionAdapter i (reads the workspace)]* --> lm_head
+    update tokens --embed_tokens--> UpdateEncoder --> Workspace (newest S slots) --> workspace versions (B, V, S, D)
+    workspace versions --frozen backbone--> per-layer keys/values of the slots (project_workspace)
+    input_ids --embed_tokens--> [WorkspaceAdapter i: decoder layer i whose attention also reads the slots]* --> lm_head
 
-Every position sees exactly one workspace version: the one after all updates whose position is <= its own
-(the prompt is update 0, at position 0). Teacher-forced training and step-by-step generation share this rule
-and the single `DuplexForCausalLM.apply_update`; the backbone's token sequence and KV cache are never rewritten.
+Every position sees exactly one workspace version: the one after all updates whose position is <= its own (the
+workspace is empty before the first update). Teacher-forced training and step-by-step generation share this rule
+(`WorkspaceVersions`) and the single `DuplexForCausalLM.apply_update`; the backbone's token sequence and KV cache
+are never rewritten.
 """
 
 from __future__ import annotations
