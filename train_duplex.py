@@ -302,9 +302,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.method == "tdm":  # same instances and budget as the duplex phase, corrections in the token stream
         data = tokenized(args, training_args.seed + 2, args.train_size, tokenizer, "inband")
         run_phase(model, data, training_args, "tdm", args.duplex_steps, collator, learning_rate=args.tdm_lr)
-        backbone_path = (
-            out / "tdm-backbone"
-        )  # the tuned backbone is this checkpoint's backbone, not the one it began as
+        backbone_path = out / "tdm-backbone"  # the checkpoint names the tuned backbone, not the one it began as
         ready_for_generation(model).save_pretrained(backbone_path)
         tokenizer.save_pretrained(backbone_path)
         model = DuplexForCausalLM.from_backbone(model)  # zero-init duplex modules: exactly the tuned backbone
