@@ -196,7 +196,9 @@ class LiveGeneration:
         update_mode: str = "workspace",
         do_sample: bool = False,
         pace_s: float = 0.0,
+        generate_kwargs: dict[str, Any] | None = None,
     ):
+        self.generate_kwargs = dict(generate_kwargs or {})
         self.model, self.tokenizer, self.prompt, self.emit = model, tokenizer, prompt, emit
         self.max_new_tokens, self.update_mode, self.do_sample, self.pace_s = (
             max_new_tokens,
@@ -262,7 +264,7 @@ class LiveGeneration:
     def _generate(self):
         device = next(self.model.parameters()).device
         encoded = self.tokenizer(self.prompt, return_tensors="pt").to(device)
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = dict(self.generate_kwargs)
         if self.stream is not None:
             kwargs.update(updates=self.stream, update_mode=self.update_mode, tokenizer=self.tokenizer)
         with torch.inference_mode():
@@ -458,8 +460,15 @@ def sse(event: Event) -> bytes:
     return f"data: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
 
 
-def create_app(model: torch.nn.Module, tokenizer, model_name: str = "", limits: Limits | None = None):
-    """The FastAPI app serving `model` (see the module docstring for the endpoints)."""
+def create_app(
+    model: torch.nn.Module,
+    tokenizer,
+    model_name: str = "",
+    limits: Limits | None = None,
+    generate_kwargs: dict[str, Any] | None = None,
+) -> FastAPI:
+    """The FastAPI app serving `model` (see the module docstring for the endpoints); `generate_kwargs` are passed
+    to every `generate` call (e.g. a `repetition_penalty` the checkpoint wants)."""
     limits = limits or Limits()
     sessions = SessionRegistry()
     app = FastAPI(title="Duplex streaming server")
@@ -497,6 +506,7 @@ def create_app(model: torch.nn.Module, tokenizer, model_name: str = "", limits: 
             max_new_tokens=params.max_new_tokens,
             update_mode=params.update_mode,
             do_sample=params.do_sample,
+            generate_kwargs=generate_kwargs,
         )
         session_id = sessions.add(generation, limits.max_sessions)
         if session_id is None:
