@@ -1,11 +1,14 @@
 """The streaming server (`serve_duplex.py`), end to end: a real uvicorn on 127.0.0.1 serving the shipped checkpoint,
 driven by a real HTTP client (httpx) that streams a generation and posts corrections to it mid-stream."""
 
+import importlib.util
 import json
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -13,6 +16,8 @@ import torch
 import uvicorn
 
 from serve_duplex import DEFAULT_MODEL, Limits, create_app, load_model
+
+LOAD_TEST = Path(__file__).resolve().parents[1] / "bench" / "load_serve.py"
 
 PROMPT = "Name 5 tools.\n"
 CORRECTION = "Name animals instead."
@@ -237,3 +242,20 @@ def test_bad_updates_get_a_4xx_naming_the_field(server, long_server):
 def test_unknown_route_is_a_json_404(server):
     base, _ = server
     assert_refused(httpx.get(f"{base}/v1/nothing"), 404, "Not Found")
+
+
+@pytest.mark.slow
+def test_load_test_reports_every_figure_and_loses_nothing(server, capsys):
+    """bench/load_serve.py, briefly, against the running server: every figure printed, nothing lost or leaked."""
+    spec = importlib.util.spec_from_file_location("load_serve", LOAD_TEST)
+    load_serve = importlib.util.module_from_spec(spec)
+    sys.modules["load_serve"] = load_serve  # its dataclasses look their module up there
+    spec.loader.exec_module(load_serve)
+    results = load_serve.main(["--url", server[0], "--sessions", "3", "--duration", "2", "--max-new-tokens", "48"])
+    assert results["ok"], results["counts"]
+    counts = results["counts"]
+    assert counts["sent"] == 2 * counts["sessions"] == counts["landed"] + counts["late"] and counts["lost"] == 0
+    assert results["ttft_s"] and results["latency_s"] and results["tok_s"] and results["total_tok_s"] > 0
+    printed = capsys.readouterr().out
+    for figure in ("time to first token", "correction latency", "tokens/s per session", "0 lost"):
+        assert figure in printed
