@@ -100,7 +100,7 @@ def test_a_correction_sent_while_it_streams_lands_in_every_pane(demo_url, tmp_pa
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 720})
+            page = browser.new_page(viewport={"width": 1280, "height": 840})
             page.goto(demo_url)
             page.locator("#prompt textarea").fill(PROMPT)
             page.locator("#pace input[type=number]").fill("150")  # slow enough to correct mid-answer on a busy CI
