@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import sys
 import threading
@@ -85,22 +86,28 @@ def update_stream_class(model: torch.nn.Module) -> type | None:
     return getattr(module, "UpdateStream", None)
 
 
-def _recording_stream(stream_class: type, on_drain: Callable[[list], None]):
-    """An `UpdateStream` that also reports what `generate` takes from it (it drains the stream before every decoding
-    step, and every correction it takes lands at that step), so landings can be announced while tokens stream."""
+@functools.cache
+def _recording_stream_class(stream_class: type) -> type:
+    """An `UpdateStream` subclass that also reports what `generate` takes from it. `generate` drains the stream before
+    every decoding step, and every correction it takes lands at that step, so the landings can be announced while the
+    tokens stream, before `generate` returns its own record of them."""
 
     class RecordingUpdateStream(stream_class):
+        def __init__(self, on_drain: Callable[[list], None]):
+            super().__init__()
+            self.on_drain = on_drain
+
         def drain(self):
             items = super().drain()
             if items:
-                on_drain(items)
+                self.on_drain(items)
             return items
 
         def drain_unseen(self):
             """What `generate` never took (posted after its last step), without reporting it as taken."""
             return super().drain()
 
-    return RecordingUpdateStream()
+    return RecordingUpdateStream
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -177,8 +184,9 @@ class LiveGeneration:
       {"token": str, "index": n}                 every new token (index counts new tokens from 0)
       {"landed": {"at", "text", "applied", "latency_ms"}}   just before token `at`, the first one conditioned on it;
                                                  latency is from `correct()` to that token being produced
-      {"done": true, "text", "tokens", "stopped", "landings"}   at the end; `landings` are `generate`'s own record,
-                                                 plus any correction that arrived too late to land (`at` None)
+      {"done": true, "text", "tokens", "stopped", "landings"}   at the end; `landings` are `generate`'s own record
+                                                 (at, text, applied; latency_ms as its landed event said), plus any
+                                                 correction that arrived too late to land (`at` None)
       {"error": message}                         if generation failed
 
     A plain causal LM (e.g. the frozen backbone) streams too but takes no corrections. `pace_s` slows the stream down
@@ -198,16 +206,14 @@ class LiveGeneration:
         pace_s: float = 0.0,
         generate_kwargs: dict[str, Any] | None = None,
     ):
-        self.generate_kwargs = dict(generate_kwargs or {})
         self.model, self.tokenizer, self.prompt, self.emit = model, tokenizer, prompt, emit
-        self.max_new_tokens, self.update_mode, self.do_sample, self.pace_s = (
-            max_new_tokens,
-            update_mode,
-            do_sample,
-            pace_s,
-        )
+        self.max_new_tokens = max_new_tokens
+        self.update_mode = update_mode
+        self.do_sample = do_sample
+        self.pace_s = pace_s
+        self.generate_kwargs = dict(generate_kwargs or {})
         stream_class = update_stream_class(model)
-        self.stream = _recording_stream(stream_class, self._on_drain) if stream_class is not None else None
+        self.stream = _recording_stream_class(stream_class)(self._on_drain) if stream_class is not None else None
         self.decoder = IncrementalDecoder(tokenizer)
         self.cancelled = threading.Event()
         self.wake = threading.Event()  # cuts a pacing pause short
@@ -216,12 +222,9 @@ class LiveGeneration:
         self.started_time: float | None = None
         self.first_token_time: float | None = None
         self.tokens = 0
-        self._landing_now: list[_Arrival] = []
+        self._landing_now: list[_Arrival] = []  # taken by `generate` for the token it is computing
+        self._latencies: dict[tuple[int, str], float] = {}  # (at, text) -> latency_ms, as its landed event said
         self.thread = threading.Thread(target=self._run, name="duplex-generate", daemon=True)
-
-    @property
-    def takes_corrections(self) -> bool:
-        return self.stream is not None
 
     def start(self) -> LiveGeneration:
         self.started_time = time.perf_counter()
@@ -289,20 +292,15 @@ class LiveGeneration:
             self._landing_now.append(_Arrival(self.tokens, payload, arrived))
 
     def _on_token(self, token_id: int) -> None:
+        """Announce what lands at this token, then the token itself; then pause if the stream is paced."""
         now = time.perf_counter()
         if self.first_token_time is None:
             self.first_token_time = now
         for arrival in self._landing_now:
-            self.emit(
-                {
-                    "landed": {
-                        "at": arrival.at,
-                        "text": arrival.text,
-                        "applied": self.update_mode != "ignore",
-                        "latency_ms": round((now - arrival.arrived) * 1000, 2),
-                    }
-                }
-            )
+            latency_ms = round((now - arrival.arrived) * 1000, 2)
+            self._latencies[(arrival.at, arrival.text)] = latency_ms
+            landed = {"at": arrival.at, "text": arrival.text, "applied": self.update_mode != "ignore"}
+            self.emit({"landed": {**landed, "latency_ms": latency_ms}})
         self._landing_now = []
         self.emit({"token": self.decoder.push(token_id), "index": self.tokens})
         self.tokens += 1
@@ -311,12 +309,14 @@ class LiveGeneration:
             self.wake.clear()
 
     def _done_event(self, output, late: list) -> Event:
+        """`generate`'s own record of where each correction landed (with the latency its landed event reported),
+        plus the corrections it never took."""
         landings = []
         for landing in (getattr(output, "update_landings", None) or [[]])[0]:
-            latency = None
-            if landing.landed_time is not None and landing.arrived_time is not None:
-                latency = round((landing.landed_time - landing.arrived_time) * 1000, 2)
-            landings.append({"at": landing.at, "text": landing.text, "applied": landing.applied, "latency_ms": latency})
+            latency_ms = self._latencies.get((landing.at, landing.text))
+            landings.append(
+                {"at": landing.at, "text": landing.text, "applied": landing.applied, "latency_ms": latency_ms}
+            )
         for payload, _row, _arrived in late:
             landings.append({"at": None, "text": payload, "applied": False, "latency_ms": None})
         if self.cancelled.is_set():
