@@ -348,6 +348,11 @@ class Limits:
     max_update_chars: int = 500
     max_sessions: int = 32
 
+    @property
+    def max_body_bytes(self) -> int:
+        """Room for the longest accepted text, every character JSON-escaped (`\\uXXXX`), plus the other fields."""
+        return 6 * max(self.max_prompt_chars, self.max_update_chars) + 1024
+
 
 @dataclass(frozen=True)
 class GenerateRequest:
@@ -364,6 +369,16 @@ class RequestError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body; a body over `limit` bytes is refused (413) without being read to its end."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise RequestError(413, f"body: larger than {limit} bytes")
+    return bytes(body)
 
 
 def _json_object(body: bytes) -> dict:
@@ -488,7 +503,7 @@ def create_app(
 
     @app.post("/v1/generate")
     async def generate(request: Request) -> StreamingResponse:
-        params = parse_generate_request(await request.body(), limits)
+        params = parse_generate_request(await read_body(request, limits.max_body_bytes), limits)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
 
@@ -520,7 +535,7 @@ def create_app(
 
     @app.post("/v1/sessions/{session_id}/updates", status_code=202)
     async def post_update(session_id: str, request: Request) -> dict:
-        text = parse_update_request(await request.body(), limits)
+        text = parse_update_request(await read_body(request, limits.max_body_bytes), limits)
         generation = sessions.get(session_id)
         if generation is None:
             raise RequestError(404, f"session `{session_id}`: unknown or finished")

@@ -207,6 +207,7 @@ def assert_refused(reply: httpx.Response, status: int, field: str) -> None:
         (json.dumps({"prompt": PROMPT, "update_mode": "shout"}).encode(), 422, "`update_mode`"),
         (json.dumps({"prompt": PROMPT, "do_sample": "yes"}).encode(), 422, "`do_sample`"),
         (json.dumps({"prompt": PROMPT, "temperature": 0.5}).encode(), 422, "`temperature`"),
+        (json.dumps({"prompt": "x" * 100_000}).encode(), 413, "body"),
     ],
 )
 def test_bad_generate_requests_get_a_4xx_naming_the_field(server, body, status, field):
