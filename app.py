@@ -145,10 +145,11 @@ class DemoRun:
             for mode in ("workspace", "inband", "ignore")
         }
         self.corrections: list[str] = []
-        self.restarts: list[tuple[LiveGeneration, dict | None]] = []  # (run, its restart marker), newest last
+        backbone = model.get_base_model()
+        first = self._generation(backbone, self.instruction + "\n", ("restart", 0))
+        self.restarts: list[tuple[LiveGeneration, dict | None]] = [(first, None)]  # (run, its marker), newest last
         self.lock = threading.Lock()
         self.shown_restart = 0  # the restart run the pane shows (the pump's own view: a newer run may be starting)
-        self._restart(self.instruction + "\n", marker=None)
 
     def _generation(self, model, prompt: str, tag: tuple, **kwargs) -> LiveGeneration:
         return LiveGeneration(
@@ -164,19 +165,22 @@ class DemoRun:
     def _emit(self, tag: tuple, event: dict) -> None:
         self.events.put((tag, event))
 
-    def _restart(self, prompt: str, marker: dict | None) -> None:
+    def _restart(self, prompt: str, marker: dict) -> None:
         run = self._generation(self.model.get_base_model(), prompt, ("restart", len(self.restarts)))
         self.restarts.append((run, marker))
         run.start()
 
     def start(self) -> DemoRun:
-        for generation in self.live.values():
+        for generation in [*self.live.values(), self.restarts[0][0]]:
             generation.start()
         return self
 
-    def correct(self, text: str) -> None:
-        """Send `text` to every pane: into the live streams, and as a restart of the half-duplex baseline."""
+    def correct(self, text: str) -> bool:
+        """Send `text` to every pane: into the live streams, and as a restart of the half-duplex baseline. False (and
+        nothing sent) once the whole run has ended."""
         with self.lock:
+            if self._ended():
+                return False
             arrived = time.perf_counter()
             for mode, generation in self.live.items():
                 try:
@@ -196,6 +200,7 @@ class DemoRun:
             }
             self.events.put((("restart", len(self.restarts)), {"restarting": marker}))
             self._restart(prompt, marker)
+        return True
 
     def cancel(self) -> None:
         for generation in [*self.live.values(), *(run for run, _ in self.restarts)]:
@@ -203,7 +208,13 @@ class DemoRun:
 
     @property
     def finished(self) -> bool:
-        return all(pane.done for pane in self.panes.values())
+        """Every generation has ended and every event is in its pane; from then on corrections are refused."""
+        with self.lock:
+            return self._ended()
+
+    def _ended(self) -> bool:  # the caller holds `self.lock`
+        ended = all(g.finished for g in [*self.live.values(), self.restarts[-1][0]])
+        return ended and self.events.empty() and all(pane.done for pane in self.panes.values())
 
     def pump(self, timeout: float) -> None:
         """Fold the events that arrived within `timeout` seconds into the panes."""
@@ -240,6 +251,7 @@ class DemoRun:
             marker = event["restarting"]
             marker["discarded"] = pane.discard_text()
             pane.pieces.append(("mark", marker))
+            pane.done = False
             self.shown_restart = index
             return
         if index != self.shown_restart:
@@ -282,6 +294,12 @@ class DemoRuns:
         with self._lock:
             return self._runs.get(key)
 
+    def drop(self, key: str) -> None:
+        with self._lock:
+            run = self._runs.pop(key, None)
+        if run is not None:
+            run.cancel()
+
 
 def build_demo(model, tokenizer, max_new_tokens: int = 128) -> gr.Blocks:
     """The side-by-side demo for `model` (a Duplex checkpoint) and its tokenizer."""
@@ -292,10 +310,13 @@ def build_demo(model, tokenizer, max_new_tokens: int = 128) -> gr.Blocks:
             raise gr.Error("Type a prompt first, e.g. “Name 5 tools.”")
         run = DemoRun(model, tokenizer, prompt, int(new_tokens), pace_ms / 1000).start()
         runs.replace(request.session_hash, run)
-        while not run.finished:
-            run.pump(timeout=0.08)
-            yield [*run.render(), "Writing… send a correction now."]
-        yield [*run.render(), "Done."]
+        try:
+            while not run.finished:
+                run.pump(timeout=0.08)
+                yield [*run.render(), "Writing… send a correction now."]
+            yield [*run.render(), "Done."]
+        finally:  # the page closed or Start was pressed again: stop writing for nobody
+            run.cancel()
 
     def send(text: str, request: gr.Request):
         run = runs.get(request.session_hash)
@@ -303,10 +324,13 @@ def build_demo(model, tokenizer, max_new_tokens: int = 128) -> gr.Blocks:
             raise gr.Error("Press Start first, then send the correction while the answer streams.")
         if not text or not text.strip():
             raise gr.Error("Type a correction first, e.g. “Name animals instead.”")
-        if run.finished:
+        if not run.correct(text.strip()):
             return "The answer is complete: press Start, then send the correction while it streams."
-        run.correct(text.strip())
         return f"Sent “{text.strip()}”."
+
+    def forget(request: gr.Request) -> None:
+        """The tab closed: stop its run and let it go."""
+        runs.drop(request.session_hash)
 
     with gr.Blocks(title="Duplex: corrections while it writes") as demo:
         gr.Markdown(
@@ -331,6 +355,7 @@ def build_demo(model, tokenizer, max_new_tokens: int = 128) -> gr.Blocks:
         start_button.click(start, [prompt, new_tokens, pace], [*panes, status], concurrency_limit=4)
         send_button.click(send, [correction], [sent], concurrency_limit=None)
         correction.submit(send, [correction], [sent], concurrency_limit=None)
+        demo.unload(forget)
     return demo
 
 
