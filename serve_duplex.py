@@ -38,7 +38,14 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 from transformers.generation.streamers import BaseStreamer
 
 DEFAULT_MODEL = str(Path(__file__).resolve().parent / "checkpoints" / "duplex-tiny")
@@ -60,7 +67,9 @@ def pick_device(device: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, device: str | None = None, dtype: str = "auto"):
+def load_model(
+    name_or_path: str = DEFAULT_MODEL, device: str | None = None, dtype: str = "auto"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a Duplex checkpoint (local path or Hub id) and its tokenizer the way a user does, in eval mode.
 
     `dtype="auto"` keeps the checkpoint's dtype on the CPU and uses bfloat16 on a GPU that supports it.
