@@ -99,24 +99,49 @@ def update_stream_class(model: torch.nn.Module) -> type | None:
 def _recording_stream_class(stream_class: type) -> type:
     """An `UpdateStream` subclass that also reports what `generate` takes from it. `generate` drains the stream before
     every decoding step, and every correction it takes lands at that step, so the landings can be announced while the
-    tokens stream, before `generate` returns its own record of them."""
+    tokens stream, before `generate` returns its own record of them.
+
+    Only those per-step drains count: generation code that also drains the stream to check what is queued when it
+    starts (`open`) or to collect what came too late when it ends (`close`) does so without landing anything.
+    """
 
     class RecordingUpdateStream(stream_class):
         def __init__(self, on_drain: Callable[[list], None]):
             super().__init__()
             self.on_drain = on_drain
+            self.recording = True
 
         def drain(self):
             items = super().drain()
-            if items:
+            if items and self.recording:
                 self.on_drain(items)
             return items
 
         def drain_unseen(self):
             """What `generate` never took (posted after its last step), without reporting it as taken."""
-            return super().drain()
+            return _unrecorded(self, super().drain)
 
+    for name in ("open", "close"):
+        if hasattr(stream_class, name):
+            setattr(RecordingUpdateStream, name, _without_recording(getattr(stream_class, name)))
     return RecordingUpdateStream
+
+
+def _unrecorded(stream, method: Callable, *args, **kwargs):
+    """Call `method` with the stream's landing reports switched off."""
+    stream.recording = False
+    try:
+        return method(*args, **kwargs)
+    finally:
+        stream.recording = True
+
+
+def _without_recording(method: Callable) -> Callable:
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        return _unrecorded(self, method, self, *args, **kwargs)
+
+    return wrapper
 
 
 # ----------------------------------------------------------------------------------------------------------------------
