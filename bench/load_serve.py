@@ -1,0 +1,223 @@
+"""Load test of the streaming server: concurrent sessions, each correcting its answer twice while it streams.
+
+    python bench/load_serve.py                                   # starts serve_duplex.py on 127.0.0.1 itself
+    python bench/load_serve.py --sessions 16 --duration 60
+    python bench/load_serve.py --url http://127.0.0.1:8000       # a server that is already running
+
+`--sessions` clients run at once for `--duration` seconds; each starts a generation, posts its first correction once
+token `--first-at` has streamed, its second once the first has landed and two more tokens have streamed, reads the
+stream to its end, and starts over. Reported (p50 / p95 over all sessions and corrections):
+  time to first token   request sent -> first token event received
+  correction latency    correction POST sent -> its landing event received (as a client sees it)
+  tokens/s              per session (tokens after the first / time since the first) and in total
+Checked: every session's landings are exactly the corrections it sent (isolation: each client's texts are its own),
+and every accepted correction is reported in its session's done event (nothing lost). Exit status 1 if either fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["Name 5 tools.\n", "Write to Anna about rain.\n", "Say apple 5 times.\n", "Name 4 fruits.\n"]
+
+
+@dataclass
+class SessionResult:
+    client: int
+    session: str = ""
+    ttft_s: float | None = None
+    tokens: int = 0
+    decode_s: float = 0.0
+    sent: list[str] = field(default_factory=list)  # corrections accepted with 202
+    latencies_s: list[float] = field(default_factory=list)
+    landed: list[str] = field(default_factory=list)  # texts of the landing events it saw
+    reported: list[dict] = field(default_factory=list)  # the done event's landings
+    error: str | None = None
+
+
+def corrections_for(client: int, round_: int) -> tuple[str, str]:
+    """Two corrections that no other client sends (isolation is checked on their texts)."""
+    return f"Stop at {12 + client}.", f"Say word{client}x{round_} instead."
+
+
+async def post_correction(client: httpx.AsyncClient, session: str, text: str, result: SessionResult) -> float:
+    started = time.perf_counter()
+    reply = await client.post(f"/v1/sessions/{session}/updates", json={"text": text})
+    if reply.status_code == 202:
+        result.sent.append(text)
+    return started
+
+
+async def one_session(client: httpx.AsyncClient, index: int, round_: int, args) -> SessionResult:
+    """Stream one generation, correcting it twice; the POSTs run as tasks so that reading the stream never waits."""
+    result = SessionResult(client=index)
+    first, second = corrections_for(index, round_)
+    prompt = PROMPTS[(index + round_) % len(PROMPTS)]
+    posted: dict[str, asyncio.Task] = {}
+    started = time.perf_counter()
+    first_token = None
+    landed_index = None
+    body = {"prompt": prompt, "max_new_tokens": args.max_new_tokens}
+    async with client.stream("POST", "/v1/generate", json=body) as response:
+        if response.status_code != 200:
+            result.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
+            return result
+        async for line in response.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            event, now = json.loads(line[len("data: ") :]), time.perf_counter()
+            if "session" in event:
+                result.session = event["session"]
+            elif "token" in event:
+                if first_token is None:
+                    first_token = now
+                    result.ttft_s = now - started
+                result.tokens += 1
+                if event["index"] == args.first_at and first not in posted:
+                    posted[first] = asyncio.create_task(post_correction(client, result.session, first, result))
+                if landed_index is not None and event["index"] == landed_index + 2 and second not in posted:
+                    posted[second] = asyncio.create_task(post_correction(client, result.session, second, result))
+            elif "landed" in event:
+                text = event["landed"]["text"]
+                result.landed.append(text)
+                if text in posted:  # anything else is another session's correction: `check` counts it
+                    result.latencies_s.append(now - await posted[text])
+                landed_index = event["landed"]["at"]
+            elif "done" in event:
+                result.reported = event["landings"]
+                if first_token is not None:
+                    result.decode_s = now - first_token
+            elif "error" in event:
+                result.error = event["error"]
+    await asyncio.gather(*posted.values())
+    return result
+
+
+async def client_loop(base: str, index: int, deadline: float, args) -> list[SessionResult]:
+    results = []
+    async with httpx.AsyncClient(base_url=base, timeout=args.timeout) as client:
+        round_ = 0
+        while time.perf_counter() < deadline:
+            results.append(await one_session(client, index, round_, args))
+            round_ += 1
+    return results
+
+
+def check(results: list[SessionResult]) -> dict[str, int]:
+    """Isolation (a session's landings are its own corrections, in order) and loss (every accepted correction is in
+    its done event, landed or reported as too late)."""
+    counts = {"sessions": len(results), "sent": 0, "landed": 0, "late": 0, "lost": 0, "foreign": 0, "errors": 0}
+    for r in results:
+        counts["errors"] += r.error is not None
+        counts["sent"] += len(r.sent)
+        reported = [d["text"] for d in r.reported]
+        counts["landed"] += sum(d["at"] is not None for d in r.reported)
+        counts["late"] += sum(d["at"] is None for d in r.reported)
+        counts["lost"] += sum(text not in reported for text in r.sent)
+        counts["foreign"] += sum(text not in r.sent for text in [*reported, *r.landed])
+    return counts
+
+
+def percentiles(values: list[float], scale: float = 1.0) -> str:
+    if not values:
+        return "n/a"
+    ordered = sorted(values)
+    p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+    return f"p50 {statistics.median(ordered) * scale:.1f} / p95 {p95 * scale:.1f}"
+
+
+def report(results: list[SessionResult], wall_s: float, args) -> dict:
+    counts = check(results)
+    ttft = [r.ttft_s for r in results if r.ttft_s is not None]
+    latency = [s for r in results for s in r.latencies_s]
+    rates = [(r.tokens - 1) / r.decode_s for r in results if r.decode_s > 0 and r.tokens > 1]
+    total_tokens = sum(r.tokens for r in results)
+    print(
+        f"{args.sessions} concurrent sessions for {args.duration:.0f} s ({wall_s:.1f} s wall), "
+        f"{counts['sessions']} sessions done"
+    )
+    print(f"time to first token      ms  {percentiles(ttft, 1000)}")
+    print(f"correction latency       ms  {percentiles(latency, 1000)}   (POST sent -> landing event received)")
+    print(f"tokens/s per session         {percentiles(rates)}   total {total_tokens / wall_s:.1f} tok/s")
+    print(
+        f"corrections: {counts['sent']} accepted, {counts['landed']} landed, {counts['late']} reported too late, "
+        f"{counts['lost']} lost; {counts['foreign']} seen by another session; {counts['errors']} errors"
+    )
+    total = total_tokens / wall_s
+    return {"counts": counts, "ttft_s": ttft, "latency_s": latency, "tok_s": rates, "total_tok_s": total}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(args) -> tuple[subprocess.Popen, str]:
+    """`python serve_duplex.py` on a free port of 127.0.0.1; returns it once /health answers."""
+    port = free_port()
+    command = [sys.executable, str(ROOT / "serve_duplex.py"), "--port", str(port), "--model", args.model]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"serve_duplex.py exited with {process.returncode}")
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return process, base
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    process.kill()
+    raise RuntimeError("serve_duplex.py did not answer within 240 s")
+
+
+async def run(base: str, args) -> dict:
+    started = time.perf_counter()
+    deadline = started + args.duration
+    per_client = await asyncio.gather(*(client_loop(base, i, deadline, args) for i in range(args.sessions)))
+    return report([r for results in per_client for r in results], time.perf_counter() - started, args)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", default=None, help="a running server (default: start serve_duplex.py)")
+    parser.add_argument("--model", default=str(ROOT / "checkpoints" / "duplex-tiny"))
+    parser.add_argument("--sessions", type=int, default=8, help="concurrent clients")
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds during which new sessions start")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--first-at", type=int, default=2, help="token index after which the first correction goes")
+    parser.add_argument("--timeout", type=float, default=120.0, help="HTTP timeout per request, seconds")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    process, base = (None, args.url) if args.url else start_server(args)
+    try:
+        results = asyncio.run(run(base, args))
+    finally:
+        if process is not None:
+            process.terminate()
+            process.wait(30)
+    counts = results["counts"]
+    results["ok"] = counts["lost"] == 0 and counts["foreign"] == 0 and counts["errors"] == 0 and counts["sent"] > 0
+    return results
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(0 if main()["ok"] else 1)

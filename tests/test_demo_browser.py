@@ -1,0 +1,137 @@
+"""The Gradio demo (`app.py`) driven in a real headless Chromium: type a prompt, start, send a correction while the
+answer streams, and check what the panes show.
+
+Needs Debian's Chromium (`apt-get install -y chromium`) and Playwright for Python (in requirements.txt). Without
+Chromium the test is skipped, except where DUPLEX_REQUIRE_BROWSER=1 (CI sets it), where it fails.
+Set DUPLEX_SCREENSHOT=docs/demo.png to keep the screenshot it takes.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = os.environ.get("DUPLEX_CHROMIUM", "/usr/bin/chromium")
+PROMPT, CORRECTION = "Name 5 tools.", "Name animals instead."
+
+
+def require_browser() -> None:
+    """Skip (or, under DUPLEX_REQUIRE_BROWSER=1, fail) with how to install what is missing."""
+    missing = []
+    if not Path(CHROMIUM).exists():
+        missing.append(f"Chromium at {CHROMIUM} (apt-get install -y chromium chromium-driver)")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        missing.append("Playwright for Python (pip install -r requirements.txt)")
+    if missing:
+        message = "browser test needs " + " and ".join(missing)
+        if os.environ.get("DUPLEX_REQUIRE_BROWSER") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def demo_url():
+    """`python app.py` as a user starts it (the shipped checkpoint, 127.0.0.1), on a free port."""
+    require_browser()
+    port = free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+    process = subprocess.Popen(
+        [sys.executable, "app.py", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 240
+    try:
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"app.py exited with {process.returncode}:\n{process.stdout.read()[-3000:]}")
+            try:
+                if httpx.get(url, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("app.py did not answer within 240 s")
+            time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+PANE_TEXT = """name => {
+    const pane = document.querySelector(`[data-pane=${name}]`);
+    const marker = pane.querySelector('.landing');
+    const out = [...pane.querySelectorAll('.out')];
+    const after = marker ? out.filter(o => marker.compareDocumentPosition(o) & Node.DOCUMENT_POSITION_FOLLOWING) : [];
+    return {
+        text: out.map(o => o.textContent).join(''),
+        after: after.map(o => o.textContent).join(''),
+        marker: marker ? {cls: marker.className, at: marker.dataset.at, label: marker.textContent} : null,
+    };
+}"""
+
+
+@pytest.mark.slow
+def test_a_correction_sent_while_it_streams_lands_in_every_pane(demo_url, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 840})
+            page.goto(demo_url)
+            page.locator("#prompt textarea").fill(PROMPT)
+            page.locator("#pace input[type=number]").fill("150")  # slow enough to correct mid-answer on a busy CI
+            page.locator("#pace input[type=number]").press("Enter")
+            page.locator("#start").click()
+            page.wait_for_function(
+                "(document.querySelector('[data-pane=workspace] .out')?.textContent || '').length >= 2",
+                timeout=120_000,
+            )
+            page.locator("#correction textarea").fill(CORRECTION)
+            page.locator("#send").click()
+            page.wait_for_function(
+                "[...document.querySelectorAll('.duplex-pane')].filter(p => p.dataset.done === 'true').length === 4",
+                timeout=180_000,
+            )
+            panes = {name: page.evaluate(PANE_TEXT, name) for name in ("workspace", "inband", "restart", "ignore")}
+            page.screenshot(path=os.environ.get("DUPLEX_SCREENSHOT") or str(tmp_path / "demo.png"))
+        finally:
+            browser.close()
+
+    workspace, ignored = panes["workspace"], panes["ignore"]
+    assert workspace["marker"] is not None, panes
+    assert workspace["marker"]["cls"] == "landing applied" and CORRECTION in workspace["marker"]["label"]
+    at = int(workspace["marker"]["at"])
+    assert at >= 2, "sent after two characters had streamed, it cannot land before them"
+    assert f"landed at token {at}," in workspace["marker"]["label"] and workspace["marker"]["label"].endswith(" ms")
+    assert workspace["text"][:at] == ignored["text"][:at]  # byte-level tokenizer, ASCII: token i is character i
+    assert workspace["after"] == workspace["text"][at:]
+    assert workspace["after"] != ignored["text"][at:], panes  # the correction changed what the model wrote
+    assert ignored["marker"]["cls"] == "landing ignored"
+    assert panes["inband"]["marker"]["cls"] == "landing applied"
+    restart = panes["restart"]["marker"]
+    assert restart["cls"] == "landing restart" and "re-prefill" in restart["label"] and restart["label"].endswith(" ms")
+    assert panes["restart"]["after"] and panes["restart"]["after"] == panes["restart"]["text"]

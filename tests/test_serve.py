@@ -1,0 +1,274 @@
+"""The streaming server (`serve_duplex.py`), end to end: a real uvicorn on 127.0.0.1 serving the shipped checkpoint,
+driven by a real HTTP client (httpx) that streams a generation and posts corrections to it mid-stream."""
+
+import importlib.util
+import json
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import uvicorn
+
+from serve_duplex import DEFAULT_MODEL, Limits, create_app, load_model
+
+LOAD_TEST = Path(__file__).resolve().parents[1] / "bench" / "load_serve.py"
+
+PROMPT = "Name 5 tools.\n"
+CORRECTION = "Name animals instead."
+LIMITS = Limits(max_new_tokens=300, max_prompt_chars=200, max_update_chars=50, max_sessions=8)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the server's CLI does: one thread per session
+    yield load_model(DEFAULT_MODEL, device="cpu")
+    torch.set_num_threads(threads)
+
+
+def serve(app) -> Iterator[str]:
+    """`app` on a real uvicorn, in a thread, on a free port of 127.0.0.1; yields its base url."""
+    port = free_port()
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not uv.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    uv.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server(shipped) -> Iterator[tuple[str, object]]:
+    """The shipped checkpoint served as `python serve_duplex.py` serves it; yields (base url, app)."""
+    app = create_app(*shipped, model_name="duplex-tiny", limits=LIMITS)
+    for base in serve(app):
+        yield base, app
+
+
+@pytest.fixture(scope="module")
+def long_server(shipped) -> Iterator[tuple[str, object]]:
+    """The same, made to write all of `max_new_tokens` (the tiny model's answers are short): for stopping mid-way."""
+    app = create_app(*shipped, limits=LIMITS, generate_kwargs={"min_new_tokens": LIMITS.max_new_tokens})
+    for base in serve(app):
+        yield base, app
+
+
+def long_generation(client: httpx.Client):
+    return client.stream("POST", "/v1/generate", json={"prompt": PROMPT, "max_new_tokens": LIMITS.max_new_tokens})
+
+
+def events(response: httpx.Response) -> Iterator[dict]:
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            yield json.loads(line[len("data: ") :])
+
+
+def run_session(base: str, prompt: str, correct_after: int | None = None, text: str = CORRECTION, **body) -> dict:
+    """Stream one generation; once token `correct_after` has arrived, post `text` to the session from a second client.
+    Returns every event in order and the time the correction was posted."""
+    seen: list[dict] = []
+    with httpx.Client(base_url=base, timeout=60) as client, httpx.Client(base_url=base, timeout=60) as other:
+        with client.stream("POST", "/v1/generate", json={"prompt": prompt, **body}) as response:
+            assert response.status_code == 200, response.read()
+            assert response.headers["content-type"].startswith("text/event-stream")
+            for event in events(response):
+                seen.append(event)
+                if correct_after is not None and event.get("index") == correct_after:
+                    reply = other.post(f"/v1/sessions/{seen[0]['session']}/updates", json={"text": text})
+                    assert reply.status_code == 202 and reply.json() == {"queued": True}
+    return {"events": seen, "session": seen[0]["session"], "done": seen[-1]}
+
+
+@pytest.mark.slow
+def test_health(server):
+    base, _ = server
+    reply = httpx.get(f"{base}/health")
+    assert reply.status_code == 200
+    assert reply.json()["status"] == "ok" and reply.json()["model"] == "duplex-tiny"
+
+
+@pytest.mark.slow
+def test_correction_lands_mid_stream_and_changes_the_continuation(server, shipped):
+    """A correction posted after token 1 lands later in the same stream: the landing event comes right before the
+    token number `at`, matches `generate`'s own record, and the text from there on is what `generate` writes with
+    that update scheduled at `at`, and not what it writes without it."""
+    base, _ = server
+    model, tokenizer = shipped
+    plain = run_session(base, PROMPT, max_new_tokens=48)["done"]
+    session = run_session(base, PROMPT, correct_after=1, max_new_tokens=48)
+    stream, done = session["events"], session["done"]
+    assert done["done"] is True and plain["landings"] == []
+
+    landed = [e["landed"] for e in stream if "landed" in e]
+    assert len(landed) == 1 and landed[0]["text"] == CORRECTION and landed[0]["applied"] is True
+    at = landed[0]["at"]
+    assert at >= 2, "the correction was posted after token 1 arrived: it cannot condition tokens 0 or 1"
+    position = next(i for i, e in enumerate(stream) if "landed" in e)
+    assert stream[position - 1]["index"] == at - 1 and stream[position + 1]["index"] == at
+    assert landed[0]["latency_ms"] > 0
+    assert done["landings"] == landed
+
+    tokens = [e for e in stream if "token" in e]
+    assert [e["index"] for e in tokens] == list(range(len(tokens))) and len(tokens) == done["tokens"]
+    assert "".join(e["token"] for e in tokens) == done["text"]
+
+    enc = tokenizer(PROMPT, return_tensors="pt")
+    offline = model.generate(**enc, max_new_tokens=48, do_sample=False, updates=[(at, CORRECTION)], tokenizer=tokenizer)
+    assert done["text"] == tokenizer.decode(offline[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert done["text"][:at] == plain["text"][:at]  # byte-level tokenizer, ASCII text: token i is character i
+    assert done["text"][at:] != plain["text"][at:], (done["text"], plain["text"])
+
+
+@pytest.mark.slow
+def test_concurrent_sessions_are_isolated(server):
+    """Three sessions at once; only the middle one is corrected. The others see no landing and write exactly the
+    uncorrected answer."""
+    base, _ = server
+    results: dict[int, dict] = {}
+
+    def one(i: int) -> None:
+        results[i] = run_session(base, PROMPT, correct_after=1 if i == 1 else None, max_new_tokens=48)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert len({r["session"] for r in results.values()}) == 3
+    assert [len(results[i]["done"]["landings"]) for i in range(3)] == [0, 1, 0]
+    assert not any("landed" in e for i in (0, 2) for e in results[i]["events"])
+    assert results[0]["done"]["text"] == results[2]["done"]["text"] != results[1]["done"]["text"]
+
+
+@pytest.mark.slow
+def test_every_update_mode_reports_its_landing(server):
+    base, _ = server
+    for mode, applied in (("ignore", False), ("inband", True)):
+        done = run_session(base, PROMPT, correct_after=1, max_new_tokens=24, update_mode=mode)["done"]
+        assert [(d["text"], d["applied"]) for d in done["landings"]] == [(CORRECTION, applied)], mode
+
+
+@pytest.mark.slow
+def test_a_client_that_disconnects_frees_its_session(long_server):
+    """Close the stream after the first token of a long answer: the session is gone and its generation stopped long
+    before `max_new_tokens`."""
+    base, app = long_server
+    with httpx.Client(base_url=base, timeout=60) as client:
+        with long_generation(client) as r:
+            stream = events(r)
+            session_id = next(stream)["session"]
+            generation = app.state.sessions.get(session_id)
+            assert next(stream)["index"] == 0
+    generation.join(30)
+    assert not generation.thread.is_alive()
+    assert generation.cancelled.is_set() and generation.tokens < LIMITS.max_new_tokens
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{base}/health").json()["sessions"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert app.state.sessions.get(session_id) is None
+    reply = httpx.post(f"{base}/v1/sessions/{session_id}/updates", json={"text": CORRECTION})
+    assert reply.status_code == 404
+
+
+def assert_refused(reply: httpx.Response, status: int, field: str) -> None:
+    assert reply.status_code == status, reply.text
+    assert field in reply.json()["error"], reply.json()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("body", "status", "field"),
+    [
+        (b"{not json", 400, "JSON"),
+        (b"[1, 2]", 400, "object"),
+        (json.dumps({"max_new_tokens": 8}).encode(), 422, "`prompt`"),
+        (json.dumps({"prompt": "  "}).encode(), 422, "`prompt`"),
+        (json.dumps({"prompt": 5}).encode(), 422, "`prompt`"),
+        (json.dumps({"prompt": "x" * 201}).encode(), 422, "`prompt`"),
+        (json.dumps({"prompt": PROMPT, "max_new_tokens": 301}).encode(), 422, "`max_new_tokens`"),
+        (json.dumps({"prompt": PROMPT, "max_new_tokens": 0}).encode(), 422, "`max_new_tokens`"),
+        (json.dumps({"prompt": PROMPT, "max_new_tokens": "8"}).encode(), 422, "`max_new_tokens`"),
+        (json.dumps({"prompt": PROMPT, "update_mode": "shout"}).encode(), 422, "`update_mode`"),
+        (json.dumps({"prompt": PROMPT, "do_sample": "yes"}).encode(), 422, "`do_sample`"),
+        (json.dumps({"prompt": PROMPT, "temperature": 0.5}).encode(), 422, "`temperature`"),
+        (json.dumps({"prompt": "x" * 100_000}).encode(), 413, "body"),
+    ],
+)
+def test_bad_generate_requests_get_a_4xx_naming_the_field(server, body, status, field):
+    base, app = server
+    reply = httpx.post(f"{base}/v1/generate", content=body, headers={"content-type": "application/json"})
+    assert_refused(reply, status, field)
+    assert len(app.state.sessions) == 0
+
+
+@pytest.mark.slow
+def test_bad_updates_get_a_4xx_naming_the_field(server, long_server):
+    """Unknown session, finished session, bad JSON, missing, empty and oversized text."""
+    base, _ = server
+    assert_refused(httpx.post(f"{base}/v1/sessions/nope/updates", json={"text": CORRECTION}), 404, "session")
+    finished = run_session(base, PROMPT, max_new_tokens=4)["session"]
+    assert_refused(httpx.post(f"{base}/v1/sessions/{finished}/updates", json={"text": CORRECTION}), 404, "session")
+
+    with httpx.Client(base_url=long_server[0], timeout=60) as client:
+        with long_generation(client) as r:
+            stream = events(r)  # kept: closing it would close the response
+            session_id = next(stream)["session"]
+            url = f"/v1/sessions/{session_id}/updates"
+            assert client.post(url, json={"text": CORRECTION}).status_code == 202  # a live session
+            assert_refused(client.post(url, content=b"{oops"), 400, "JSON")
+            assert_refused(client.post(url, json={}), 422, "`text`")
+            assert_refused(client.post(url, json={"text": " "}), 422, "`text`")
+            assert_refused(client.post(url, json={"text": ["a"]}), 422, "`text`")
+            assert_refused(client.post(url, json={"text": "x" * 51}), 422, "`text`")
+            assert_refused(client.post(url, json={"text": CORRECTION, "row": 1}), 422, "`row`")
+
+
+@pytest.mark.slow
+def test_unknown_route_is_a_json_404(server):
+    base, _ = server
+    assert_refused(httpx.get(f"{base}/v1/nothing"), 404, "Not Found")
+
+
+@pytest.mark.slow
+def test_load_test_reports_every_figure_and_loses_nothing(server, capsys):
+    """bench/load_serve.py, briefly, against the running server: every figure printed, nothing lost or leaked."""
+    spec = importlib.util.spec_from_file_location("load_serve", LOAD_TEST)
+    load_serve = importlib.util.module_from_spec(spec)
+    sys.modules["load_serve"] = load_serve  # its dataclasses look their module up there
+    spec.loader.exec_module(load_serve)
+    results = load_serve.main(["--url", server[0], "--sessions", "3", "--duration", "2", "--max-new-tokens", "48"])
+    assert results["ok"], results["counts"]
+    counts = results["counts"]
+    assert counts["sent"] == 2 * counts["sessions"] == counts["landed"] + counts["late"] and counts["lost"] == 0
+    assert results["ttft_s"] and results["latency_s"] and results["tok_s"] and results["total_tok_s"] > 0
+    printed = capsys.readouterr().out
+    for figure in ("time to first token", "correction latency", "tokens/s per session", "0 lost"):
+        assert figure in printed
+
+
+@pytest.mark.slow
+def test_sessions_over_the_limit_are_refused_not_queued(shipped):
+    app = create_app(*shipped, limits=Limits(max_sessions=1), generate_kwargs={"min_new_tokens": 200})
+    for base in serve(app):
+        with httpx.Client(base_url=base, timeout=60) as client:
+            body = {"prompt": PROMPT, "max_new_tokens": 200}
+            with client.stream("POST", "/v1/generate", json=body) as response:
+                stream = events(response)  # kept: closing it would close the response
+                assert "session" in next(stream)
+                assert_refused(client.post("/v1/generate", json=body), 429, "sessions")
