@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import json
 import sys
 import threading
@@ -95,53 +94,13 @@ def update_stream_class(model: torch.nn.Module) -> type | None:
     return getattr(module, "UpdateStream", None)
 
 
-@functools.cache
-def _recording_stream_class(stream_class: type) -> type:
-    """An `UpdateStream` subclass that also reports what `generate` takes from it. `generate` drains the stream before
-    every decoding step, and every correction it takes lands at that step, so the landings can be announced while the
-    tokens stream, before `generate` returns its own record of them.
-
-    Only those per-step drains count: generation code that also drains the stream to check what is queued when it
-    starts (`open`) or to collect what came too late when it ends (`close`) does so without landing anything.
-    """
-
-    class RecordingUpdateStream(stream_class):
-        def __init__(self, on_drain: Callable[[list], None]):
-            super().__init__()
-            self.on_drain = on_drain
-            self.recording = True
-
-        def drain(self):
-            items = super().drain()
-            if items and self.recording:
-                self.on_drain(items)
-            return items
-
-        def drain_unseen(self):
-            """What `generate` never took (posted after its last step), without reporting it as taken."""
-            return _unrecorded(self, super().drain)
-
-    for name in ("open", "close"):
-        if hasattr(stream_class, name):
-            setattr(RecordingUpdateStream, name, _without_recording(getattr(stream_class, name)))
-    return RecordingUpdateStream
-
-
-def _unrecorded(stream, method: Callable, *args, **kwargs):
-    """Call `method` with the stream's landing reports switched off."""
-    stream.recording = False
-    try:
-        return method(*args, **kwargs)
-    finally:
-        stream.recording = True
-
-
-def _without_recording(method: Callable) -> Callable:
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        return _unrecorded(self, method, self, *args, **kwargs)
-
-    return wrapper
+def _landing_event(landing) -> dict[str, Any]:
+    """An `UpdateLanding` as the server reports it; latency is from the correction's arrival to the forward pass
+    that first read it (None for one that never landed)."""
+    latency = None
+    if landing.landed_time is not None and landing.arrived_time is not None:
+        latency = round((landing.landed_time - landing.arrived_time) * 1000, 2)
+    return {"at": landing.at, "text": landing.text, "applied": landing.applied, "latency_ms": latency}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -204,23 +163,17 @@ class IncrementalDecoder:
         return self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
 
 
-@dataclass
-class _Arrival:
-    at: int
-    text: str
-    arrived: float  # time.perf_counter() at `correct()`
-
-
 class LiveGeneration:
     """One `model.generate` call in its own thread that streams events and takes corrections while it writes.
 
     Events go to `emit` (called from the generation thread), in order:
       {"token": str, "index": n}                 every new token (index counts new tokens from 0)
       {"landed": {"at", "text", "applied", "latency_ms"}}   just before token `at`, the first one conditioned on it;
-                                                 latency is from `correct()` to that token being produced
+                                                 latency is from `correct()` to the forward pass that computed
+                                                 that token's logits (`UpdateLanding` times, from `on_landing`)
       {"done": true, "text", "tokens", "stopped", "landings"}   at the end; `landings` are `generate`'s own record
-                                                 (at, text, applied; latency_ms as its landed event said), plus any
-                                                 correction that arrived too late to land (`at` None)
+                                                 (at, text, applied, latency_ms), plus any correction that arrived
+                                                 too late to land (`at` None)
       {"error": message}                         if generation failed
 
     A plain causal LM (e.g. the frozen backbone) streams too but takes no corrections. `pace_s` slows the stream down
@@ -247,7 +200,7 @@ class LiveGeneration:
         self.pace_s = pace_s
         self.generate_kwargs = dict(generate_kwargs or {})
         stream_class = update_stream_class(model)
-        self.stream = _recording_stream_class(stream_class)(self._on_drain) if stream_class is not None else None
+        self.stream = stream_class(on_landing=self._on_landing) if stream_class is not None else None
         self.decoder = IncrementalDecoder(tokenizer)
         self.cancelled = threading.Event()
         self.wake = threading.Event()  # cuts a pacing pause short
@@ -256,8 +209,6 @@ class LiveGeneration:
         self.started_time: float | None = None
         self.first_token_time: float | None = None
         self.tokens = 0
-        self._landing_now: list[_Arrival] = []  # taken by `generate` for the token it is computing
-        self._latencies: dict[tuple[int, str], float] = {}  # (at, text) -> latency_ms, as its landed event said
         self.thread = threading.Thread(target=self._run, name="duplex-generate", daemon=True)
 
     def start(self) -> LiveGeneration:
@@ -295,7 +246,7 @@ class LiveGeneration:
             return
         with self.lock:
             self.finished = True
-            late = self.stream.drain_unseen() if self.stream is not None else []
+            late = self.stream.drain() if self.stream is not None else []  # posted after generate returned
         self.emit(self._done_event(output, late))
 
     def _generate(self):
@@ -320,22 +271,14 @@ class LiveGeneration:
         pad = self.tokenizer.pad_token_id
         return pad if pad is not None else self.tokenizer.eos_token_id
 
-    def _on_drain(self, items: list) -> None:
-        """`generate` took these corrections before computing token number `self.tokens`: they land there."""
-        for payload, _row, arrived in items:
-            self._landing_now.append(_Arrival(self.tokens, payload, arrived))
+    def _on_landing(self, row: int, landing) -> None:
+        """`generate` reports a correction taking effect: announce it before the token it conditions."""
+        self.emit({"landed": _landing_event(landing)})
 
     def _on_token(self, token_id: int) -> None:
-        """Announce what lands at this token, then the token itself; then pause if the stream is paced."""
-        now = time.perf_counter()
+        """Announce the token; then pause if the stream is paced."""
         if self.first_token_time is None:
-            self.first_token_time = now
-        for arrival in self._landing_now:
-            latency_ms = round((now - arrival.arrived) * 1000, 2)
-            self._latencies[(arrival.at, arrival.text)] = latency_ms
-            landed = {"at": arrival.at, "text": arrival.text, "applied": self.update_mode != "ignore"}
-            self.emit({"landed": {**landed, "latency_ms": latency_ms}})
-        self._landing_now = []
+            self.first_token_time = time.perf_counter()
         self.emit({"token": self.decoder.push(token_id), "index": self.tokens})
         self.tokens += 1
         if self.pace_s > 0 and not self.cancelled.is_set():
@@ -343,14 +286,9 @@ class LiveGeneration:
             self.wake.clear()
 
     def _done_event(self, output, late: list) -> Event:
-        """`generate`'s own record of where each correction landed (with the latency its landed event reported),
-        plus the corrections it never took."""
-        landings = []
-        for landing in (getattr(output, "update_landings", None) or [[]])[0]:
-            latency_ms = self._latencies.get((landing.at, landing.text))
-            landings.append(
-                {"at": landing.at, "text": landing.text, "applied": landing.applied, "latency_ms": latency_ms}
-            )
+        """`generate`'s own record of where each correction landed (corrections that came after its last step have
+        `at` None), plus those posted after it returned."""
+        landings = [_landing_event(landing) for landing in (getattr(output, "update_landings", None) or [[]])[0]]
         for payload, _row, _arrived in late:
             landings.append({"at": None, "text": payload, "applied": False, "latency_ms": None})
         if self.cancelled.is_set():

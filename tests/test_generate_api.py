@@ -215,3 +215,25 @@ def test_threads_feeding_one_stream_lose_nothing_and_apply_nothing_twice(model):
     assert any(landing.applied for landing in out.update_landings[0])
     landed_at = [landing.at for landing in out.update_landings[0] if landing.applied]
     assert landed_at == sorted(landed_at)
+
+
+def test_on_landing_reports_each_update_before_the_token_it_conditions(model):
+    """`UpdateStream(on_landing=...)` is told of each landing after the forward pass that read it and before the
+    token it conditions is streamed: exactly `at` new tokens have been streamed by then."""
+    streamed, seen = [], []
+
+    class CountingStreamer:
+        def put(self, value):
+            streamed.append(value)
+
+        def end(self):
+            pass
+
+    stream = UpdateStream(on_landing=lambda row, landing: seen.append((row, landing.at, len(streamed) - 1)))
+    stream.put("Stop at 5.")
+    out = model.generate(
+        **prompt(), updates=stream, tokenizer=TOK, streamer=CountingStreamer(), max_new_tokens=6, min_new_tokens=6,
+        return_dict_in_generate=True,
+    )  # fmt: skip
+    (landing,) = out.update_landings[0]
+    assert seen == [(0, landing.at, landing.at)] and landing.landed_time is not None

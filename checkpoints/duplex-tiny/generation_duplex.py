@@ -13,7 +13,7 @@ import queue
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -57,7 +57,10 @@ class UpdateStream:
     loop and the updates that did land are still reported.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, on_landing: Callable[[int, UpdateLanding], None] | None = None) -> None:
+        """`on_landing(row, landing)`, if given, is called from the generating thread as each update takes effect:
+        after the forward pass that first reads it, before the token it conditions is sampled and streamed."""
+        self.on_landing = on_landing
         self._queue: queue.SimpleQueue = queue.SimpleQueue()  # thread-safe on its own
         self._lock = threading.Lock()  # makes check-then-queue atomic against `open`
         self._batch_size: int | None = None  # set while a generate call reads the stream
@@ -259,7 +262,7 @@ class DuplexGenerationState:
         self.versions: WorkspaceVersions | None = None
         self.current_kv: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None  # adapters' K/V, newest versions
         self.stale_rows: set[int] = set()  # rows whose newest version changed since `current_kv` was computed
-        self.landed_this_step: list[UpdateLanding] = []
+        self.landed_this_step: list[tuple[int, UpdateLanding]] = []  # (row, landing)
         self.inserted: tuple[torch.Tensor, torch.Tensor, int] | None = None  # inband: (mask, positions, chunk len)
 
     @property
@@ -352,7 +355,7 @@ class DuplexGenerationState:
     def _record(self, row: int, update: _PendingUpdate, at: int, applied: bool) -> None:
         landing = UpdateLanding(at, update.at, update.text, update.token_ids, applied, update.arrived_time)
         self.landings[row].append(landing)
-        self.landed_this_step.append(landing)
+        self.landed_this_step.append((row, landing))
 
     def _drop(self, due: list[tuple[int, _PendingUpdate]], generated: int, model_inputs: dict) -> None:
         """`ignore` (the ablation): due updates are reported as arrived and not applied; nothing changes."""
@@ -480,13 +483,16 @@ class DuplexGenerationState:
         self.inserted = (model_inputs["attention_mask"], chunk_positions, length)
 
     def after_forward(self, model_kwargs: dict) -> None:
-        """After each forward: time-stamp the updates it used; persist in-band insertions in mask and positions."""
+        """After each forward: time-stamp the updates it used (and tell the stream's `on_landing`); persist in-band
+        insertions in mask and positions."""
         device = self.versions.starts.device
         if self.landed_this_step and device.type == "cuda":
             torch.cuda.synchronize(device)  # the time the conditioned token exists, not was queued
         now = time.perf_counter()
-        for landing in self.landed_this_step:
+        for row, landing in self.landed_this_step:
             landing.landed_time = now
+            if self.stream is not None and self.stream.on_landing is not None:
+                self.stream.on_landing(row, landing)
         self.landed_this_step = []
         if self.inserted is not None:
             full_mask, chunk_positions, length = self.inserted
