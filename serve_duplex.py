@@ -47,8 +47,10 @@ from transformers import (
 )
 from transformers.generation.streamers import BaseStreamer
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from generation_duplex import UPDATE_MODES
+
 DEFAULT_MODEL = str(Path(__file__).resolve().parent / "checkpoints" / "duplex-tiny")
-UPDATE_MODES = ("workspace", "ignore", "inband")
 
 Event = dict[str, Any]
 EmitFn = Callable[[Event], None]
