@@ -105,6 +105,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[DuplexArguments, Training
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
         seed=0,
+        # DDP: a batch without updates gives the update encoder no gradient (the model adds 0 * gates to the loss,
+        # not 0 * encoder), so DDP must look for unused parameters, under activation checkpointing too (the Trainer
+        # would turn the search off there; transformers checkpoints non-reentrantly, which allows it).
+        ddp_find_unused_parameters=True,
     )
     duplex_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     if duplex_args.method not in ("duplex", "tdm"):
@@ -288,6 +292,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         data = tokenized(args, training_args.seed + 2, args.train_size, tokenizer, "duplex")
         run_phase(model, data, training_args, "duplex", args.duplex_steps, collator, gate_lr=args.gate_lr)
 
+    if not training_args.should_save:  # multi-process runs: the main process saves (and evaluates), the rest end
+        return None
     final = out / ("final" if args.method == "duplex" else "tdm-final")  # tdm reuses the same backbone dir
     model.config.backbone_name_or_path = str(backbone_path)
     ready_for_generation(model).save_pretrained(final)
