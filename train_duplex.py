@@ -131,7 +131,7 @@ def tokenized(
     return rows.map(lambda r: tokenize_row(r, tokenizer, fmt), remove_columns=rows.column_names)
 
 
-def gated_optimizer(model: PreTrainedModel, args: TrainingArguments, gate_lr: float) -> torch.optim.Optimizer:
+def gated_optimizer(model: torch.nn.Module, args: TrainingArguments, gate_lr: float) -> torch.optim.Optimizer:
     """AdamW with the adapters' gates in a group of their own: zero-initialised scalars that must open far and
     early, so they get a higher learning rate than the rest (as LLaMA-Adapter's gating does)."""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -145,6 +145,20 @@ def gated_optimizer(model: PreTrainedModel, args: TrainingArguments, gate_lr: fl
         betas=(args.adam_beta1, args.adam_beta2),
         eps=args.adam_epsilon,
     )
+
+
+class DuplexTrainer(Trainer):
+    """The Trainer, with `gated_optimizer` when `gate_lr` is given. The optimizer is built in `create_optimizer`, on
+    the model the Trainer hands it, because FSDP refuses a ready-made one (it must see the wrapped parameters)."""
+
+    def __init__(self, *args, gate_lr: float | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gate_lr = gate_lr
+
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.gate_lr is not None and self.optimizer is None:
+            self.optimizer = gated_optimizer(self.model if model is None else model, self.args, self.gate_lr)
+        return super().create_optimizer(model)
 
 
 def run_phase(
@@ -161,14 +175,13 @@ def run_phase(
     """One Trainer run in `output_dir/name`; resumes from that phase's last checkpoint when asked."""
     out = Path(training_args.output_dir) / name
     args = dataclasses.replace(training_args, output_dir=str(out), max_steps=steps, **overrides)
-    optimizers = (gated_optimizer(model, args, gate_lr), None) if gate_lr is not None else (None, None)
-    trainer = Trainer(
+    trainer = DuplexTrainer(
         model=model,
         args=args,
         train_dataset=dataset,
         data_collator=collator,
         processing_class=tokenizer,
-        optimizers=optimizers,
+        gate_lr=gate_lr,
     )
     resume = training_args.resume_from_checkpoint
     if str(resume).lower() in ("true", "1", "yes"):

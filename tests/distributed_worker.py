@@ -62,7 +62,7 @@ class RecordWeights(TrainerCallback):
         self.save(args, model, "final")
 
 
-class RecordingTrainer(train_duplex.Trainer):
+class RecordingTrainer(train_duplex.DuplexTrainer):
     """Notes the rows of every batch a training step runs on (data loaders may collate a batch ahead)."""
 
     def __init__(self, *args, **kwargs):
@@ -77,7 +77,7 @@ class RecordingTrainer(train_duplex.Trainer):
 real_tokenized = train_duplex.tokenized
 train_duplex.tokenized = indexed
 train_duplex.DuplexCollator = RecordingCollator
-train_duplex.Trainer = RecordingTrainer
+train_duplex.DuplexTrainer = RecordingTrainer
 
 if __name__ == "__main__":
     train_duplex.main()

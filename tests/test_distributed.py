@@ -91,3 +91,30 @@ def test_checkpoint_of_the_main_process_loads_and_generates_with_updates(ddp_run
     landing = out.update_landings[0][0]
     assert landing.applied and landing.at == 2, landing
     assert out.sequences.shape[1] > enc["input_ids"].shape[1] + 2
+
+
+@pytest.mark.slow
+def test_the_fsdp_config_shards_a_trainable_duplex_model(tmp_path):
+    """configs/fsdp_1.7b.yaml's units, applied with accelerate's auto-wrap policy and FSDP2 on two CPU processes
+    (accelerate itself runs FSDP on GPUs only): a step with updates runs sharded, and its duplex gradients are those
+    of the unsharded model in bf16, the same on every process."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        str(ROOT / "tests" / "fsdp_worker.py"), str(tmp_path),
+    ]  # fmt: skip
+    env = os.environ | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    assert {"FSDPQwen3MLP", "FSDPUpdateEncoderLayer", "FSDPDuplexForCausalLM"} <= set(ranks[0]["units"])
+    for record in ranks:
+        assert record["loss"] == pytest.approx(record["reference_loss"], rel=0.03)
+        grads = torch.cat([g.flatten() for g in record["grads"].values()])
+        reference = torch.cat([g.flatten() for g in record["reference_grads"].values()])
+        assert reference.norm() > 0 and torch.isfinite(grads).all()
+        assert torch.nn.functional.cosine_similarity(grads, reference, dim=0) > 0.99
+        assert (grads - reference).norm() < 0.1 * reference.norm()  # bf16 compute on both sides
+    for key, grad in ranks[0]["grads"].items():
+        assert torch.equal(grad, ranks[1]["grads"][key]), key
