@@ -193,6 +193,27 @@ def run_phase(
     return trainer
 
 
+def gathered_model(trainer: Trainer, model: PreTrainedModel) -> PreTrainedModel:
+    """The trained model, whole, where the main process saves and evaluates it. FSDP leaves every weight sharded
+    across the processes: all of them gather the full state dict (a collective) and the main process loads it into
+    an unsharded copy. Otherwise the model itself."""
+    if not trainer.is_fsdp_enabled:
+        return model
+    state_dict = trainer.accelerator.get_state_dict(trainer.model)  # full tensors, on the main process only
+    return duplex_from_state_dict(model.config, state_dict) if trainer.args.should_save else model
+
+
+def duplex_from_state_dict(config, state_dict: dict[str, torch.Tensor]) -> DuplexForCausalLM:
+    """A plain DuplexForCausalLM holding `state_dict`'s tensors as they are (bf16 backbone, fp32 duplex modules)."""
+    model = DuplexForCausalLM(config)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
+    if unexpected or set(missing) - set(model._tied_weights_keys):
+        raise ValueError(f"gathered state dict does not match the model: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    model.freeze_backbone()
+    return model
+
+
 def save_loss_curve(log_history: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -303,7 +324,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         model = DuplexForCausalLM.from_backbone(model)  # zero-init duplex modules: exactly the tuned backbone
     else:
         data = tokenized(args, training_args.seed + 2, args.train_size, tokenizer, "duplex")
-        run_phase(model, data, training_args, "duplex", args.duplex_steps, collator, gate_lr=args.gate_lr)
+        trainer = run_phase(model, data, training_args, "duplex", args.duplex_steps, collator, gate_lr=args.gate_lr)
+        model = gathered_model(trainer, model)
 
     if not training_args.should_save:  # multi-process runs: the main process saves (and evaluates), the rest end
         return None

@@ -6,7 +6,9 @@ accelerate runs FSDP on GPUs only, so this applies the same sharding by hand: th
 auto-wrap policy for the config's `fsdp_transformer_layer_cls_to_wrap` (then the root, as accelerate does), with
 FSDP2's bf16 mixed-precision policy over a bf16 backbone and fp32 duplex modules. Every process runs the same batch
 (with updates) through the sharded model and through an unsharded copy in bf16, and writes the loss and the full
-gradients of the duplex parameters of both to `OUT_DIR/rank{R}.pt`. Not collected by pytest.
+gradients of the duplex parameters of both to `OUT_DIR/rank{R}.pt`. Then the processes gather the full state dict
+as accelerate does, and the main process rebuilds the plain model from it as `train_duplex.py` does before saving.
+Not collected by pytest.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch.distributed as dist
 from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.utils import FullyShardedDataParallelPlugin
 from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from data import build_dataset  # noqa: E402
 from data.collate import DuplexCollator, tokenize_row  # noqa: E402
 from modeling_duplex import DuplexForCausalLM  # noqa: E402
-from train_duplex import SHIPPED_BACKBONE  # noqa: E402
+from train_duplex import SHIPPED_BACKBONE, duplex_from_state_dict  # noqa: E402
 
 CONFIG = ROOT / "configs" / "fsdp_1.7b.yaml"
 
@@ -67,6 +70,7 @@ def main(out: Path) -> None:
         for adapter in model.adapters.values():
             adapter.gate.fill_(0.5)
     reference = copy.deepcopy(model).to(torch.bfloat16)  # what the bf16 mixed-precision policy computes with
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     from transformers import AutoTokenizer
 
@@ -81,9 +85,27 @@ def main(out: Path) -> None:
     loss = sharded(**batch).loss
     loss.backward()
     units = sorted({type(m).__name__ for m in sharded.modules() if isinstance(m, FSDPModule)})
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, cpu_offload=True)  # as accelerate
+    gathered = get_model_state_dict(sharded, options=options)  # a collective: every process takes part
+    rebuilt = {}
+    if dist.get_rank() == 0:  # what train_duplex.py saves after an FSDP run
+        whole = duplex_from_state_dict(sharded.config, gathered).eval()
+        enc = tokenizer("Name 4 fruits.\n", return_tensors="pt")
+        generated = whole.generate(
+            **enc, max_new_tokens=8, do_sample=False, updates=[(2, "Name animals instead.")], tokenizer=tokenizer,
+            return_dict_in_generate=True,
+        )  # fmt: skip
+        rebuilt = {
+            "weights_equal": all(torch.equal(whole.state_dict()[k], v) for k, v in weights.items()),
+            "dtypes": [str(whole.model.embed_tokens.weight.dtype), str(next(whole.adapters.parameters()).dtype)],
+            "tied": whole.lm_head.weight is whole.model.embed_tokens.weight,
+            "trainable": sorted({n.split(".")[0] for n, p in whole.named_parameters() if p.requires_grad}),
+            "landed": generated.update_landings[0][0].applied,
+        }
     torch.save(
         {
             "units": units,
+            "rebuilt": rebuilt,
             "loss": loss.item(),
             "reference_loss": reference_loss.item(),
             "grads": duplex_grads(sharded),

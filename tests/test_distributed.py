@@ -97,7 +97,7 @@ def test_checkpoint_of_the_main_process_loads_and_generates_with_updates(ddp_run
 def test_the_fsdp_config_shards_a_trainable_duplex_model(tmp_path):
     """configs/fsdp_1.7b.yaml's units, applied with accelerate's auto-wrap policy and FSDP2 on two CPU processes
     (accelerate itself runs FSDP on GPUs only): a step with updates runs sharded, and its duplex gradients are those
-    of the unsharded model in bf16, the same on every process."""
+    of the unsharded model in bf16, the same on every process; the gathered weights rebuild the plain model."""
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
         str(ROOT / "tests" / "fsdp_worker.py"), str(tmp_path),
@@ -118,3 +118,7 @@ def test_the_fsdp_config_shards_a_trainable_duplex_model(tmp_path):
         assert (grads - reference).norm() < 0.1 * reference.norm()  # bf16 compute on both sides
     for key, grad in ranks[0]["grads"].items():
         assert torch.equal(grad, ranks[1]["grads"][key]), key
+    rebuilt = ranks[0]["rebuilt"]  # gathered as accelerate does, rebuilt as train_duplex.py does before saving
+    assert rebuilt["weights_equal"] and rebuilt["tied"] and rebuilt["landed"], rebuilt
+    assert rebuilt["dtypes"] == ["torch.bfloat16", "torch.float32"]  # bf16 backbone, fp32 duplex modules
+    assert rebuilt["trainable"] == ["adapters", "update_encoder"]
