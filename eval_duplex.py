@@ -4,10 +4,11 @@ retention, multi-update accuracy, tokens-to-revision and a position sweep, for e
 Library use (train_duplex.py):  results = evaluate(model, tokenizer); write_report(results, out_dir)
 CLI:  python eval_duplex.py --checkpoint DIR [--tdm-checkpoint DIR] [--out DIR] [--n-per-family N] [--seeds 0 1 2]
 
-Modes (SPEC sections 3 and 5):
+Modes, all on identical instances:
   workspace  the duplex model, corrections written into the workspace mid-stream
   ignore     the same model, corrections dropped (ablation)
-  inband     the same model, the correction's tokens spliced into the context at `at`
+  inband     the same model, the correction's tokens spliced into the context at `at`; its workspace stays empty, so
+             this is the frozen backbone given the correction in-band
   restart    the backbone alone (`get_base_model()`), re-prompted with `restart_prompt(instruction, [correction])`;
              its whole response is scored against the oracle for an update at word 0 (single-update instances only)
   tdm        a second duplex checkpoint whose backbone was fully fine-tuned on in-band corrections, run in-band
@@ -29,7 +30,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -67,7 +68,7 @@ METRIC_LABELS = {
     "three_update_accuracy": "three-update accuracy",
     "tokens_to_revision": "tokens-to-revision (mean)",
 }
-# The toy prototype's figures (SPEC section 7), shown beside ours.
+# The toy prototype's figures (the reference column of the targets), shown beside ours.
 REFERENCE = {
     "revision_accuracy": {"workspace": 0.55, "ignore": 0.044},
     "contradiction_rate": {"workspace": 0.036, "ignore": 0.402},
@@ -75,7 +76,14 @@ REFERENCE = {
 SWEEP_BINS = 5
 Z95 = 1.959963984540054
 
-Job = tuple[str, str, tuple[tuple[int, str], ...], str | None]  # (model key, prompt, updates, update_mode)
+
+class Job(NamedTuple):
+    """One distinct generation: which model, which prompt, which updates, in which `update_mode` (None: plain)."""
+
+    model_key: str
+    prompt: str
+    updates: tuple[tuple[int, str], ...]
+    update_mode: str | None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -183,8 +191,8 @@ def _make_item(mode: str, seed: int, kind: str, row: dict, tokenizer) -> _Item |
     else:
         prompt, updates = row["prompt"], tuple(zip(update_ats(tokenizer, row["segments"]), texts, strict=True))
         at = updates[0][0] if updates else None
-    job: Job = (model_key, prompt, updates, update_mode if updates else None)
-    reference: Job | None = (model_key, row["prompt"], (), None) if kind == "distractor" else None
+    job = Job(model_key, prompt, updates, update_mode if updates else None)
+    reference = Job(model_key, row["prompt"], (), None) if kind == "distractor" else None
     position = relative_position(row) if kind == "sweep" else None
     return _Item(mode, seed, kind, inst.family, job, target, at, reference, position)
 
@@ -259,19 +267,19 @@ def _run_jobs(
 
     groups: dict[tuple[str, str | None], list[Job]] = defaultdict(list)
     for job in dict.fromkeys(jobs):
-        groups[(job[0], job[3])].append(job)
+        groups[(job.model_key, job.update_mode)].append(job)
     done: dict[Job, Generation] = {}
     with tqdm(total=sum(map(len, groups.values())), desc="eval", unit="gen", disable=not progress) as bar:
         for (model_key, update_mode), group in groups.items():
-            group.sort(key=lambda j: (len(j[1]), len(j[2])))
+            group.sort(key=lambda j: (len(j.prompt), len(j.updates)))
             for start in range(0, len(group), batch_size):
                 batch = group[start : start + batch_size]
                 bar.set_postfix_str(f"{model_key}/{update_mode or 'plain'}")
                 gens = generate_batch(
                     models[model_key],
                     tokenizer,
-                    [j[1] for j in batch],
-                    [j[2] for j in batch],
+                    [j.prompt for j in batch],
+                    [j.updates for j in batch],
                     update_mode,
                     max_new_tokens,
                 )
@@ -427,8 +435,8 @@ def evaluate(
     examples = {
         mode: [
             {
-                "prompt": it.job[1],
-                "updates": [list(u) for u in it.job[2]],
+                "prompt": it.job.prompt,
+                "updates": [list(u) for u in it.job.updates],
                 "oracle": it.target.response,
                 "generated": done[it.job].text,
             }

@@ -81,7 +81,7 @@ class DuplexArguments:
     tdm_lr: float = field(default=1e-3, metadata={"help": "learning rate of the tdm baseline's full fine-tune"})
     train_size: int = field(default=20000, metadata={"help": "training instances per phase"})
     families: str | None = field(default=None, metadata={"help": "comma-separated task families (default all)"})
-    num_slots: int | None = field(default=None, metadata={"help": "workspace slots (default 32; tiny 64)"})
+    num_slots: int | None = field(default=None, metadata={"help": "workspace slots (default 32; tiny 128)"})
     encoder_layers: int | None = field(default=None, metadata={"help": "update encoder layers (default 4; tiny 0)"})
     adapter_layers: str | None = field(default=None, metadata={"help": "comma-separated decoder layers (default all)"})
     eval_per_family: int = field(default=8, metadata={"help": "held-out instances per family and kind at the end"})
@@ -117,6 +117,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[DuplexArguments, Training
         parser.error("--pretrain_backbone makes the tiny offline backbone; it cannot be combined with --backbone")
     if duplex_args.pretrain_only and not duplex_args.pretrain_backbone:
         parser.error("--pretrain_only needs --pretrain_backbone")
+    resume = training_args.resume_from_checkpoint
+    if resume is not None and not resumes_last_checkpoint(resume):
+        phases = (["phase0"] if duplex_args.pretrain_backbone else []) + [duplex_args.method]
+        phase_dirs = [(Path(training_args.output_dir) / name).resolve() for name in phases]
+        if not Path(resume).is_dir() or Path(resume).resolve().parent not in phase_dirs:
+            parser.error(
+                f"--resume_from_checkpoint {resume!r} must be True or a checkpoint-* directory of one of this run's "
+                f"phases: {', '.join(str(d) for d in phase_dirs)}"
+            )
     return duplex_args, training_args
 
 
@@ -183,14 +192,24 @@ def run_phase(
         processing_class=tokenizer,
         gate_lr=gate_lr,
     )
-    resume = training_args.resume_from_checkpoint
-    if str(resume).lower() in ("true", "1", "yes"):
-        resume = True  # `--resume_from_checkpoint True`: this phase's last checkpoint
-    if resume is True and not list(out.glob("checkpoint-*")):
-        resume = None  # nothing saved yet in this phase: start it fresh
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=phase_resume_point(training_args.resume_from_checkpoint, out))
     save_loss_curve(trainer.state.log_history, out / "loss.png", name)
     return trainer
+
+
+def resumes_last_checkpoint(resume: str | None) -> bool:
+    return str(resume).lower() in ("true", "1", "yes")
+
+
+def phase_resume_point(resume: str | None, phase_dir: Path) -> str | bool | None:
+    """`--resume_from_checkpoint` for one phase. True: this phase's last checkpoint (a fresh start when it saved
+    none). A path: that checkpoint in the phase that saved it; every other phase ignores it, so no phase inherits
+    another's step, optimizer or scheduler."""
+    if resume is None:
+        return None
+    if resumes_last_checkpoint(resume):
+        return True if list(phase_dir.glob("checkpoint-*")) else None
+    return str(resume) if Path(resume).resolve().parent == phase_dir.resolve() else None
 
 
 def gathered_model(trainer: Trainer, model: PreTrainedModel) -> PreTrainedModel:
@@ -321,15 +340,22 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.method == "tdm":  # same instances and budget as the duplex phase, corrections in the token stream
         data = tokenized(args, training_args.seed + 2, args.train_size, tokenizer, "inband")
         run_phase(model, data, training_args, "tdm", args.duplex_steps, collator, learning_rate=args.tdm_lr)
+        if not training_args.should_save:  # multi-process runs: the main process saves (and evaluates), the rest end
+            return None
+        backbone_path = (
+            out / "tdm-backbone"
+        )  # the tuned backbone is this checkpoint's backbone, not the one it began as
+        ready_for_generation(model).save_pretrained(backbone_path)
+        tokenizer.save_pretrained(backbone_path)
         model = DuplexForCausalLM.from_backbone(model)  # zero-init duplex modules: exactly the tuned backbone
     else:
         data = tokenized(args, training_args.seed + 2, args.train_size, tokenizer, "duplex")
         trainer = run_phase(model, data, training_args, "duplex", args.duplex_steps, collator, gate_lr=args.gate_lr)
         model = gathered_model(trainer, model)
+        if not training_args.should_save:  # multi-process runs: the main process saves (and evaluates), the rest end
+            return None
 
-    if not training_args.should_save:  # multi-process runs: the main process saves (and evaluates), the rest end
-        return None
-    final = out / ("final" if args.method == "duplex" else "tdm-final")  # tdm reuses the same backbone dir
+    final = out / ("final" if args.method == "duplex" else "tdm-final")  # tdm may share the output dir
     model.config.backbone_name_or_path = str(backbone_path)
     ready_for_generation(model).save_pretrained(final)
     tokenizer.save_pretrained(final)

@@ -1,4 +1,4 @@
-"""Task families for Duplex (SPEC section 4): instructions, oracle responses, mid-stream updates.
+"""Task families for Duplex: instructions, oracle responses, mid-stream updates.
 
 Every family is a tiny word-by-word state machine: `_emit` produces response word i from the
 current state and `_apply` changes the state when an update lands before word i. The base
@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 SPLITS = ("train", "test")
 
-# Canonical backchannels (SPEC section 4) and extra ones used only when canonical=False.
+# Canonical backchannels and extra ones used only when canonical=False.
 DISTRACTORS = ["ok", "go on", "mm-hmm", "thanks", "yes", "I see"]
 EXTRA_DISTRACTORS = ["okay", "got it", "sure", "uh-huh", "right", "I hear you"]
 
@@ -498,7 +498,7 @@ class ListFamily(TaskFamily):
         return set(CATEGORIES[p["cat"]])
 
     def _correct(self, inst, generated):
-        """The rule (SPEC §4): right count, all distinct, each item a member of the category the
+        """The rule: right count, all distinct, each item a member of the category the
         oracle uses at that position (the original one before the update), `a, b, c` format."""
         items, oracle = generated.split(", "), inst.response.split(", ")
         category = {m: c for c, ms in CATEGORIES.items() for m in ms}

@@ -1,4 +1,4 @@
-"""Tests for the Duplex task data: task contract (SPEC section 4), splits, scoring, tokenizer."""
+"""Tests for the Duplex task data: the task formats (README, Tasks), splits, scoring, tokenizer."""
 
 import random
 import re
@@ -29,7 +29,7 @@ CASES = [
 ]
 
 CATS = "|".join(CATEGORIES)
-CANONICAL = {  # (instruction, correction) regexes straight from the SPEC table
+CANONICAL = {  # (instruction, correction) regexes of the canonical formats
     "count": (r"Count from \d+ to \d+\.", r"Stop at \d+\."),
     "repeat": (r"Say [a-z]+ \d+ times\.", r"Say [a-z]+ instead\."),
     "spell": (r"Spell [a-z]+\.", r"Spell [a-z]+ instead\."),

@@ -1,6 +1,7 @@
 """generate() as users call it: update forms, live streams, ordinary options, and clear errors."""
 
 import threading
+import time
 
 import pytest
 import torch
@@ -130,3 +131,87 @@ def test_batch_of_rows_needs_one_update_list_per_row(model):
     enc = TOK(["Count from 3 to 9.\n", "Spell cat.\n"], return_tensors="pt", padding=True)
     with pytest.raises(ValueError, match="one list of updates per row"):
         model.generate(**enc, updates=[(2, "Stop at 5.")], tokenizer=TOK, max_new_tokens=4)
+
+
+def stream_while_generating(model, stream, on_piece, tokenizer=TOK, max_new_tokens=12):
+    """Run generate with `stream` in a thread; call `on_piece(count)` in this thread as each new token streams."""
+    streamer, result = TextIteratorStreamer(TOK, skip_prompt=True), {}
+
+    def run():
+        result["out"] = model.generate(
+            **prompt(),
+            updates=stream,
+            tokenizer=tokenizer,
+            streamer=streamer,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            do_sample=False,
+            return_dict_in_generate=True,
+        )
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    for count, _ in enumerate(streamer, start=1):
+        on_piece(count)
+    thread.join()
+    return result["out"]
+
+
+@pytest.mark.parametrize(
+    ("bad_put", "tokenizer", "message"),
+    [
+        (lambda stream: stream.put(TOK("Stop at 5.").input_ids, row=5), TOK, "`row` 5 is out of range"),
+        (lambda stream: stream.put("Stop at 5."), None, "needs `tokenizer=`"),
+    ],
+)
+def test_bad_live_update_fails_in_the_putting_thread_and_landed_ones_are_reported(model, bad_put, tokenizer, message):
+    """A live update that cannot land raises ValueError where it is put; generation goes on and reports the rest."""
+    stream, errors = UpdateStream(), []
+    good = TOK("Stop at 5.", add_special_tokens=False).input_ids
+
+    def on_piece(count: int) -> None:
+        if count == 2:
+            stream.put(good)
+        if count == 4:
+            try:
+                bad_put(stream)
+            except ValueError as error:
+                errors.append(str(error))
+
+    out = stream_while_generating(model, stream, on_piece, tokenizer=tokenizer)
+    assert len(errors) == 1 and message in errors[0]
+    (landing,) = out.update_landings[0]
+    assert landing.applied and landing.token_ids == good and out.sequences.shape[1] > prompt()["input_ids"].shape[1]
+
+
+def test_bad_update_queued_before_generate_raises_before_decoding(model):
+    stream = UpdateStream()
+    stream.put("Stop at 5.", row=3)
+    with pytest.raises(ValueError, match="`row` 3 is out of range"):
+        model.generate(**prompt(), updates=stream, tokenizer=TOK, max_new_tokens=4)
+
+
+def test_threads_feeding_one_stream_lose_nothing_and_apply_nothing_twice(model):
+    """Four threads put five distinct corrections each while generate runs: every one is reported exactly once,
+    landed or (arrived after the last poll) not; none is left behind in the stream."""
+    stream, started, threads = UpdateStream(), threading.Event(), []
+    sent = {(t, i): [100 + t, 110 + i] for t in range(4) for i in range(5)}
+
+    def feed(t: int) -> None:
+        started.wait()
+        for i in range(5):
+            stream.put(sent[(t, i)])
+            time.sleep(0.001 * (t + 1))
+
+    for t in range(4):
+        threads.append(threading.Thread(target=feed, args=(t,)))
+        threads[-1].start()
+    out = stream_while_generating(model, stream, lambda count: started.set(), max_new_tokens=40)
+    for thread in threads:
+        thread.join()
+    leftover = [tuple(ids) for ids, _, _ in stream.drain()]  # put after generate returned: for the next call
+    reported = [tuple(landing.token_ids) for landing in out.update_landings[0]]
+    assert sorted(reported + leftover) == sorted(tuple(ids) for ids in sent.values())
+    assert any(landing.applied for landing in out.update_landings[0])
+    landed_at = [landing.at for landing in out.update_landings[0] if landing.applied]
+    assert landed_at == sorted(landed_at)

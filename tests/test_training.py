@@ -1,5 +1,6 @@
 """Training end to end: resume after a kill, and a micro run that proves the correction channel learns."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,50 @@ def test_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends(tmp_path, m
     for key, tensor in expected.items():
         torch.testing.assert_close(resumed[key], tensor, atol=1e-6, rtol=0, msg=key)
     assert (killed / "duplex" / "loss.png").exists()
+
+    # killed in phase 0 and resumed from that phase's checkpoint by path: the duplex phase must not inherit it
+    killed_early, calls["n"] = tmp_path / "killed-early", 0
+
+    def dying_early(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:  # phase 0 past its checkpoint-4
+            raise KeyboardInterrupt("killed")
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "training_step", dying_early)
+    with pytest.raises(KeyboardInterrupt):
+        train_duplex.main(["--output_dir", str(killed_early), *MICRO])
+    monkeypatch.setattr(Trainer, "training_step", real_step)
+    checkpoint = killed_early / "phase0" / "checkpoint-4"
+    train_duplex.main(["--output_dir", str(killed_early), *MICRO, "--resume_from_checkpoint", str(checkpoint)])
+    resumed = final_weights(killed_early)
+    for key, tensor in expected.items():
+        torch.testing.assert_close(resumed[key], tensor, atol=1e-6, rtol=0, msg=key)
+
+
+def test_resume_from_a_path_outside_the_run_is_refused(tmp_path):
+    stray = tmp_path / "elsewhere" / "checkpoint-2"
+    stray.mkdir(parents=True)
+    with pytest.raises(SystemExit):
+        train_duplex.parse_args(["--output_dir", str(tmp_path / "run"), "--resume_from_checkpoint", str(stray)])
+
+
+@pytest.mark.slow
+def test_tdm_checkpoint_names_its_tuned_backbone(tmp_path):
+    """The tdm baseline fine-tunes the whole backbone: its checkpoint must name that tuned backbone, not the one it
+    started from, so that loading by `backbone_name_or_path` gives the model that was evaluated."""
+    out = tmp_path / "tdm"
+    train_duplex.main([
+        "--output_dir", str(out), "--method", "tdm", "--duplex_steps", "2", "--train_size", "16",
+        "--per_device_train_batch_size", "4", "--save_steps", "100", "--families", "list",
+    ])  # fmt: skip
+    checkpoint = load_file(out / "tdm-final" / "model.safetensors")
+    named = Path(json.loads((out / "tdm-final" / "config.json").read_text())["backbone_name_or_path"])
+    backbone = load_file(named / "model.safetensors")
+    shipped = load_file(train_duplex.SHIPPED_BACKBONE / "model.safetensors")
+    key = "model.layers.0.self_attn.q_proj.weight"
+    torch.testing.assert_close(backbone[key], checkpoint[key], atol=0, rtol=0)
+    assert not torch.equal(backbone[key], shipped[key]), "the named backbone must be the tuned one"
 
 
 @pytest.mark.slow

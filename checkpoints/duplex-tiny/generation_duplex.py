@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import queue
+import threading
 import time
 import warnings
 from collections.abc import Sequence
@@ -49,10 +50,18 @@ class UpdateLanding:
 
 
 class UpdateStream:
-    """Thread-safe source of live updates: `put` from any thread while `generate` runs; polled before every step."""
+    """Thread-safe source of live updates: `put` from any thread while `generate` runs; polled before every step.
+
+    While a `generate` call reads the stream, `put` checks each update against that call (its batch size, whether
+    it has a tokenizer) and raises `ValueError` in the putting thread, so a bad update never reaches the decoding
+    loop and the updates that did land are still reported.
+    """
 
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()  # thread-safe on its own
+        self._lock = threading.Lock()  # makes check-then-queue atomic against `open`
+        self._batch_size: int | None = None  # set while a generate call reads the stream
+        self._has_tokenizer = False
 
     def put(self, update: str | Sequence[int], row: int | None = None) -> None:
         """Queue a correction (text or token ids) for `row` (None: every row); it lands before the next token."""
@@ -60,7 +69,43 @@ class UpdateStream:
             raise ValueError("UpdateStream.put: `update` text is empty")
         if not isinstance(update, str) and len(update) == 0:
             raise ValueError("UpdateStream.put: `update` token ids are empty")
-        self._queue.put((update, row, time.perf_counter()))
+        if row is not None and (not isinstance(row, int) or isinstance(row, bool) or row < 0):
+            raise ValueError(f"UpdateStream.put: `row` must be None or a non-negative int, got {row!r}")
+        with self._lock:
+            if self._batch_size is not None:
+                self._check(update, row)
+            self._queue.put((update, row, time.perf_counter()))
+
+    def _check(self, update: str | Sequence[int], row: int | None) -> None:
+        """Refuse what the reading generate call cannot land: a row outside its batch, text without a tokenizer."""
+        if row is not None and row >= self._batch_size:
+            raise ValueError(f"UpdateStream.put: `row` {row} is out of range for a batch of {self._batch_size}")
+        if isinstance(update, str) and not self._has_tokenizer:
+            raise ValueError("UpdateStream.put: a text `update` needs `tokenizer=` in generate; put token ids instead")
+
+    def open(self, batch_size: int, has_tokenizer: bool) -> None:
+        """Called by `generate` before decoding: later `put`s are checked against this call, and so is everything
+        queued before it (a bad early update raises here, before anything is generated)."""
+        with self._lock:
+            self._batch_size, self._has_tokenizer = batch_size, has_tokenizer
+            refused = None
+            for update, row, arrived in self.drain():
+                try:
+                    self._check(update, row)
+                except ValueError as error:  # dropped: it could never land in this call
+                    refused = refused or error
+                else:
+                    self._queue.put((update, row, arrived))
+            if refused is not None:
+                self._batch_size = None
+                raise refused
+
+    def close(self) -> list[tuple[str | Sequence[int], int | None, float]]:
+        """Called when `generate` returns: what is still queued belongs to that call (it arrived too late to land)
+        and is handed back; later `put`s are no longer checked against it and wait for the next call."""
+        with self._lock:
+            self._batch_size = None
+            return self.drain()
 
     def drain(self) -> list[tuple[str | Sequence[int], int | None, float]]:
         """Everything queued so far, oldest first (called by `generate` before each step)."""
@@ -193,13 +238,26 @@ class DuplexGenerationState:
     landings: list[list[UpdateLanding]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if self.update_mode not in UPDATE_MODES:
+            raise ValueError(f"`update_mode` must be one of {UPDATE_MODES}, got {self.update_mode!r}")
         self.stream = self.updates if isinstance(self.updates, UpdateStream) else None
         scheduled = None if self.stream is not None else self.updates
         self.pending = self._normalize(scheduled)
+        if self.has_updates and self.update_mode == "inband" and self.tokenizer is None:
+            if self.model.config.inband_template != "{text}":
+                raise ValueError("`update_mode='inband'` needs `tokenizer=` to encode `config.inband_template`")
+        # each mode lands its due updates in its own way, before the forward pass that first sees them
+        self.land = {
+            "workspace": self._land_in_workspace,
+            "ignore": self._drop,
+            "inband": self._splice_inband,
+        }[self.update_mode]
+        if self.stream is not None:  # from here on, `put` refuses what this call cannot land
+            self.stream.open(self.batch_size, has_tokenizer=self.tokenizer is not None)
         self.landings = [[] for _ in range(self.batch_size)]
         self.prompt_length: int | None = None
         self.versions: WorkspaceVersions | None = None
-        self.current_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # adapters' K/V of the newest versions
+        self.current_kv: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None  # adapters' K/V, newest versions
         self.stale_rows: set[int] = set()  # rows whose newest version changed since `current_kv` was computed
         self.landed_this_step: list[UpdateLanding] = []
         self.inserted: tuple[torch.Tensor, torch.Tensor, int] | None = None  # inband: (mask, positions, chunk len)
@@ -211,7 +269,7 @@ class DuplexGenerationState:
     # -- input validation ----------------------------------------------------------------------------------------------
 
     def _normalize(self, updates) -> list[list[_PendingUpdate]]:
-        """Accept the SPEC's update forms; one clear ValueError, naming `updates`, for anything else."""
+        """Accept every documented form of `updates`; one clear ValueError, naming `updates`, for anything else."""
         if updates is None:
             return [[] for _ in range(self.batch_size)]
         if not isinstance(updates, (list, tuple)):
@@ -266,14 +324,7 @@ class DuplexGenerationState:
                 rows = range(self.batch_size) if row is None else [row]
                 for b in rows:
                     self.pending[b].append(_PendingUpdate(None, token_ids, text, arrived))
-        due = self._due_updates(generated)
-        if self.update_mode == "inband":
-            self._splice_inband(due, generated, model_inputs)
-        elif self.update_mode == "ignore":
-            for b, update in due:
-                self._record(b, update, generated, applied=False)
-        else:
-            self._land_in_workspace(due, generated)
+        self.land(self._due_updates(generated), generated, model_inputs)
         self._set_workspace_inputs(model_inputs)
 
     def _start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
@@ -303,9 +354,14 @@ class DuplexGenerationState:
         self.landings[row].append(landing)
         self.landed_this_step.append(landing)
 
-    def _land_in_workspace(self, due: list[tuple[int, _PendingUpdate]], generated: int) -> None:
-        """Apply due updates through `model.apply_update`, in rounds of at most one update per row; only the rows
-        with an update are encoded (and later re-read)."""
+    def _drop(self, due: list[tuple[int, _PendingUpdate]], generated: int, model_inputs: dict) -> None:
+        """`ignore` (the ablation): due updates are reported as arrived and not applied; nothing changes."""
+        for b, update in due:
+            self._record(b, update, generated, applied=False)
+
+    def _land_in_workspace(self, due: list[tuple[int, _PendingUpdate]], generated: int, model_inputs: dict) -> None:
+        """`workspace`: apply due updates through `model.apply_update`, in rounds of at most one update per row;
+        only the rows with an update are encoded (and later re-read)."""
         position = update_position(self.prompt_length, generated)
         device = self.versions.starts.device
         while due:
@@ -357,8 +413,10 @@ class DuplexGenerationState:
             elif self.stale_rows:
                 rows = torch.tensor(sorted(self.stale_rows), device=slots.device)
                 fresh = model.project_workspace(slots[rows, None], slot_mask[rows, None], start[rows, None])
-                for (key, value), (new_key, new_value) in zip(self.current_kv, fresh, strict=True):
-                    key[rows], value[rows] = new_key, new_value
+                for current, new in zip(self.current_kv, fresh, strict=True):
+                    if current is not None:  # None: an adapter with closed gates
+                        (key, value), (new_key, new_value) = current, new
+                        key[rows], value[rows] = new_key, new_value
             self.stale_rows.clear()
             model_inputs["workspace_kv"], model_inputs["workspace_mask"] = self.current_kv, slot_mask[:, None, None]
             return
@@ -384,8 +442,9 @@ class DuplexGenerationState:
         return encode(before) + update.token_ids + encode(after)
 
     def _splice_inband(self, due: list[tuple[int, _PendingUpdate]], generated: int, model_inputs: dict) -> None:
-        """In-band baseline: the correction's tokens follow the current input chunk of their row, in the same cache.
-        Rows are laid out [masked padding | usual chunk | inserted tokens] so that every row's last position is real."""
+        """`inband` (the baseline): the correction's tokens follow the current input chunk of their row, in the same
+        cache. Rows are laid out [masked padding | usual chunk | inserted tokens], so every row's last position is
+        real."""
         if not due:
             return
         inserts: list[list[int]] = [[] for _ in range(self.batch_size)]
@@ -436,11 +495,22 @@ class DuplexGenerationState:
                 model_kwargs["position_ids"] = torch.cat([pos[:, : pos.shape[1] - length], chunk_positions], dim=1)
             self.inserted = None
 
+    def close(self) -> None:
+        """When `generate` returns or raises: a live stream stops checking `put`s against this call, and what it
+        still held (arrived after its last poll) is kept to be reported as never landed."""
+        if self.stream is not None:
+            for payload, row, arrived in self.stream.close():
+                token_ids, text = self._tokenize(payload)
+                for b in range(self.batch_size) if row is None else [row]:
+                    self.pending[b].append(_PendingUpdate(None, token_ids, text, arrived))
+
     def finish(self) -> list[list[UpdateLanding]]:
-        """Report updates that never landed (their `at` lay past the end of generation) instead of losing them."""
+        """Report updates that never landed (their `at` lay past the end of generation, or they reached the stream
+        after its last poll) instead of losing them."""
         for b, row in enumerate(self.pending):
             for update in row:
-                self.landings[b].append(UpdateLanding(None, update.at, update.text, update.token_ids, False))
+                late = UpdateLanding(None, update.at, update.text, update.token_ids, False, update.arrived_time)
+                self.landings[b].append(late)
                 warnings.warn(
                     f"update {update.text or update.token_ids!r} for row {b} (at={update.at}) never landed: "
                     "generation ended first",

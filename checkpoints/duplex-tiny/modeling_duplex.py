@@ -2,12 +2,14 @@
 
 Data flow (one forward pass):
 
-    update texts --embed_tokens--> UpdateEncoder --> Workspace.apply_update --> workspace versions (B, V, S, D)
-    input_ids --embed_tokens--> [decoder layer i --> CrossAttentionAdapter i (reads the workspace)]* --> lm_head
+    update tokens --embed_tokens--> UpdateEncoder --> Workspace (newest S slots) --> workspace versions (B, V, S, D)
+    workspace versions --frozen backbone--> per-layer keys/values of the slots (project_workspace)
+    input_ids --embed_tokens--> [WorkspaceAdapter i: decoder layer i whose attention also reads the slots]* --> lm_head
 
-Every position sees exactly one workspace version: the one after all updates whose position is <= its own
-(the prompt is update 0, at position 0). Teacher-forced training and step-by-step generation share this rule
-and the single `DuplexForCausalLM.apply_update`; the backbone's token sequence and KV cache are never rewritten.
+Every position sees exactly one workspace version: the one after all updates whose position is <= its own (the
+workspace is empty before the first update). Teacher-forced training and step-by-step generation share this rule
+(`WorkspaceVersions`) and the single `DuplexForCausalLM.apply_update`; the backbone's token sequence and KV cache
+are never rewritten.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ try:
     from .generation_duplex import (
         NEVER,
         NO_UPDATE,
-        UPDATE_MODES,
         DuplexGenerateOutput,
         DuplexGenerationState,
         DuplexUpdate,
@@ -44,7 +45,6 @@ except ImportError:  # imported as a plain module from a checkout, not through t
     from generation_duplex import (
         NEVER,
         NO_UPDATE,
-        UPDATE_MODES,
         DuplexGenerateOutput,
         DuplexGenerationState,
         DuplexUpdate,
@@ -493,9 +493,10 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
 
     def project_workspace(
         self, slots: torch.Tensor, slot_mask: torch.Tensor, starts: torch.Tensor
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    ) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         """Each adapted layer's keys/values of workspace versions: slots (B, V, S, D), mask (B, V, S), starts (B, V)
-        -> (B, kv_heads, V*S, hd) per adapter.
+        -> (B, kv_heads, V*S, hd) per adapter, or None for an adapter whose gates are closed (read once here, per
+        workspace change, rather than once per layer and decoding step).
 
         The frozen backbone reads the filled slots as a short text of its own, placed right before the position
         where the version becomes visible, so every layer sees the workspace in its own terms, as it would see the
@@ -519,7 +520,10 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
                 use_cache=True,
             )
         projected = []
-        for key in self.adapters:
+        for key, adapter in self.adapters.items():
+            if not adapter.is_active():  # closed gates: the layer runs unchanged, nothing to read
+                projected.append(None)
+                continue
             layer_kv = []
             for name in ("keys", "values"):
                 full = flat_slots.new_zeros(batch * num_versions, num_kv_heads, num_slots, head_dim)
@@ -547,7 +551,7 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
         update_input_ids: torch.LongTensor | None = None,
         update_attention_mask: torch.Tensor | None = None,
         update_positions: torch.LongTensor | None = None,
-        workspace_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        workspace_kv: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
         workspace_mask: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         **kwargs,
@@ -647,10 +651,10 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
 
         hidden = inputs_embeds
         position_embeddings = backbone.rotary_emb(hidden, position_ids)
-        open_adapters = {}
+        open_adapters = {}  # which adapters read was decided once per workspace change, by `project_workspace`
         if workspace_kv is not None:
             for key, kv in zip(self.adapters.keys(), workspace_kv, strict=True):
-                if self.adapters[key].is_active():
+                if kv is not None:
                     open_adapters[int(key)] = (self.adapters[key], kv)
         all_hidden = (hidden,) if output_hidden_states else None
         for i, layer in enumerate(backbone.layers[: text_config.num_hidden_layers]):
@@ -681,6 +685,9 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
         return backbone.norm(hidden), all_hidden
 
     # -- Generation ----------------------------------------------------------------------------------------------------
+    # `generate` runs transformers' own decoding loop. It hooks two private GenerationMixin methods:
+    # `prepare_inputs_for_generation` (land due updates, hand the adapters their workspace K/V) and
+    # `_update_model_kwargs_for_generation` (time-stamp landings, keep in-band insertions in mask and positions).
 
     def generate(
         self,
@@ -699,8 +706,6 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
             (splice `config.inband_template` with the correction into the context, continuing from the same cache).
         With `return_dict_in_generate=True` the output's `update_landings[row]` tells where each update landed.
         """
-        if update_mode not in UPDATE_MODES:
-            raise ValueError(f"`update_mode` must be one of {UPDATE_MODES}, got {update_mode!r}")
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
         if input_ids is None:
             raise ValueError(
@@ -710,11 +715,14 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
             raise ValueError("DuplexForCausalLM.generate does not support `inputs_embeds`; pass `input_ids`")
         batch_size = input_ids.shape[0]
         state = DuplexGenerationState(self, batch_size, updates, update_mode, tokenizer)
-        if state.has_updates:
-            self._check_generation_supports_updates(generation_config, kwargs, update_mode)
-        if tokenizer is not None:
-            kwargs["tokenizer"] = tokenizer
-        output = super().generate(inputs, generation_config, duplex_state=state, **kwargs)
+        try:
+            if state.has_updates:
+                self._check_generation_supports_updates(generation_config, kwargs, update_mode)
+            if tokenizer is not None:
+                kwargs["tokenizer"] = tokenizer
+            output = super().generate(inputs, generation_config, duplex_state=state, **kwargs)
+        finally:
+            state.close()
         landings = state.finish()
         if isinstance(output, GenerateDecoderOnlyOutput):
             output = DuplexGenerateOutput(**output, update_landings=landings)
