@@ -57,7 +57,7 @@ def test_totals_behave(memory_estimate):
 
 def test_readme_table_is_the_scripts_output(memory_estimate, capsys):
     readme = (ROOT / "README.md").read_text()
-    match = re.search(r"python scripts/memory_estimate\.py([^\n`]*)\n", readme)
+    match = re.search(r"`python scripts/memory_estimate\.py([^`\n]*)`", readme)
     assert match, "README: the command that made the memory table"
     memory_estimate.main(shlex.split(match.group(1)))
     table = capsys.readouterr().out.strip()
