@@ -27,7 +27,6 @@ from transformers import (
     AutoTokenizer,
     HfArgumentParser,
     PreTrainedModel,
-    Qwen3Config,
     Qwen3ForCausalLM,
     Trainer,
     TrainingArguments,
@@ -35,6 +34,7 @@ from transformers import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from backbone_shapes import backbone_config
 from data import build_byte_tokenizer, build_dataset
 from data.collate import DuplexCollator, tokenize_row
 from modeling_duplex import DuplexForCausalLM
@@ -43,16 +43,6 @@ logger = logging.getLogger("train_duplex")
 
 SHIPPED_BACKBONE = Path(__file__).resolve().parent / "checkpoints" / "duplex-tiny-backbone"
 
-TINY_BACKBONE = dict(  # the offline default's backbone: Qwen3 architecture, byte-level vocabulary
-    hidden_size=256,
-    intermediate_size=768,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=64,
-    max_position_embeddings=512,
-    tie_word_embeddings=True,
-)
 TINY_DUPLEX = dict(
     num_slots=128,  # byte-level tokens: the prompt and three corrections
     encoder_layers=0,  # the identity encoder: a trained one did worse on this backbone (docs/channel-variants.md)
@@ -266,12 +256,8 @@ def pretrain_tiny_backbone(args: DuplexArguments, training_args: TrainingArgumen
     if (out / "config.json").exists():
         logger.info("phase 0: reusing the pretrained backbone in %s", out)
         return out
-    config = Qwen3Config(
-        vocab_size=len(tokenizer),
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-        **TINY_BACKBONE,
+    config = backbone_config(
+        "tiny", vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
     set_seed(training_args.seed)
     backbone = Qwen3ForCausalLM(config)
@@ -342,9 +328,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         run_phase(model, data, training_args, "tdm", args.duplex_steps, collator, learning_rate=args.tdm_lr)
         if not training_args.should_save:  # multi-process runs: the main process saves (and evaluates), the rest end
             return None
-        backbone_path = (
-            out / "tdm-backbone"
-        )  # the tuned backbone is this checkpoint's backbone, not the one it began as
+        backbone_path = out / "tdm-backbone"  # the checkpoint names the tuned backbone, not the one it began as
         ready_for_generation(model).save_pretrained(backbone_path)
         tokenizer.save_pretrained(backbone_path)
         model = DuplexForCausalLM.from_backbone(model)  # zero-init duplex modules: exactly the tuned backbone

@@ -1,4 +1,4 @@
-"""Tiny random backbones (Qwen3 and Llama) built in code: the suite never downloads anything."""
+"""Tiny random backbones (the micro shape as Qwen3 and Llama) built in code: the suite never downloads anything."""
 
 import sys
 from pathlib import Path
@@ -10,30 +10,18 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM  # noqa: E402
+from transformers import LlamaForCausalLM, Qwen3ForCausalLM  # noqa: E402
 
+from backbone_shapes import backbone_config  # noqa: E402
 from modeling_duplex import DuplexForCausalLM  # noqa: E402
-
-TINY = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    vocab_size=260,
-    max_position_embeddings=512,
-    eos_token_id=256,
-    pad_token_id=257,
-    tie_word_embeddings=True,
-)
 
 
 def tiny_backbone(arch: str) -> torch.nn.Module:
+    """The micro backbone shape (backbone_shapes.py), random weights (seed 0), as Qwen3 or Llama."""
     torch.manual_seed(0)
     if arch == "qwen3":
-        return Qwen3ForCausalLM(Qwen3Config(**TINY)).eval()
-    return LlamaForCausalLM(LlamaConfig(**TINY)).eval()
+        return Qwen3ForCausalLM(backbone_config("micro")).eval()
+    return LlamaForCausalLM(backbone_config("micro", model_type="llama")).eval()
 
 
 def perturb_duplex(model: DuplexForCausalLM, seed: int = 1, scale: float = 0.2) -> DuplexForCausalLM:

@@ -6,10 +6,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TINY
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from transformers import Qwen3ForCausalLM
 
 import eval_duplex
+from backbone_shapes import backbone_config
 from data import FAMILIES, build_byte_tokenizer, word_boundary
 from data.collate import restart_prompt, restart_response
 from data.tasks import Instance, TaskUpdate
@@ -183,7 +183,7 @@ def test_tokens_to_revision_known_value():
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
-    backbone = Qwen3ForCausalLM(Qwen3Config(**{**TINY, "vocab_size": 258, "num_hidden_layers": 2})).eval()
+    backbone = Qwen3ForCausalLM(backbone_config("micro", vocab_size=258, num_hidden_layers=2)).eval()
     model = DuplexForCausalLM.from_backbone(backbone, num_slots=4, encoder_layers=1)
     path = tmp_path_factory.mktemp("tiny_duplex")
     model.save_pretrained(path)

@@ -27,51 +27,47 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "final" / "model.safetensors")
 
 
+def kill_run_at_step(monkeypatch, output_dir: Path, step: int) -> None:
+    """Run the micro job and kill it (KeyboardInterrupt) when its `step`-th training step begins, counting across
+    phases (phase 0 has 6 steps)."""
+    real_step, calls = Trainer.training_step, {"n": 0}
+
+    def dying_step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise KeyboardInterrupt("killed")
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "training_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        train_duplex.main(["--output_dir", str(output_dir), *MICRO])
+    monkeypatch.setattr(Trainer, "training_step", real_step)
+
+
+def assert_same_weights(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert actual.keys() == expected.keys()
+    for key, tensor in expected.items():
+        torch.testing.assert_close(actual[key], tensor, atol=1e-6, rtol=0, msg=key)
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends(tmp_path, monkeypatch):
     train_duplex.main(["--output_dir", str(tmp_path / "straight"), *MICRO])
     expected = final_weights(tmp_path / "straight")
 
     killed = tmp_path / "killed"
-    real_step, calls = Trainer.training_step, {"n": 0}
-
-    def dying_step(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 6 + 5:  # phase 0 (6) done, the duplex phase past its checkpoint-4
-            raise KeyboardInterrupt("killed")
-        return real_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(Trainer, "training_step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
-        train_duplex.main(["--output_dir", str(killed), *MICRO])
-    monkeypatch.setattr(Trainer, "training_step", real_step)
+    kill_run_at_step(monkeypatch, killed, 6 + 5)  # phase 0 (6) done, the duplex phase past its checkpoint-4
     assert (killed / "duplex" / "checkpoint-4").exists() and not (killed / "final").exists()
-
     train_duplex.main(["--output_dir", str(killed), *MICRO, "--resume_from_checkpoint", "True"])
-    resumed = final_weights(killed)
-    assert resumed.keys() == expected.keys()
-    for key, tensor in expected.items():
-        torch.testing.assert_close(resumed[key], tensor, atol=1e-6, rtol=0, msg=key)
+    assert_same_weights(final_weights(killed), expected)
     assert (killed / "duplex" / "loss.png").exists()
 
     # killed in phase 0 and resumed from that phase's checkpoint by path: the duplex phase must not inherit it
-    killed_early, calls["n"] = tmp_path / "killed-early", 0
-
-    def dying_early(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:  # phase 0 past its checkpoint-4
-            raise KeyboardInterrupt("killed")
-        return real_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(Trainer, "training_step", dying_early)
-    with pytest.raises(KeyboardInterrupt):
-        train_duplex.main(["--output_dir", str(killed_early), *MICRO])
-    monkeypatch.setattr(Trainer, "training_step", real_step)
+    killed_early = tmp_path / "killed-early"
+    kill_run_at_step(monkeypatch, killed_early, 5)  # phase 0 past its checkpoint-4
     checkpoint = killed_early / "phase0" / "checkpoint-4"
     train_duplex.main(["--output_dir", str(killed_early), *MICRO, "--resume_from_checkpoint", str(checkpoint)])
-    resumed = final_weights(killed_early)
-    for key, tensor in expected.items():
-        torch.testing.assert_close(resumed[key], tensor, atol=1e-6, rtol=0, msg=key)
+    assert_same_weights(final_weights(killed_early), expected)
 
 
 def test_resume_from_a_path_outside_the_run_is_refused(tmp_path):

@@ -1,0 +1,202 @@
+"""What the benchmark tells its reader: progress lines, the performance targets it checks, the Markdown report and
+the latency plot. Pure formatting: nothing here runs a model."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+# The performance targets. Decode speed only applies to backbones of at least 100M parameters: on smaller ones the
+# per-step bookkeeping of generation, not the model, sets the pace.
+SPEED_TARGET = 0.9  # decode speed with the duplex modules >= 0.9x the bare backbone's
+RESTART_TARGET = 10.0  # correction latency at a 1024-token context: restart / workspace >= 10x
+INBAND_TARGET = 1.5  # correction latency at every context: workspace / inband <= 1.5x
+SPEED_TARGET_MIN_PARAMS = 100e6
+
+
+def log(message: str) -> None:
+    """Progress line on stderr (the table goes to stdout)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    """A table cell: thousands separators, `digits` decimals, "n/a" for a missing or NaN figure."""
+    return "n/a" if value is None or math.isnan(value) else f"{value:,.{digits}f}"
+
+
+def ratio(row: dict, reference: dict, key: str) -> float | None:
+    """row[key] / reference[key]; None where either is missing (CPU time on CUDA)."""
+    if row.get(key) is None or not reference.get(key):
+        return None
+    return row[key] / reference[key]
+
+
+def targets(results: dict) -> list[dict]:
+    """The performance targets this benchmark can check, one row each; `met` is None where a target does not
+    apply (decode speed on a backbone under 100M parameters, restart latency without a 1024-token context)."""
+    decode, latency, meta = results["decode"], results["latency"], results["meta"]
+    big = meta["backbone_params"] >= SPEED_TARGET_MIN_PARAMS
+    size_note = "" if big else ", applies to backbones >= 100M params"
+    rows = []
+    for key, clock in (("decode_tok_s", "wall time"), ("cpu_time_tok_s", "CPU time")):
+        speed = ratio(decode["duplex"], decode["bare"], key)
+        if speed is None:
+            continue
+        rows.append(
+            {
+                "figure": f"decode speed, duplex / bare ({clock})" + size_note,
+                "target": f">= {SPEED_TARGET}x",
+                "measured": f"{speed:.3f}x",
+                "met": speed >= SPEED_TARGET if big else None,
+            }
+        )
+    paired = results["paired_steps"]["duplex"]["paired_ratio"]
+    rows.append(
+        {
+            "figure": "decode speed, duplex / bare (paired single-token steps)" + size_note,
+            "target": f">= {SPEED_TARGET}x",
+            "measured": f"{paired:.3f}x",
+            "met": paired >= SPEED_TARGET if big else None,
+        }
+    )
+    near_1k = min(latency, key=lambda length: abs(int(length) - 1024))
+    restart_over_workspace = latency[near_1k]["restart_over_workspace"]
+    rows.append(
+        {
+            "figure": f"correction latency, restart / workspace at {near_1k} tokens",
+            "target": f">= {RESTART_TARGET:g}x at 1024",
+            "measured": f"{restart_over_workspace:.2f}x",
+            "met": restart_over_workspace >= RESTART_TARGET if int(near_1k) == 1024 else None,
+        }
+    )
+    worst = max(row["workspace_over_inband"] for row in latency.values())
+    rows.append(
+        {
+            "figure": "correction latency, workspace / inband (worst context)",
+            "target": f"<= {INBAND_TARGET}x",
+            "measured": f"{worst:.2f}x",
+            "met": worst <= INBAND_TARGET,
+        }
+    )
+    return rows
+
+
+def markdown(results: dict) -> str:
+    """The human-readable report of a run's `results` (as written to JSON)."""
+    meta, decode, latency = results["meta"], results["decode"], results["latency"]
+    duplex_config = meta["duplex_config"]
+    lines = [
+        f"## Duplex benchmark: {meta['shape']} ({meta['arch']}, {meta['backbone_params'] / 1e6:.1f}M params, "
+        f"{'real' if meta['real_weights'] else 'random'} weights), {meta['device']} {meta['dtype']}, "
+        f"{meta['threads']} threads",
+        "",
+        f"Duplex: {duplex_config['num_slots']} slots, {duplex_config['encoder_layers']} encoder layers, "
+        f"{len(duplex_config['adapter_layers'])} workspace adapters. Decode with duplex modules is timed with a "
+        "correction in the workspace.",
+        "",
+        f"### Decode (batch 1, greedy, {meta['new_tokens']} new tokens after a {meta['prompt_len']}-token prompt, "
+        f"median of {meta['repeats']}, interleaved)",
+        "",
+        "| variant | decode tok/s | ratio vs bare | CPU-time tok/s | ratio (CPU time) | median step ms | "
+        "end-to-end tok/s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    bare = decode["bare"]
+    for name, row in decode.items():
+        lines.append(
+            f"| {name} | {fmt(row['decode_tok_s'])} | {fmt(ratio(row, bare, 'decode_tok_s'), 3)}x | "
+            f"{fmt(row['cpu_time_tok_s'])} | {fmt(ratio(row, bare, 'cpu_time_tok_s'), 3)}x | "
+            f"{fmt(row['median_step_ms'], 2)} | {fmt(row['end_to_end_tok_s'])} |"
+        )
+    steps = results["paired_steps"]
+    lines += [
+        "",
+        f"Paired single-token forward steps (bare and duplex alternating step by step, {meta['step_samples']} "
+        f"samples, prompt {meta['prompt_len']}): bare {fmt(steps['bare']['step_ms'], 2)} ms, duplex "
+        f"{fmt(steps['duplex']['step_ms'], 2)} ms; duplex / bare speed (median of paired ratios) "
+        f"**{fmt(steps['duplex']['paired_ratio'], 3)}x**.",
+    ]
+    lines += [
+        "",
+        f"### Correction latency ({meta['correction_len']}-token correction landing after a context of L tokens, "
+        f"median of {meta['repeats']})",
+        "",
+        "| context L | workspace ms | inband ms | restart ms | plain decode step ms | restart / workspace | "
+        "workspace / inband |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for length, row in latency.items():
+        lines.append(
+            f"| {length} | {fmt(row['workspace_ms'], 2)} | {fmt(row['inband_ms'], 2)} | {fmt(row['restart_ms'], 2)} | "
+            f"{fmt(row['decode_step_ms'], 2)} | {fmt(row['restart_over_workspace'], 2)}x | "
+            f"{fmt(row['workspace_over_inband'], 2)}x |"
+        )
+    memory, params = results["memory"], results["params"]
+    unit = "CUDA max_memory_allocated" if meta["device"].startswith("cuda") else "RSS high-water"
+    lines += [
+        "",
+        "### Memory and parameters",
+        "",
+        "| quantity | value |",
+        "|---|---:|",
+        f"| backbone parameters (frozen) | {params['frozen']:,} |",
+        f"| duplex parameters (trainable) | {params['trainable']:,} ({100 * params['trainable_fraction']:.2f}%) |",
+        f"| adapter-only checkpoint (adapter_model.safetensors) | {fmt(params['adapter_weights_mb'], 2)} MB |",
+        f"| adapter-only checkpoint folder | {fmt(params['adapter_folder_mb'], 2)} MB |",
+        f"| weights in memory, bare / duplex | {fmt(params['bare_weights_mb'])} / "
+        f"{fmt(params['duplex_weights_mb'])} MB |",
+    ]
+    for name, value in memory.items():
+        lines.append(f"| peak added memory ({unit}), {name} | {fmt(value)} MB |")
+    if results.get("placement"):
+        lines += [
+            "",
+            "### Adapter placement (decode, no updates, same run; paired steps read a filled workspace)",
+            "",
+            "| configuration | adapters | trainable params | decode tok/s | ratio vs bare | "
+            "ratio (CPU time) | paired step ratio |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in results["placement"]:
+            lines.append(
+                f"| {row['name']} | {row.get('num_adapters', '-')} | "
+                f"{row.get('trainable_params', 0):,} | {fmt(row['decode_tok_s'])} | "
+                f"{fmt(row['ratio_vs_bare'], 3)}x | {fmt(row['cpu_time_ratio_vs_bare'], 3)}x | "
+                f"{fmt(row['paired_step_ratio'], 3)}x |"
+            )
+    lines += ["", "### Targets", "", "| figure | target | measured | met |", "|---|---|---:|---|"]
+    for row in results["targets"]:
+        met = {True: "yes", False: "**no**", None: "n/a"}[row["met"]]
+        lines.append(f"| {row['figure']} | {row['target']} | {row['measured']} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(latency: dict, modes: tuple[str, ...], path: Path, title: str) -> bool:
+    """Correction latency vs context length, one line per mode in `modes` and the plain decode step, log y.
+    False (and a warning) if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib is not installed: no plot")
+        return False
+    lengths = [int(length) for length in latency]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mode, marker in zip(modes, "osd", strict=True):
+        ax.plot(lengths, [latency[length][f"{mode}_ms"] for length in latency], marker=marker, label=mode)
+    ax.plot(lengths, [latency[length]["decode_step_ms"] for length in latency], ":", color="grey", label="decode step")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(lengths, [str(length) for length in lengths])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("correction latency (ms)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
