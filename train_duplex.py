@@ -95,6 +95,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[DuplexArguments, Training
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
         seed=0,
+        # DDP: a batch without updates gives the update encoder no gradient (the model adds 0 * gates to the loss,
+        # not 0 * encoder), so DDP must look for unused parameters, under activation checkpointing too (the Trainer
+        # would turn the search off there; transformers checkpoints non-reentrantly, which allows it).
+        ddp_find_unused_parameters=True,
     )
     duplex_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     if duplex_args.method not in ("duplex", "tdm"):
@@ -126,7 +130,7 @@ def tokenized(
     return rows.map(lambda r: tokenize_row(r, tokenizer, fmt), remove_columns=rows.column_names)
 
 
-def gated_optimizer(model: PreTrainedModel, args: TrainingArguments, gate_lr: float) -> torch.optim.Optimizer:
+def gated_optimizer(model: torch.nn.Module, args: TrainingArguments, gate_lr: float) -> torch.optim.Optimizer:
     """AdamW with the adapters' gates in a group of their own: zero-initialised scalars that must open far and
     early, so they get a higher learning rate than the rest (as LLaMA-Adapter's gating does)."""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -140,6 +144,20 @@ def gated_optimizer(model: PreTrainedModel, args: TrainingArguments, gate_lr: fl
         betas=(args.adam_beta1, args.adam_beta2),
         eps=args.adam_epsilon,
     )
+
+
+class DuplexTrainer(Trainer):
+    """The Trainer, with `gated_optimizer` when `gate_lr` is given. The optimizer is built in `create_optimizer`, on
+    the model the Trainer hands it, because FSDP refuses a ready-made one (it must see the wrapped parameters)."""
+
+    def __init__(self, *args, gate_lr: float | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gate_lr = gate_lr
+
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.gate_lr is not None and self.optimizer is None:
+            self.optimizer = gated_optimizer(self.model if model is None else model, self.args, self.gate_lr)
+        return super().create_optimizer(model)
 
 
 def run_phase(
@@ -156,14 +174,13 @@ def run_phase(
     """One Trainer run in `output_dir/name`; resumes from that phase's last checkpoint when asked."""
     out = Path(training_args.output_dir) / name
     args = dataclasses.replace(training_args, output_dir=str(out), max_steps=steps, **overrides)
-    optimizers = (gated_optimizer(model, args, gate_lr), None) if gate_lr is not None else (None, None)
-    trainer = Trainer(
+    trainer = DuplexTrainer(
         model=model,
         args=args,
         train_dataset=dataset,
         data_collator=collator,
         processing_class=tokenizer,
-        optimizers=optimizers,
+        gate_lr=gate_lr,
     )
     trainer.train(resume_from_checkpoint=phase_resume_point(training_args.resume_from_checkpoint, out))
     save_loss_curve(trainer.state.log_history, out / "loss.png", name)
@@ -183,6 +200,27 @@ def phase_resume_point(resume: str | None, phase_dir: Path) -> str | bool | None
     if resumes_last_checkpoint(resume):
         return True if list(phase_dir.glob("checkpoint-*")) else None
     return str(resume) if Path(resume).resolve().parent == phase_dir.resolve() else None
+
+
+def gathered_model(trainer: Trainer, model: PreTrainedModel) -> PreTrainedModel:
+    """The trained model, whole, where the main process saves and evaluates it. FSDP leaves every weight sharded
+    across the processes: all of them gather the full state dict (a collective) and the main process loads it into
+    an unsharded copy. Otherwise the model itself."""
+    if not trainer.is_fsdp_enabled:
+        return model
+    state_dict = trainer.accelerator.get_state_dict(trainer.model)  # full tensors, on the main process only
+    return duplex_from_state_dict(model.config, state_dict) if trainer.args.should_save else model
+
+
+def duplex_from_state_dict(config, state_dict: dict[str, torch.Tensor]) -> DuplexForCausalLM:
+    """A plain DuplexForCausalLM holding `state_dict`'s tensors as they are (bf16 backbone, fp32 duplex modules)."""
+    model = DuplexForCausalLM(config)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
+    if unexpected or set(missing) - set(model._tied_weights_keys):
+        raise ValueError(f"gathered state dict does not match the model: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    model.freeze_backbone()
+    return model
 
 
 def save_loss_curve(log_history: list[dict], path: Path, title: str) -> None:
@@ -288,13 +326,18 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.method == "tdm":  # same instances and budget as the duplex phase, corrections in the token stream
         data = tokenized(args, training_args.seed + 2, args.train_size, tokenizer, "inband")
         run_phase(model, data, training_args, "tdm", args.duplex_steps, collator, learning_rate=args.tdm_lr)
+        if not training_args.should_save:  # multi-process runs: the main process saves (and evaluates), the rest end
+            return None
         backbone_path = out / "tdm-backbone"  # the checkpoint names the tuned backbone, not the one it began as
         ready_for_generation(model).save_pretrained(backbone_path)
         tokenizer.save_pretrained(backbone_path)
         model = DuplexForCausalLM.from_backbone(model)  # zero-init duplex modules: exactly the tuned backbone
     else:
         data = tokenized(args, training_args.seed + 2, args.train_size, tokenizer, "duplex")
-        run_phase(model, data, training_args, "duplex", args.duplex_steps, collator, gate_lr=args.gate_lr)
+        trainer = run_phase(model, data, training_args, "duplex", args.duplex_steps, collator, gate_lr=args.gate_lr)
+        model = gathered_model(trainer, model)
+        if not training_args.should_save:  # multi-process runs: the main process saves (and evaluates), the rest end
+            return None
 
     final = out / ("final" if args.method == "duplex" else "tdm-final")  # tdm may share the output dir
     model.config.backbone_name_or_path = str(backbone_path)
