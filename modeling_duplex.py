@@ -14,6 +14,10 @@ are never rewritten.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -247,6 +251,19 @@ def newest_tokens(ids: torch.Tensor, mask: torch.Tensor, limit: int) -> tuple[to
         return ids, mask
     order = torch.sort(mask.bool().long(), dim=1, stable=True).indices[:, -limit:]  # padding first, order kept
     return ids.gather(1, order), mask.gather(1, order)
+
+
+@contextmanager
+def checkpointing_off(layers: nn.ModuleList) -> Iterator[None]:
+    """Run `layers` without gradient checkpointing for a moment (it would drop the KV cache they must fill)."""
+    flags = [layer.gradient_checkpointing for layer in layers]
+    for layer in layers:
+        layer.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for layer, flag in zip(layers, flags, strict=True):
+            layer.gradient_checkpointing = flag
 
 
 def left_padding(attention_mask: torch.Tensor | None, batch_size: int, device: torch.device) -> torch.Tensor:
@@ -512,13 +529,14 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
         cache = DynamicCache(config=text_config)
         if width:
             offsets = torch.arange(-width, 0, device=slots.device)
-            self.model(
-                inputs_embeds=flat_slots[rows, -width:].to(self.model.embed_tokens.weight.dtype),
-                attention_mask=flat_mask[rows, -width:].long(),
-                position_ids=starts.reshape(-1)[rows, None] + offsets,  # the slots end right before the start
-                past_key_values=cache,
-                use_cache=True,
-            )
+            with checkpointing_off(self.model.layers):  # a checkpointed layer would not fill `cache`; S tokens: cheap
+                self.model(
+                    inputs_embeds=flat_slots[rows, -width:].to(self.model.embed_tokens.weight.dtype),
+                    attention_mask=flat_mask[rows, -width:].long(),
+                    position_ids=starts.reshape(-1)[rows, None] + offsets,  # the slots end right before the start
+                    past_key_values=cache,
+                    use_cache=True,
+                )
         projected = []
         for key, adapter in self.adapters.items():
             if not adapter.is_active():  # closed gates: the layer runs unchanged, nothing to read
@@ -660,8 +678,10 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
         for i, layer in enumerate(backbone.layers[: text_config.num_hidden_layers]):
             if i in open_adapters:
                 adapter, (workspace_key, workspace_value) = open_adapters[i]
-                hidden = adapter(
-                    layer,
+                read = partial(adapter, layer)
+                if layer.gradient_checkpointing and layer.training:  # as the layer itself would be (no cache)
+                    read, past_key_values = partial(layer._gradient_checkpointing_func, read), None
+                hidden = read(
                     hidden,
                     masks[layer_types[i]],
                     position_embeddings,

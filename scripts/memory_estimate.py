@@ -32,9 +32,8 @@ their fp32 copy and fp32 log-softmax). Two columns:
 
 - checkpointed: per-layer activation checkpointing keeps each layer's input, 2 B T H bytes per layer, and one
   layer's activations during its recomputation: `L x 2 B T H + layer + logits`;
-- not checkpointed: `L x layer + logits`, what training takes today. The workspace adapters run their layer's
-  attention and MLP themselves, outside the decoder layer's checkpointed call, so per-layer checkpointing does not
-  reach the layers that read the workspace (all of them by default, `adapter_layers`).
+- not checkpointed: `L x layer + logits`. (The layers that read the workspace are checkpointed as their decoder
+  layer would be: `_decode` recomputes their read.)
 
 The update encoder and the workspace's own pass (at most `num_updates x num_slots` tokens per row) are small next
 to T tokens and are not counted.

@@ -140,3 +140,28 @@ def test_duplex_modules_keep_fp32_master_weights_on_a_bf16_backbone(backbone):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(PROMPT, **pack_updates([[(2, [65, 66, 67])]]))
     assert torch.isfinite(out.logits).all()
+
+
+def test_activation_checkpointing_trains_the_same(duplex):
+    """With activation checkpointing (the 1.7B recipe's memory saver) a training step on a batch with updates gives
+    the loss and duplex gradients of a plain step: the workspace's own pass keeps its cache, adapted layers recompute."""
+    batch = dict(input_ids=PROMPT, labels=PROMPT, **pack_updates([[(2, [65, 66, 67]), (5, [70, 71])]]))
+
+    def step() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        duplex.zero_grad()
+        loss = duplex(**batch).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in duplex.named_parameters() if p.grad is not None}
+        return loss.detach(), grads
+
+    duplex.train()
+    plain_loss, plain_grads = step()
+    duplex.activation_checkpointing_enable()
+    assert all(layer.gradient_checkpointing for layer in duplex.model.layers)
+    checkpointed_loss, checkpointed_grads = step()
+    duplex.activation_checkpointing_disable()
+    duplex.eval()
+    torch.testing.assert_close(checkpointed_loss, plain_loss)
+    assert checkpointed_grads.keys() == plain_grads.keys() and any(n.endswith("gate") for n in plain_grads)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(checkpointed_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
