@@ -144,7 +144,8 @@ def test_duplex_modules_keep_fp32_master_weights_on_a_bf16_backbone(backbone):
 
 def test_activation_checkpointing_trains_the_same(duplex):
     """With activation checkpointing (the 1.7B recipe's memory saver) a training step on a batch with updates gives
-    the loss and duplex gradients of a plain step: the workspace's own pass keeps its cache, adapted layers recompute."""
+    the loss and duplex gradients of a plain step: the workspace's own pass keeps its cache, adapted layers are
+    recomputed."""
     batch = dict(input_ids=PROMPT, labels=PROMPT, **pack_updates([[(2, [65, 66, 67]), (5, [70, 71])]]))
 
     def step() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
