@@ -154,6 +154,13 @@ def pack_updates(
     return {"update_input_ids": ids, "update_attention_mask": mask, "update_positions": positions}
 
 
+def left_padding(attention_mask: torch.Tensor | None, batch_size: int, device: torch.device) -> torch.Tensor:
+    """(B, L) 0/1 mask -> (B,) number of leading padding tokens (RoPE positions count from the first real token)."""
+    if attention_mask is None or isinstance(attention_mask, dict):
+        return torch.zeros(batch_size, dtype=torch.long, device=device)
+    return (attention_mask.long().cumsum(-1) == 0).sum(-1).to(device)
+
+
 NEVER = torch.iinfo(torch.long).max  # start of a version that a row never reaches
 
 
@@ -271,6 +278,22 @@ class DuplexGenerationState:
 
     # -- input validation ----------------------------------------------------------------------------------------------
 
+    def check_decoding_options(self, generation_config, kwargs: dict) -> None:
+        """Refuse, naming the option, decoding modes in which updates would not land as promised."""
+        if not self.has_updates:
+            return
+        for name, unsupported in (
+            ("num_beams", lambda v: v is not None and v > 1),
+            ("assistant_model", lambda v: v is not None),
+            ("prompt_lookup_num_tokens", lambda v: v is not None),
+        ):
+            value = kwargs.get(name, getattr(generation_config, name, None))
+            if unsupported(value):
+                raise ValueError(f"`{name}={value!r}` is not supported together with `updates`")
+        use_cache = kwargs.get("use_cache", getattr(generation_config, "use_cache", True))
+        if self.update_mode == "inband" and use_cache is False:
+            raise ValueError("`update_mode='inband'` needs `use_cache=True`: the correction is spliced into the cache")
+
     def _normalize(self, updates) -> list[list[_PendingUpdate]]:
         """Accept every documented form of `updates`; one clear ValueError, naming `updates`, for anything else."""
         if updates is None:
@@ -340,7 +363,7 @@ class DuplexGenerationState:
         self.prompt_length = input_ids.shape[1]
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         self.prompt_ids = [row[keep.bool()].tolist() for row, keep in zip(input_ids, mask, strict=True)]
-        self.left_padding = (mask.long().cumsum(-1) == 0).sum(-1)  # (B,): RoPE positions start at the first token
+        self.left_padding = left_padding(mask, self.batch_size, mask.device)  # (B,)
         self.versions = WorkspaceVersions.empty(*self.model.empty_workspace(self.batch_size))
 
     def _due_updates(self, generated: int) -> list[tuple[int, _PendingUpdate]]:
@@ -547,6 +570,7 @@ __all__ = [
     "UpdateLanding",
     "UpdateStream",
     "WorkspaceVersions",
+    "left_padding",
     "pack_updates",
     "update_position",
     "workspace_update_tokens",

@@ -20,7 +20,8 @@ from bench_models import build_duplex, random_ids
 from bench_report import log, ratio
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
-from modeling_duplex import DuplexForCausalLM, pack_updates
+from generation_duplex import pack_updates
+from modeling_duplex import DuplexForCausalLM
 
 MODES = ("workspace", "inband", "restart")  # how a correction reaches the model, in the latency comparison
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from modeling_duplex import pack_updates, update_position, workspace_update_tokens
+from generation_duplex import pack_updates, update_position, workspace_update_tokens
 
 from .dataset import instance_from_row
 from .tasks import get_family

@@ -4,7 +4,8 @@ import torch
 from conftest import tiny_backbone
 
 from data import build_byte_tokenizer
-from modeling_duplex import DuplexForCausalLM, pack_updates, update_position, workspace_update_tokens
+from generation_duplex import pack_updates, update_position, workspace_update_tokens
+from modeling_duplex import DuplexForCausalLM
 
 PROMPT = torch.tensor([[72, 101, 108, 108, 111, 10, 51, 32, 52]])
 UPDATES = [(0, [83, 116, 111, 112]), (3, [97, 98]), (3, [120]), (6, [49, 50, 46])]  # two land at the same step

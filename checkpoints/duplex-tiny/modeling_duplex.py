@@ -17,9 +17,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -27,6 +29,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # Qwen3's is the same
 from transformers.utils import cached_file, logging
 
 try:
@@ -40,9 +43,7 @@ try:
         UpdateLanding,
         UpdateStream,
         WorkspaceVersions,
-        pack_updates,
-        update_position,
-        workspace_update_tokens,
+        left_padding,
     )
 except ImportError:  # imported as a plain module from a checkout, not through trust_remote_code
     from configuration_duplex import DuplexConfig
@@ -55,9 +56,7 @@ except ImportError:  # imported as a plain module from a checkout, not through t
         UpdateLanding,
         UpdateStream,
         WorkspaceVersions,
-        pack_updates,
-        update_position,
-        workspace_update_tokens,
+        left_padding,
     )
 
 logger = logging.get_logger(__name__)
@@ -82,12 +81,6 @@ def rotate_half_positions(x: torch.Tensor) -> torch.Tensor:
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """The backbone's rotary helper (as in modeling_llama / modeling_qwen3)."""
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
-    return torch.cat((-x2, x1), dim=-1)
 
 
 class DuplexAttention(nn.Module):
@@ -228,9 +221,9 @@ class WorkspaceAdapter(nn.Module):
         if getattr(attn, "q_norm", None) is not None:  # Qwen3
             query, key = attn.q_norm(query), attn.k_norm(key)
         value = attn.v_proj(normed).view(shape).transpose(1, 2)
-        cos, sin = (t.unsqueeze(1) for t in position_embeddings)
-        query, key = query.transpose(1, 2), key.transpose(1, 2)  # (B, h, T, hd)
-        query, key = query * cos + rotate_half(query) * sin, key * cos + rotate_half(key) * sin
+        query, key = apply_rotary_pos_emb(
+            query.transpose(1, 2), key.transpose(1, 2), *position_embeddings
+        )  # (B,h,T,hd)
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, attn.layer_idx)
         context_mask = as_bool_mask(attention_mask, length, key.shape[2], hidden.device)
@@ -264,13 +257,6 @@ def checkpointing_off(layers: nn.ModuleList) -> Iterator[None]:
     finally:
         for layer, flag in zip(layers, flags, strict=True):
             layer.gradient_checkpointing = flag
-
-
-def left_padding(attention_mask: torch.Tensor | None, batch_size: int, device: torch.device) -> torch.Tensor:
-    """(B, L) 0/1 mask -> (B,) number of leading padding tokens (positions count from the first real token)."""
-    if attention_mask is None or isinstance(attention_mask, dict):
-        return torch.zeros(batch_size, dtype=torch.long, device=device)
-    return (attention_mask.long().cumsum(-1) == 0).sum(-1).to(device)
 
 
 def as_bool_mask(mask: torch.Tensor | None, query_length: int, key_length: int, device: torch.device) -> torch.Tensor:
@@ -369,19 +355,7 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Module) -> None:
-        self.model.embed_tokens = value
-
-    def get_output_embeddings(self) -> nn.Module:
-        return self.lm_head
-
-    def set_output_embeddings(self, value: nn.Module) -> None:
-        self.lm_head = value
-
-    def get_decoder(self) -> nn.Module:
+    def get_decoder(self) -> nn.Module:  # transformers' defaults find `model.embed_tokens` and `lm_head`
         return self.model
 
     def get_base_model(self) -> PreTrainedModel:
@@ -425,10 +399,6 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
             return super().save_pretrained(save_directory, *args, **kwargs)
         if not self.config.backbone_name_or_path:
             raise ValueError("save_pretrained(adapter_only=True) needs `config.backbone_name_or_path` to be set")
-        from pathlib import Path
-
-        from safetensors.torch import save_file
-
         Path(save_directory).mkdir(parents=True, exist_ok=True)
         super().save_pretrained(save_directory, *args, state_dict={}, **kwargs)  # config.json, code, generation config
         weights = {k: v.detach().contiguous().cpu() for k, v in self.duplex_state_dict().items()}
@@ -446,8 +416,6 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
         )
         if adapter_file is None:
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        from safetensors.torch import load_file
-
         config = kwargs.pop("config", None) or DuplexConfig.from_pretrained(path, **hub_kwargs)
         backbone_kwargs = {k: v for k, v in kwargs.items() if k not in ("trust_remote_code",)}
         duplex_fields = {
@@ -736,8 +704,7 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
         batch_size = input_ids.shape[0]
         state = DuplexGenerationState(self, batch_size, updates, update_mode, tokenizer)
         try:
-            if state.has_updates:
-                self._check_generation_supports_updates(generation_config, kwargs, update_mode)
+            state.check_decoding_options(generation_config or self.generation_config, kwargs)
             if tokenizer is not None:
                 kwargs["tokenizer"] = tokenizer
             output = super().generate(inputs, generation_config, duplex_state=state, **kwargs)
@@ -747,20 +714,6 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
         if isinstance(output, GenerateDecoderOnlyOutput):
             output = DuplexGenerateOutput(**output, update_landings=landings)
         return output
-
-    def _check_generation_supports_updates(self, generation_config, kwargs: dict, update_mode: str) -> None:
-        """Refuse, naming the option, decoding modes in which updates would not land as promised."""
-        config = generation_config if generation_config is not None else self.generation_config
-        for name, unsupported in (
-            ("num_beams", lambda v: v is not None and v > 1),
-            ("assistant_model", lambda v: v is not None),
-            ("prompt_lookup_num_tokens", lambda v: v is not None),
-        ):
-            value = kwargs.get(name, getattr(config, name, None))
-            if unsupported(value):
-                raise ValueError(f"`{name}={value!r}` is not supported together with `updates`")
-        if update_mode == "inband" and kwargs.get("use_cache", getattr(config, "use_cache", True)) is False:
-            raise ValueError("`update_mode='inband'` needs `use_cache=True`: the correction is spliced into the cache")
 
     def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, duplex_state=None, **kwargs):
         model_inputs = super().prepare_inputs_for_generation(
@@ -780,19 +733,10 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
 DuplexConfig.register_for_auto_class()
 DuplexForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
-__all__ = [
-    "DuplexAttention",
+__all__ = [  # with the update types users pass to and get back from `generate`
     "DuplexForCausalLM",
-    "DuplexGenerateOutput",
     "DuplexPreTrainedModel",
     "DuplexUpdate",
-    "UpdateEncoder",
     "UpdateLanding",
     "UpdateStream",
-    "Workspace",
-    "WorkspaceAdapter",
-    "WorkspaceVersions",
-    "pack_updates",
-    "update_position",
-    "workspace_update_tokens",
 ]
