@@ -1,5 +1,6 @@
 """Tiny random backbones (the micro shape as Qwen3 and Llama) built in code: the suite never downloads anything."""
 
+import socket
 import sys
 from pathlib import Path
 
@@ -49,3 +50,10 @@ def duplex(backbone) -> DuplexForCausalLM:
     """A trained-looking duplex model (non-zero adapters) over a tiny backbone."""
     model = DuplexForCausalLM.from_backbone(backbone, num_slots=4, encoder_layers=2, adapter_layers=[0, 2])
     return perturb_duplex(model).eval()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (for servers the tests start)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

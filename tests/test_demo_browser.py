@@ -7,7 +7,6 @@ Set DUPLEX_SCREENSHOT=docs/demo.png to keep the screenshot it takes.
 """
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("DUPLEX_CHROMIUM", "/usr/bin/chromium")
@@ -35,12 +35,6 @@ def require_browser() -> None:
         if os.environ.get("DUPLEX_REQUIRE_BROWSER") == "1":
             pytest.fail(message)
         pytest.skip(message)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

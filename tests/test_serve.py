@@ -3,7 +3,6 @@ driven by a real HTTP client (httpx) that streams a generation and posts correct
 
 import importlib.util
 import json
-import socket
 import sys
 import threading
 import time
@@ -14,6 +13,7 @@ import httpx
 import pytest
 import torch
 import uvicorn
+from conftest import free_port
 
 from serve_duplex import DEFAULT_MODEL, Limits, create_app, load_model
 
@@ -22,12 +22,6 @@ LOAD_TEST = Path(__file__).resolve().parents[1] / "bench" / "load_serve.py"
 PROMPT = "Name 5 tools.\n"
 CORRECTION = "Name animals instead."
 LIMITS = Limits(max_new_tokens=300, max_prompt_chars=200, max_update_chars=50, max_sessions=8)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
