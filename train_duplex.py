@@ -45,7 +45,7 @@ SHIPPED_BACKBONE = Path(__file__).resolve().parent / "checkpoints" / "duplex-tin
 
 TINY_DUPLEX = dict(
     num_slots=128,  # byte-level tokens: the prompt and three corrections
-    encoder_layers=0,  # the identity encoder: a trained one did worse on this backbone (docs/channel-variants.md)
+    encoder_layers=2,  # identity at init; trained at lr 1e-3 it carries corrections (docs/channel-variants.md)
 )
 
 
@@ -64,7 +64,7 @@ class DuplexArguments:
     phase0_steps: int = field(default=3000, metadata={"help": "backbone pretraining steps (--pretrain_backbone)"})
     phase0_batch_size: int = field(default=32, metadata={"help": "backbone pretraining batch size"})
     phase0_lr: float = field(default=3e-3, metadata={"help": "backbone pretraining learning rate"})
-    duplex_steps: int = field(default=250, metadata={"help": "duplex (or tdm) training steps"})
+    duplex_steps: int = field(default=500, metadata={"help": "duplex (or tdm) training steps"})
     gate_lr: float = field(
         default=3e-2, metadata={"help": "learning rate of the adapters' zero-initialised gates (LLaMA-Adapter style)"}
     )
@@ -72,7 +72,7 @@ class DuplexArguments:
     train_size: int = field(default=20000, metadata={"help": "training instances per phase"})
     families: str | None = field(default=None, metadata={"help": "comma-separated task families (default all)"})
     num_slots: int | None = field(default=None, metadata={"help": "workspace slots (default 32; tiny 128)"})
-    encoder_layers: int | None = field(default=None, metadata={"help": "update encoder layers (default 4; tiny 0)"})
+    encoder_layers: int | None = field(default=None, metadata={"help": "update encoder layers (default 4; tiny 2)"})
     adapter_layers: str | None = field(default=None, metadata={"help": "comma-separated decoder layers (default all)"})
     eval_per_family: int = field(default=8, metadata={"help": "held-out instances per family and kind at the end"})
     skip_eval: bool = field(default=False, metadata={"help": "do not evaluate after training"})
@@ -83,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[DuplexArguments, Training
     parser.set_defaults(  # offline-default friendly; every one can be overridden on the command line
         output_dir="runs/duplex-tiny",
         per_device_train_batch_size=16,
-        learning_rate=5e-3,
+        learning_rate=1e-3,  # the update encoder's; at 5e-3 it moved off its identity init and lost the correction
         warmup_steps=20,
         lr_scheduler_type="cosine",
         weight_decay=0.0,
