@@ -64,7 +64,7 @@ class DuplexArguments:
     phase0_steps: int = field(default=3000, metadata={"help": "backbone pretraining steps (--pretrain_backbone)"})
     phase0_batch_size: int = field(default=32, metadata={"help": "backbone pretraining batch size"})
     phase0_lr: float = field(default=3e-3, metadata={"help": "backbone pretraining learning rate"})
-    duplex_steps: int = field(default=500, metadata={"help": "duplex (or tdm) training steps"})
+    duplex_steps: int = field(default=400, metadata={"help": "duplex (or tdm) training steps"})
     gate_lr: float = field(
         default=3e-2, metadata={"help": "learning rate of the adapters' zero-initialised gates (LLaMA-Adapter style)"}
     )
