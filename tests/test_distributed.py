@@ -100,7 +100,7 @@ def test_the_fsdp_config_shards_a_trainable_duplex_model(tmp_path):
         command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
     assert {"FSDPQwen3MLP", "FSDPUpdateEncoderLayer", "FSDPDuplexForCausalLM"} <= set(ranks[0]["units"])
     for record in ranks:
         assert record["loss"] == pytest.approx(record["reference_loss"], rel=0.03)
