@@ -9,7 +9,7 @@ Modes, all on identical instances:
   ignore     the same model, corrections dropped (ablation)
   inband     the same model, the correction's tokens spliced into the context at `at`; its workspace stays empty, so
              this is the frozen backbone given the correction in-band
-  restart    the backbone alone (`get_base_model()`), re-prompted with `restart_prompt(instruction, [correction])`;
+  restart    the backbone alone (`get_base_model()`), re-prompted with `PromptFormat.restart_prompt`;
              its whole response is scored against the oracle for an update at word 0 (single-update instances only)
   tdm        a second duplex checkpoint whose backbone was fully fine-tuned on in-band corrections, run in-band
 A "backbone" column (the backbone alone, no updates) is the retention reference.
@@ -35,7 +35,8 @@ from typing import Any, NamedTuple
 import torch
 
 from data import FAMILIES, Instance, build_dataset, get_family, instance_from_row, instance_to_row, word_boundary
-from data.collate import IGNORE_INDEX, DuplexCollator, encode, restart_prompt, tokenize_row, update_ats
+from data.collate import IGNORE_INDEX, DuplexCollator, encode, tokenize_row, update_ats
+from data.prompts import PromptFormat
 
 MODES = ("workspace", "ignore", "inband", "restart", "tdm")
 DEFAULT_MODES = ("workspace", "ignore", "inband", "restart")
@@ -176,7 +177,7 @@ class _Item:
     position: float | None = None  # sweep: relative update position
 
 
-def _make_item(mode: str, seed: int, kind: str, row: dict, tokenizer) -> _Item | None:
+def _make_item(mode: str, seed: int, kind: str, row: dict, tokenizer, prompt_format: PromptFormat) -> _Item | None:
     """Turn a dataset row into what `mode` generates and scores; None where the mode does not apply."""
     inst = instance_from_row(row)
     model_key, update_mode = RUNNERS[mode]
@@ -185,14 +186,17 @@ def _make_item(mode: str, seed: int, kind: str, row: dict, tokenizer) -> _Item |
     if model_key == "backbone":  # restart (and the backbone reference): a new prompt, no mid-stream updates
         if len(texts) > 1:
             return None
-        prompt, updates = (restart_prompt(row["instruction"], texts) if texts else row["prompt"]), ()
+        restart = prompt_format.restart_prompt(inst.family, inst.instruction, texts) if texts else None
+        prompt, updates = restart or prompt_format.prompt(inst.family, inst.instruction), ()
         if texts and kind != "distractor":
             target, at = get_family(inst.family).with_update_at(inst, 0), 0  # oracle of `restart_response(row)`
     else:
-        prompt, updates = row["prompt"], tuple(zip(update_ats(tokenizer, row["segments"]), texts, strict=True))
+        prompt = prompt_format.prompt(inst.family, inst.instruction)
+        updates = tuple(zip(update_ats(tokenizer, row["segments"]), texts, strict=True))
         at = updates[0][0] if updates else None
     job = Job(model_key, prompt, updates, update_mode if updates else None)
-    reference = Job(model_key, row["prompt"], (), None) if kind == "distractor" else None
+    plain = prompt_format.prompt(inst.family, inst.instruction)
+    reference = Job(model_key, plain, (), None) if kind == "distractor" else None
     position = relative_position(row) if kind == "sweep" else None
     return _Item(mode, seed, kind, inst.family, job, target, at, reference, position)
 
@@ -385,11 +389,13 @@ def evaluate(
     progress: bool = True,
     families: Sequence[str] | None = None,
     max_new_tokens: int | None = None,
+    shots: int = 0,
 ) -> dict[str, Any]:
     """Run every mode on the same held-out instances and return JSON-able results (see `render_markdown`).
 
     Instances come from `build_eval_set(seeds, n_per_family, sweep_per_family, families)`; "tdm" is added when
-    `tdm_model` is given. Metrics are pooled over seeds; proportions carry Wilson 95% CIs.
+    `tdm_model` is given. Metrics are pooled over seeds; proportions carry Wilson 95% CIs. A tokenizer with a chat
+    template gets its chat format, with `shots` solved examples per family before each question (`PromptFormat`).
     """
     modes = list(dict.fromkeys([*modes, *(["tdm"] if tdm_model is not None else [])]))
     unknown = [m for m in modes if m not in MODES]
@@ -403,6 +409,7 @@ def evaluate(
     for name in families:
         get_family(name)  # clear error for an unknown family
     eval_set = build_eval_set(seeds, n_per_family, sweep_per_family, families)
+    prompt_format = PromptFormat.for_tokenizer(tokenizer, shots)
 
     items = [
         item
@@ -411,7 +418,7 @@ def evaluate(
         for kind, rows in kinds.items()
         if mode != BACKBONE or kind == "none"
         for row in rows
-        if (item := _make_item(mode, seed, kind, row, tokenizer)) is not None
+        if (item := _make_item(mode, seed, kind, row, tokenizer, prompt_format)) is not None
     ]
     longest = max(
         len(encode(tokenizer, text)) for it in items for text in (it.target.response, it.target.original_response)
@@ -430,7 +437,7 @@ def evaluate(
     if hasattr(model, "workspace_versions"):  # a DuplexForCausalLM (not a generate-only stand-in)
         with _eval_mode(model):
             one_rows = [row for kinds in eval_set.values() for row in kinds["one"]]
-            diagnostics = teacher_forced_diagnostics(model, tokenizer, one_rows, batch_size)
+            diagnostics = teacher_forced_diagnostics(model, tokenizer, one_rows, batch_size, prompt_format)
     columns = [*modes, BACKBONE]
     examples = {
         mode: [
@@ -452,6 +459,7 @@ def evaluate(
             "families": families,
             "modes": modes,
             "sweep_per_family": sweep_per_family,
+            "prompt_format": {"chat": prompt_format.chat, "shots": shots},
             "batch_size": batch_size,
             "max_new_tokens": max_new_tokens,
             "split": "test",
@@ -474,14 +482,16 @@ def evaluate(
 
 
 @torch.no_grad()
-def teacher_forced_diagnostics(model: Any, tokenizer: Any, rows: Sequence[dict], batch_size: int = 32) -> dict:
+def teacher_forced_diagnostics(
+    model: Any, tokenizer: Any, rows: Sequence[dict], batch_size: int = 32, prompt_format: PromptFormat | None = None
+) -> dict:
     """Teacher-forced accuracy of the post-update tokens (all of them, and the first one) with the updates in the
     workspace and without them (ignore): set beside greedy exact match, it shows how far decoding falls behind."""
     collator = DuplexCollator(tokenizer.pad_token_id)
     device = _device(model)
     hits: dict[str, list[int]] = {m: [0, 0, 0, 0] for m in ("workspace", "ignore")}  # tokens ok/all, first ok/all
     for start in range(0, len(rows), batch_size):
-        features = [tokenize_row(row, tokenizer, "duplex") for row in rows[start : start + batch_size]]
+        features = [tokenize_row(row, tokenizer, "duplex", prompt_format) for row in rows[start : start + batch_size]]
         batch = {k: v.to(device) for k, v in collator(features).items()}
         labels = batch.pop("labels")[:, 1:]
         first_update = batch["update_positions"][:, 0]  # position whose logits predict the first post-update token
@@ -557,6 +567,12 @@ def render_markdown(results: dict[str, Any]) -> str:
         f" {timing['seconds']:.1f} s ({timing['seconds_per_100_generations']:.2f} s per 100).",
         "",
     ]
+    if (fmt := cfg.get("prompt_format")) and fmt["chat"]:
+        lines[-1:-1] = [
+            f"Prompts: the tokenizer's chat template, {fmt['shots']} solved example(s) per family before each question;"
+            " an in-band correction is a user turn spliced in mid-answer.",
+            "",
+        ]
     rows = []
     for name, label in METRIC_LABELS.items():
         n = max((metrics[c][name]["overall"]["n"] for c in columns), default=0)
@@ -574,7 +590,8 @@ def render_markdown(results: dict[str, Any]) -> str:
     lines += [
         "",
         "`backbone`: the frozen backbone alone, no updates (retention reference). `restart`: the backbone re-prompted"
-        " with `{instruction}\\n{correction}\\n`, scored against the oracle for an update at word 0 (single-update"
+        " with the instruction and the correction as one new turn (`{instruction}\\n{correction}\\n`; a chat model: one"
+        " user turn of its chat template), scored against the oracle for an update at word 0 (single-update"
         " instances; distractor stability is against the backbone's own no-update output). Tokens-to-revision: on"
         " correct single-update instances, new tokens after the update before the output leaves the pre-update"
         " course. Reference: the toy prototype reached 55% revision accuracy (ablation 4.4%) and a 3.6%"
@@ -715,6 +732,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(DEFAULT_MODES), help="modes to compare")
     parser.add_argument("--families", nargs="+", choices=list(FAMILIES), default=None, help="task families")
     parser.add_argument("--sweep-per-family", type=_non_negative, default=4, help="instances per family swept")
+    parser.add_argument(
+        "--shots", type=_non_negative, default=0, help="solved examples per family before each chat prompt"
+    )
     parser.add_argument("--batch-size", type=_positive, default=32)
     parser.add_argument("--max-new-tokens", type=_positive, default=None, help="default: longest oracle + margin")
     parser.add_argument("--device", default="cpu")
@@ -746,6 +766,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         progress=not args.no_progress,
         families=args.families,
         max_new_tokens=args.max_new_tokens,
+        shots=args.shots,
     )
     results["config"] |= {"checkpoint": str(args.checkpoint), "tdm_checkpoint": args.tdm_checkpoint}
     write_report(results, args.out or Path(args.checkpoint) / "eval")

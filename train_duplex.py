@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from backbone_shapes import backbone_config
 from data import build_byte_tokenizer, build_dataset
 from data.collate import DuplexCollator, tokenize_row
+from data.prompts import PromptFormat
 from modeling_duplex import DuplexForCausalLM
 
 logger = logging.getLogger("train_duplex")
@@ -74,7 +75,13 @@ class DuplexArguments:
     num_slots: int | None = field(default=None, metadata={"help": "workspace slots (default 32; tiny 128)"})
     encoder_layers: int | None = field(default=None, metadata={"help": "update encoder layers (default 4; tiny 2)"})
     adapter_layers: str | None = field(default=None, metadata={"help": "comma-separated decoder layers (default all)"})
+    shots: int = field(
+        default=0, metadata={"help": "chat backbones: solved examples per family before each question (few-shot)"}
+    )
     eval_per_family: int = field(default=8, metadata={"help": "held-out instances per family and kind at the end"})
+    eval_sweep_per_family: int = field(
+        default=4, metadata={"help": "held-out instances per family whose correction is swept over every word"}
+    )
     skip_eval: bool = field(default=False, metadata={"help": "do not evaluate after training"})
 
 
@@ -122,12 +129,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[DuplexArguments, Training
 def tokenized(
     args: DuplexArguments, split_seed: int, n: int, tokenizer, fmt: str, mix: dict | None = None
 ) -> datasets.Dataset:
-    """Instances of the training split, rendered in one of the collator's formats."""
+    """Instances of the training split, rendered in one of the collator's formats (the backbone's chat template
+    where its tokenizer has one)."""
     families = args.families.split(",") if args.families else None
     rows = build_dataset("train", n, seed=split_seed, mix=mix, families=families)
     if fmt == "restart":  # turn-based corrections: single-correction instances only
         rows = rows.filter(lambda r: r["update_kinds"].count("correction") == 1)
-    return rows.map(lambda r: tokenize_row(r, tokenizer, fmt), remove_columns=rows.column_names)
+    prompt_format = PromptFormat.for_tokenizer(tokenizer, args.shots)
+    return rows.map(lambda r: tokenize_row(r, tokenizer, fmt, prompt_format), remove_columns=rows.column_names)
 
 
 def gated_optimizer(model: torch.nn.Module, args: TrainingArguments, gate_lr: float) -> torch.optim.Optimizer:
@@ -282,11 +291,14 @@ def pretrain_tiny_backbone(args: DuplexArguments, training_args: TrainingArgumen
     return out
 
 
-def build_model(args: DuplexArguments, backbone_path: str | Path, offline_default: bool) -> PreTrainedModel:
+def build_model(
+    args: DuplexArguments, backbone_path: str | Path, offline_default: bool, prompt_format: PromptFormat
+) -> PreTrainedModel:
     """Frozen backbone + fresh duplex modules (or, for tdm, the backbone alone, fully trainable)."""
     if args.method == "tdm":
         return AutoModelForCausalLM.from_pretrained(backbone_path)
     duplex_kwargs = dict(TINY_DUPLEX) if offline_default else {}
+    duplex_kwargs["inband_template"] = prompt_format.inband_template  # a chat model: a user turn mid-answer
     if args.num_slots is not None:
         duplex_kwargs["num_slots"] = args.num_slots
     if args.encoder_layers is not None:
@@ -321,7 +333,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         backbone_path = args.backbone
 
     set_seed(training_args.seed)
-    model = build_model(args, backbone_path, offline_default)
+    prompt_format = PromptFormat.for_tokenizer(tokenizer, args.shots)
+    model = build_model(args, backbone_path, offline_default, prompt_format)
     collator = DuplexCollator(tokenizer.pad_token_id)
     if args.method == "tdm":  # same instances and budget as the duplex phase, corrections in the token stream
         data = tokenized(args, training_args.seed + 2, args.train_size, tokenizer, "inband")
@@ -331,7 +344,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         backbone_path = out / "tdm-backbone"  # the checkpoint names the tuned backbone, not the one it began as
         ready_for_generation(model).save_pretrained(backbone_path)
         tokenizer.save_pretrained(backbone_path)
-        model = DuplexForCausalLM.from_backbone(model)  # zero-init duplex modules: exactly the tuned backbone
+        # zero-init duplex modules: exactly the tuned backbone
+        model = DuplexForCausalLM.from_backbone(model, inband_template=prompt_format.inband_template)
     else:
         data = tokenized(args, training_args.seed + 2, args.train_size, tokenizer, "duplex")
         trainer = run_phase(model, data, training_args, "duplex", args.duplex_steps, collator, gate_lr=args.gate_lr)
@@ -356,7 +370,14 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     model.eval()
     families = args.families.split(",") if args.families else None
-    results = eval_duplex.evaluate(model, tokenizer, n_per_family=args.eval_per_family, families=families)
+    results = eval_duplex.evaluate(
+        model,
+        tokenizer,
+        n_per_family=args.eval_per_family,
+        sweep_per_family=args.eval_sweep_per_family,
+        families=families,
+        shots=args.shots,
+    )
     eval_duplex.write_report(results, final / "eval")
     print(eval_duplex.render_markdown(results))
     (final / "eval" / "train_args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))

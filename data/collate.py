@@ -10,6 +10,7 @@ import torch
 from generation_duplex import pack_updates, update_position, workspace_update_tokens
 
 from .dataset import instance_from_row
+from .prompts import PromptFormat
 from .tasks import get_family
 
 FORMATS = ("duplex", "plain", "restart", "inband")
@@ -29,43 +30,39 @@ def update_ats(tokenizer, segments: list[str]) -> list[int]:
     return ats
 
 
-def restart_prompt(instruction: str, corrections: list[str]) -> str:
-    """The half-duplex baseline's prompt: stop, append the correction(s) as a new turn, start over."""
-    return "\n".join([instruction, *corrections]) + "\n"
-
-
 def restart_response(row: dict) -> str:
     """The oracle answer when the (single) correction is given before the first word."""
     inst = instance_from_row(row)
     return get_family(inst.family).with_update_at(inst, 0).response
 
 
-def tokenize_row(row: dict, tokenizer, fmt: str = "duplex", inband_template: str = "\n{text}\n") -> dict:
+def tokenize_row(row: dict, tokenizer, fmt: str = "duplex", prompt_format: PromptFormat | None = None) -> dict:
     """One dataset row -> input_ids, labels (response tokens only) and, for "duplex", the updates with the
-    positions `forward` expects."""
+    positions `forward` expects. `prompt_format` renders the text (default: plain text)."""
     if fmt not in FORMATS:
         raise ValueError(f"`fmt` must be one of {FORMATS}, got {fmt!r}")
+    prompt_format = prompt_format or PromptFormat()
+    inband_template = prompt_format.inband_template
     eos = [tokenizer.eos_token_id]
     corrections = [t for t, kind in zip(row["update_texts"], row["update_kinds"], strict=True) if kind == "correction"]
-    if fmt == "plain":
-        prompt, pieces = encode(tokenizer, row["prompt"]), [encode(tokenizer, row["original_response"]) + eos]
-    elif fmt == "restart":
-        prompt = encode(tokenizer, restart_prompt(row["instruction"], corrections))
+    if fmt == "restart":
+        prompt = encode(tokenizer, prompt_format.restart_prompt(row["family"], row["instruction"], corrections))
         pieces = [encode(tokenizer, restart_response(row) if corrections else row["response"]) + eos]
     else:
-        prompt = encode(tokenizer, row["prompt"])
-        pieces = [encode(tokenizer, s) for s in row["segments"]]
+        prompt = encode(tokenizer, prompt_format.prompt(row["family"], row["instruction"]))
+        answer = [row["original_response"]] if fmt == "plain" else row["segments"]
+        pieces = [encode(tokenizer, s) for s in answer]
         pieces[-1] = pieces[-1] + eos
     input_ids, labels = list(prompt), [IGNORE_INDEX] * len(prompt)
     positions, update_ids = [], []
     for u, piece in enumerate(pieces):
         if u > 0 and fmt == "inband":  # the correction rides in the token stream, unlabelled
-            inserted = encode(tokenizer, inband_template.format(text=row["update_texts"][u - 1]))
+            inserted = encode(tokenizer, inband_template.replace("{text}", row["update_texts"][u - 1]))
             input_ids += inserted
             labels += [IGNORE_INDEX] * len(inserted)
         if u > 0 and fmt == "duplex":
             positions.append(update_position(len(prompt), len(input_ids) - len(prompt)))
-            written = encode(tokenizer, inband_template.format(text=row["update_texts"][u - 1]))
+            written = encode(tokenizer, inband_template.replace("{text}", row["update_texts"][u - 1]))
             update_ids.append(workspace_update_tokens(prompt, written, first=u == 1))
         input_ids += piece
         labels += piece

@@ -11,7 +11,8 @@ from transformers import Qwen3ForCausalLM
 import eval_duplex
 from backbone_shapes import backbone_config
 from data import FAMILIES, build_byte_tokenizer, word_boundary
-from data.collate import restart_prompt, restart_response
+from data.collate import restart_response
+from data.prompts import PromptFormat
 from data.tasks import Instance, TaskUpdate
 from modeling_duplex import DuplexForCausalLM
 
@@ -41,7 +42,7 @@ def oracle_table(eval_set: dict) -> dict:
                 if len(texts) == 1:  # the restart baseline's prompt
                     corrected = row["update_kinds"][0] == "correction"
                     put(
-                        (restart_prompt(row["instruction"], texts), ()),
+                        (PromptFormat().restart_prompt(row["family"], row["instruction"], texts), ()),
                         restart_response(row) if corrected else row["original_response"],
                     )
     return table
