@@ -36,7 +36,7 @@ from transformers import (
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from backbone_shapes import backbone_config
 from data import build_byte_tokenizer, build_dataset
-from data.collate import DuplexCollator, tokenize_row
+from data.collate import IGNORE_INDEX, DuplexCollator, tokenize_row
 from data.prompts import PromptFormat
 from modeling_duplex import DuplexForCausalLM
 
@@ -66,6 +66,13 @@ class DuplexArguments:
     phase0_batch_size: int = field(default=32, metadata={"help": "backbone pretraining batch size"})
     phase0_lr: float = field(default=3e-3, metadata={"help": "backbone pretraining learning rate"})
     duplex_steps: int = field(default=400, metadata={"help": "duplex (or tdm) training steps"})
+    distill_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "weight of KL(in-band teacher || duplex model) on the response tokens, beside cross-entropy: the "
+            "frozen backbone given the corrections as text (distractors dropped) teaches what to write after them"
+        },
+    )
     gate_lr: float = field(
         default=3e-2, metadata={"help": "learning rate of the adapters' zero-initialised gates (LLaMA-Adapter style)"}
     )
@@ -127,7 +134,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[DuplexArguments, Training
 
 
 def tokenized(
-    args: DuplexArguments, split_seed: int, n: int, tokenizer, fmt: str, mix: dict | None = None
+    args: DuplexArguments, split_seed: int, n: int, tokenizer, fmt: str, mix: dict | None = None, teacher: bool = False
 ) -> datasets.Dataset:
     """Instances of the training split, rendered in one of the collator's formats (the backbone's chat template
     where its tokenizer has one)."""
@@ -136,7 +143,9 @@ def tokenized(
     if fmt == "restart":  # turn-based corrections: single-correction instances only
         rows = rows.filter(lambda r: r["update_kinds"].count("correction") == 1)
     prompt_format = PromptFormat.for_tokenizer(tokenizer, args.shots)
-    return rows.map(lambda r: tokenize_row(r, tokenizer, fmt, prompt_format), remove_columns=rows.column_names)
+    return rows.map(
+        lambda r: tokenize_row(r, tokenizer, fmt, prompt_format, teacher=teacher), remove_columns=rows.column_names
+    )
 
 
 def gated_optimizer(model: torch.nn.Module, args: TrainingArguments, gate_lr: float) -> torch.optim.Optimizer:
@@ -155,13 +164,38 @@ def gated_optimizer(model: torch.nn.Module, args: TrainingArguments, gate_lr: fl
     )
 
 
-class DuplexTrainer(Trainer):
-    """The Trainer, with `gated_optimizer` when `gate_lr` is given. The optimizer is built in `create_optimizer`, on
-    the model the Trainer hands it, because FSDP refuses a ready-made one (it must see the wrapped parameters)."""
+def distillation_loss(
+    student_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor, teacher_labels: torch.Tensor
+) -> torch.Tensor:
+    """Mean KL(teacher || student) over the response tokens. Both rows label the same response tokens in the same
+    order (`tokenize_row(..., teacher=True)`), so the k-th labelled position of one matches the k-th of the other."""
+    student = student_logits[:, :-1][labels[:, 1:] != IGNORE_INDEX].float()  # (tokens, vocab)
+    teacher = teacher_logits[:, :-1][teacher_labels[:, 1:] != IGNORE_INDEX].float()
+    log_student, log_teacher = torch.log_softmax(student, -1), torch.log_softmax(teacher, -1)
+    return torch.nn.functional.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean")
 
-    def __init__(self, *args, gate_lr: float | None = None, **kwargs):
+
+class DuplexTrainer(Trainer):
+    """The Trainer, with `gated_optimizer` when `gate_lr` is given, and context distillation from the in-band
+    teacher when `distill_weight` > 0. The optimizer is built in `create_optimizer`, on the model the Trainer hands
+    it, because FSDP refuses a ready-made one (it must see the wrapped parameters)."""
+
+    def __init__(self, *args, gate_lr: float | None = None, distill_weight: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.gate_lr = gate_lr
+        self.distill_weight = distill_weight
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Cross-entropy on the oracle, plus `distill_weight` x KL to the teacher: the same model without updates
+        (exactly its frozen backbone) reading the teacher rendering, where the batch carries one."""
+        taught = {key: inputs.pop(key) for key in list(inputs) if key.startswith("teacher_")}
+        loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        if taught and self.distill_weight:
+            with torch.no_grad():
+                teacher = model(input_ids=taught["teacher_input_ids"], attention_mask=taught["teacher_attention_mask"])
+            kl = distillation_loss(outputs.logits, inputs["labels"], teacher.logits, taught["teacher_labels"])
+            loss = loss + self.distill_weight * kl
+        return (loss, outputs) if return_outputs else loss
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         if self.gate_lr is not None and self.optimizer is None:
@@ -178,6 +212,7 @@ def run_phase(
     collator,
     tokenizer=None,
     gate_lr: float | None = None,
+    distill_weight: float = 0.0,
     **overrides,
 ):
     """One Trainer run in `output_dir/name`; resumes from that phase's last checkpoint when asked."""
@@ -190,6 +225,7 @@ def run_phase(
         data_collator=collator,
         processing_class=tokenizer,
         gate_lr=gate_lr,
+        distill_weight=distill_weight,
     )
     trainer.train(resume_from_checkpoint=phase_resume_point(training_args.resume_from_checkpoint, out))
     save_loss_curve(trainer.state.log_history, out / "loss.png", name)
@@ -347,8 +383,18 @@ def main(argv: list[str] | None = None) -> dict | None:
         # zero-init duplex modules: exactly the tuned backbone
         model = DuplexForCausalLM.from_backbone(model, inband_template=prompt_format.inband_template)
     else:
-        data = tokenized(args, training_args.seed + 2, args.train_size, tokenizer, "duplex")
-        trainer = run_phase(model, data, training_args, "duplex", args.duplex_steps, collator, gate_lr=args.gate_lr)
+        teacher = args.distill_weight > 0
+        data = tokenized(args, training_args.seed + 2, args.train_size, tokenizer, "duplex", teacher=teacher)
+        trainer = run_phase(
+            model,
+            data,
+            training_args,
+            "duplex",
+            args.duplex_steps,
+            collator,
+            gate_lr=args.gate_lr,
+            distill_weight=args.distill_weight,
+        )
         model = gathered_model(trainer, model)
         if not training_args.should_save:  # multi-process runs: the main process saves (and evaluates), the rest end
             return None

@@ -13,7 +13,7 @@ from .dataset import instance_from_row
 from .prompts import PromptFormat
 from .tasks import get_family
 
-FORMATS = ("duplex", "plain", "restart", "inband")
+FORMATS = ("duplex", "plain", "restart", "inband", "teacher")
 IGNORE_INDEX = -100
 
 
@@ -36,9 +36,17 @@ def restart_response(row: dict) -> str:
     return get_family(inst.family).with_update_at(inst, 0).response
 
 
-def tokenize_row(row: dict, tokenizer, fmt: str = "duplex", prompt_format: PromptFormat | None = None) -> dict:
+def tokenize_row(
+    row: dict, tokenizer, fmt: str = "duplex", prompt_format: PromptFormat | None = None, teacher: bool = False
+) -> dict:
     """One dataset row -> input_ids, labels (response tokens only) and, for "duplex", the updates with the
-    positions `forward` expects. `prompt_format` renders the text (default: plain text)."""
+    positions `forward` expects. `prompt_format` renders the text (default: plain text).
+
+    Formats: "plain" (the answer without updates), "restart" (the corrections as a new turn, the answer from the
+    first word), "inband" (every update spliced into the answer as text), "teacher" (corrections spliced in,
+    distractors dropped: what the answer should follow), "duplex" (updates kept apart, for the workspace; with
+    `teacher=True` also the row's "teacher" rendering as teacher_input_ids / teacher_labels, which label the same
+    response tokens in the same order)."""
     if fmt not in FORMATS:
         raise ValueError(f"`fmt` must be one of {FORMATS}, got {fmt!r}")
     prompt_format = prompt_format or PromptFormat()
@@ -56,7 +64,8 @@ def tokenize_row(row: dict, tokenizer, fmt: str = "duplex", prompt_format: Promp
     input_ids, labels = list(prompt), [IGNORE_INDEX] * len(prompt)
     positions, update_ids = [], []
     for u, piece in enumerate(pieces):
-        if u > 0 and fmt == "inband":  # the correction rides in the token stream, unlabelled
+        spliced = u > 0 and (fmt == "inband" or (fmt == "teacher" and row["update_kinds"][u - 1] == "correction"))
+        if spliced:  # the correction rides in the token stream, unlabelled
             inserted = encode(tokenizer, inband_template.replace("{text}", row["update_texts"][u - 1]))
             input_ids += inserted
             labels += [IGNORE_INDEX] * len(inserted)
@@ -69,28 +78,38 @@ def tokenize_row(row: dict, tokenizer, fmt: str = "duplex", prompt_format: Promp
     features = {"input_ids": input_ids, "labels": labels}
     if fmt == "duplex":
         features |= {"update_positions": positions, "update_token_ids": update_ids}
+        if teacher:
+            taught = tokenize_row(row, tokenizer, "teacher", prompt_format)
+            features |= {"teacher_input_ids": taught["input_ids"], "teacher_labels": taught["labels"]}
     return features
 
 
 @dataclass
 class DuplexCollator:
-    """Right-pads token features; packs the updates (if any) into the tensors `DuplexForCausalLM.forward` takes."""
+    """Right-pads token features; packs the updates (if any) into the tensors `DuplexForCausalLM.forward` takes;
+    a teacher rendering (`tokenize_row(..., teacher=True)`) becomes teacher_input_ids / _attention_mask / _labels."""
 
     pad_token_id: int
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        length = max(len(f["input_ids"]) for f in features)
-        batch = {
-            "input_ids": torch.full((len(features), length), self.pad_token_id, dtype=torch.long),
-            "attention_mask": torch.zeros((len(features), length), dtype=torch.long),
-            "labels": torch.full((len(features), length), IGNORE_INDEX, dtype=torch.long),
-        }
-        for b, f in enumerate(features):
-            n = len(f["input_ids"])
-            batch["input_ids"][b, :n] = torch.tensor(f["input_ids"])
-            batch["attention_mask"][b, :n] = 1
-            batch["labels"][b, :n] = torch.tensor(f["labels"])
+        batch = self._pad([f["input_ids"] for f in features], [f["labels"] for f in features])
+        if "teacher_input_ids" in features[0]:
+            taught = self._pad([f["teacher_input_ids"] for f in features], [f["teacher_labels"] for f in features])
+            batch |= {f"teacher_{key}": value for key, value in taught.items()}
         if "update_positions" in features[0]:
             updates = [list(zip(f["update_positions"], f["update_token_ids"], strict=True)) for f in features]
             batch |= pack_updates(updates, pad_token_id=self.pad_token_id)
+        return batch
+
+    def _pad(self, input_ids: list[list[int]], labels: list[list[int]]) -> dict[str, torch.Tensor]:
+        length = max(map(len, input_ids))
+        batch = {
+            "input_ids": torch.full((len(input_ids), length), self.pad_token_id, dtype=torch.long),
+            "attention_mask": torch.zeros((len(input_ids), length), dtype=torch.long),
+            "labels": torch.full((len(input_ids), length), IGNORE_INDEX, dtype=torch.long),
+        }
+        for b, (ids, row_labels) in enumerate(zip(input_ids, labels, strict=True)):
+            batch["input_ids"][b, : len(ids)] = torch.tensor(ids)
+            batch["attention_mask"][b, : len(ids)] = 1
+            batch["labels"][b, : len(ids)] = torch.tensor(row_labels)
         return batch

@@ -32,7 +32,10 @@ class PromptFormat:
         """The chat format where the tokenizer has a chat template, plain text otherwise (the byte-level backbone)."""
         if shots < 0:
             raise ValueError(f"`shots` must be >= 0, got {shots}")
-        return cls(tokenizer if getattr(tokenizer, "chat_template", None) else None, shots)
+        chat = bool(getattr(tokenizer, "chat_template", None))
+        if shots and not chat:
+            raise ValueError(f"`shots={shots}` needs a tokenizer with a chat template; this one writes plain text")
+        return cls(tokenizer if chat else None, shots)
 
     @property
     def chat(self) -> bool:

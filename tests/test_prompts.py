@@ -31,8 +31,10 @@ def one_row_per_family(seed: int = 0) -> list[dict]:
 
 
 def test_plain_format_is_the_rows_own_text():
-    fmt = PromptFormat.for_tokenizer(build_byte_tokenizer(), shots=3)  # no chat template: plain text, no shots
+    fmt = PromptFormat.for_tokenizer(build_byte_tokenizer())  # no chat template: plain text
     assert not fmt.chat and fmt.inband_template == "\n{text}\n"
+    with pytest.raises(ValueError, match="shots=3"):
+        PromptFormat.for_tokenizer(build_byte_tokenizer(), shots=3)
     for row in one_row_per_family():
         assert fmt.prompt(row["family"], row["instruction"]) == row["prompt"]
         restart = fmt.restart_prompt(row["family"], row["instruction"], row["update_texts"])
@@ -55,7 +57,7 @@ def test_inband_correction_is_a_user_turn_mid_answer_as_the_chat_template_writes
         assert spliced == tokenizer.apply_chat_template(conversation, tokenize=False)
 
 
-def test_few_shot_examples_are_fixed_per_family_solved_and_made_of_real_words():
+def test_few_shot_examples_are_fixed_per_family_and_made_of_real_words():
     fmt = PromptFormat.for_tokenizer(chat_tokenizer(), shots=3)
     prompts = {}
     for family in FAMILIES:
@@ -66,9 +68,8 @@ def test_few_shot_examples_are_fixed_per_family_solved_and_made_of_real_words():
         words = [t for t in tokens(text) if len(t) > 1 and not t.isdigit()]
         assert words and all(w.lower() in _known_words() for w in words), words
         restart = fmt.restart_prompt(family, "QUESTION", ["CORRECTION"])
-        assert restart.count("<|im_start|>user") == 3 + 1 and restart.endswith(
-            "QUESTION\nCORRECTION<|im_end|>\n" + ("<|im_start|>assistant\n")
-        )
+        assert restart.count("<|im_start|>user") == 3 + 1  # three corrected-from-the-start examples, the question
+        assert restart.endswith("QUESTION\nCORRECTION<|im_end|>\n<|im_start|>assistant\n")
         prompts[family] = prompt
     assert len(set(prompts.values())) == len(FAMILIES)
 
@@ -88,6 +89,8 @@ def test_duplex_rows_in_chat_format_carry_the_correction_turn_to_the_workspace()
 
 @pytest.mark.slow
 def test_training_on_a_chat_backbone_uses_its_template_end_to_end(tmp_path):
+    """`--backbone DIR` with a chat tokenizer: trains (here with the in-band teacher) and evaluates in its chat
+    format, and the checkpoint splices in-band corrections as user turns."""
     tokenizer = chat_tokenizer()
     backbone = Qwen3ForCausalLM(
         backbone_config("micro", vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id)
@@ -98,7 +101,7 @@ def test_training_on_a_chat_backbone_uses_its_template_end_to_end(tmp_path):
     train_duplex.main([
         "--backbone", str(tmp_path / "backbone"), "--shots", "1", "--families", "repeat", "--output_dir", str(out),
         "--duplex_steps", "2", "--train_size", "16", "--per_device_train_batch_size", "4", "--eval_per_family", "1",
-        "--num_slots", "8", "--encoder_layers", "1",
+        "--num_slots", "8", "--encoder_layers", "1", "--distill_weight", "1",
     ])  # fmt: skip
     config = json.loads((out / "final" / "config.json").read_text())
     assert config["inband_template"] == PromptFormat.for_tokenizer(tokenizer).inband_template

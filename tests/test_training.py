@@ -1,4 +1,5 @@
-"""Training end to end: resume after a kill, and a micro run that proves the correction channel learns."""
+"""Training end to end: resume after a kill, distillation from the in-band teacher, and a micro run that proves the
+correction channel learns."""
 
 import json
 from pathlib import Path
@@ -6,10 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import Trainer
+from transformers import AutoTokenizer, Trainer
 
 import eval_duplex
 import train_duplex
+from data import build_dataset
+from data.collate import DuplexCollator, tokenize_row
+from modeling_duplex import DuplexForCausalLM
 
 MICRO = [
     "--pretrain_backbone", "--phase0_steps", "6", "--phase0_batch_size", "4", "--duplex_steps", "6",
@@ -110,3 +114,22 @@ def test_micro_run_revises_on_held_out_instances(tmp_path):
     )
     revision = {m: results["metrics"][m]["revision_accuracy"]["overall"]["rate"] for m in ("workspace", "ignore")}
     assert revision["workspace"] >= revision["ignore"] + 0.30, revision
+
+
+def test_distillation_teaches_only_where_the_in_band_teacher_knows_more():
+    """The in-band teacher (the frozen backbone given the corrections as text, distractors dropped) and a zero-init
+    duplex model (exactly that backbone, blind to updates) agree wherever the row holds no correction: KL 0 on
+    rows without updates and on distractor rows. On corrected rows the teacher reads the correction and they
+    differ. Off-by-one token matching would break the zero."""
+    tokenizer = AutoTokenizer.from_pretrained(train_duplex.SHIPPED_BACKBONE)
+    model = DuplexForCausalLM.from_backbone(str(train_duplex.SHIPPED_BACKBONE), num_slots=8, encoder_layers=1).eval()
+    collator = DuplexCollator(tokenizer.pad_token_id)
+    for kind, expect_zero in (("none", True), ("distractor", True), ("one", False), ("two", False)):
+        rows = build_dataset("train", 7, seed=3, mix={kind: 1.0})
+        batch = collator([tokenize_row(row, tokenizer, "duplex", teacher=True) for row in rows])
+        taught = {key: batch.pop(key) for key in list(batch) if key.startswith("teacher_")}
+        with torch.no_grad():
+            student = model(**batch).logits
+            teacher = model(input_ids=taught["teacher_input_ids"], attention_mask=taught["teacher_attention_mask"])
+        kl = train_duplex.distillation_loss(student, batch["labels"], teacher.logits, taught["teacher_labels"])
+        assert (kl.item() < 1e-6) == expect_zero, (kind, kl.item())
