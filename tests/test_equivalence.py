@@ -1,5 +1,6 @@
 """The heart of the suite: the duplex model is the backbone at init, and training sees what generation does."""
 
+import pytest
 import torch
 from conftest import tiny_backbone
 
@@ -54,7 +55,11 @@ def test_cached_and_uncached_generation_agree(duplex):
     torch.testing.assert_close(torch.stack(cached.logits), torch.stack(uncached.logits), atol=1e-4, rtol=0)
 
 
-def test_left_padded_batch_equals_each_row_alone(duplex):
+@pytest.mark.parametrize("update_mode", ["workspace", "inband"])
+def test_left_padded_batch_equals_each_row_alone(duplex, update_mode):
+    """Rows of different lengths, one with an update before its first new token (in-band: spliced into the prompt's
+    own forward, beside the other rows' left padding), decode in a batch exactly as each row alone."""
+    duplex.config.inband_template = "{text}"  # token-id updates, spliced as they are
     short = PROMPT[:, 3:]
     rows = [(PROMPT, [(1, [65, 66])]), (short, [(0, [67]), (4, [68, 69, 70])])]
     pad = duplex.config.text_config.pad_token_id
@@ -66,6 +71,7 @@ def test_left_padded_batch_equals_each_row_alone(duplex):
         batch,
         attention_mask=mask,
         updates=[u for _, u in rows],
+        update_mode=update_mode,
         max_new_tokens=8,
         min_new_tokens=8,
         do_sample=False,
@@ -74,7 +80,15 @@ def test_left_padded_batch_equals_each_row_alone(duplex):
         output_logits=True,
     )
     for b, (ids, updates) in enumerate(rows):
-        alone = generate(duplex, ids, updates=updates, max_new_tokens=8, min_new_tokens=8, output_logits=True)
+        alone = generate(
+            duplex,
+            ids,
+            updates=updates,
+            update_mode=update_mode,
+            max_new_tokens=8,
+            min_new_tokens=8,
+            output_logits=True,
+        )
         assert torch.equal(together.sequences[b, PROMPT.shape[1] :], alone.sequences[0, ids.shape[1] :])
         torch.testing.assert_close(
             torch.stack(together.logits)[:, b], torch.stack(alone.logits)[:, 0], atol=1e-4, rtol=0

@@ -484,22 +484,23 @@ class DuplexGenerationState:
             cache = model_inputs.get("past_key_values")
             past = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(past, past + length, device=device)[None].expand(self.batch_size, -1)
+        full_mask = model_inputs.get("attention_mask")
+        if full_mask is None:
+            cache = model_inputs.get("past_key_values")
+            past = cache.get_seq_length() if cache is not None else 0
+            full_mask = torch.ones((self.batch_size, past + length), dtype=torch.long, device=device)
+        own_mask = full_mask[:, full_mask.shape[1] - length :]  # the chunk's own mask: the prompt's left padding
         width = max(len(ins) for ins in inserts)
         ids, mask, positions = [], [], []
         for b, ins in enumerate(inserts):
             lead = torch.zeros(width - len(ins), dtype=torch.long, device=device)
             inserted = torch.tensor(ins, dtype=torch.long, device=device)
             ids.append(torch.cat([lead, chunk[b], inserted]))
-            mask.append(torch.cat([lead, torch.ones(length + len(ins), dtype=torch.long, device=device)]))
+            mask.append(torch.cat([lead, own_mask[b].long(), torch.ones(len(ins), dtype=torch.long, device=device)]))
             positions.append(
                 torch.cat([lead, position_ids[b], position_ids[b, -1] + 1 + torch.arange(len(ins), device=device)])
             )
         chunk_mask, chunk_positions = torch.stack(mask), torch.stack(positions)
-        full_mask = model_inputs.get("attention_mask")
-        if full_mask is None:
-            cache = model_inputs.get("past_key_values")
-            past = cache.get_seq_length() if cache is not None else 0
-            full_mask = torch.ones((self.batch_size, past + length), dtype=torch.long, device=device)
         model_inputs["input_ids"] = torch.stack(ids)
         model_inputs["attention_mask"] = torch.cat([full_mask[:, : full_mask.shape[1] - length], chunk_mask], dim=1)
         model_inputs["position_ids"] = chunk_positions
