@@ -58,7 +58,8 @@ CSS = """
 
 
 def restart_prompt(instruction: str, corrections: list[str]) -> str:
-    """The half-duplex baseline's prompt, as the evaluation builds it (`data.collate.restart_prompt`)."""
+    """The half-duplex baseline's prompt, as the evaluation builds it in plain text
+    (`data.prompts.PromptFormat.restart_prompt`)."""
     return "\n".join([instruction, *corrections]) + "\n"
 
 

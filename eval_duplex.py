@@ -183,19 +183,19 @@ def _make_item(mode: str, seed: int, kind: str, row: dict, tokenizer, prompt_for
     model_key, update_mode = RUNNERS[mode]
     texts = list(row["update_texts"])
     target, at = inst, None
+    plain = prompt_format.prompt(inst.family, inst.instruction)
     if model_key == "backbone":  # restart (and the backbone reference): a new prompt, no mid-stream updates
         if len(texts) > 1:
             return None
-        restart = prompt_format.restart_prompt(inst.family, inst.instruction, texts) if texts else None
-        prompt, updates = restart or prompt_format.prompt(inst.family, inst.instruction), ()
+        prompt = prompt_format.restart_prompt(inst.family, inst.instruction, texts) if texts else plain
+        updates = ()
         if texts and kind != "distractor":
             target, at = get_family(inst.family).with_update_at(inst, 0), 0  # oracle of `restart_response(row)`
     else:
-        prompt = prompt_format.prompt(inst.family, inst.instruction)
+        prompt = plain
         updates = tuple(zip(update_ats(tokenizer, row["segments"]), texts, strict=True))
         at = updates[0][0] if updates else None
     job = Job(model_key, prompt, updates, update_mode if updates else None)
-    plain = prompt_format.prompt(inst.family, inst.instruction)
     reference = Job(model_key, plain, (), None) if kind == "distractor" else None
     position = relative_position(row) if kind == "sweep" else None
     return _Item(mode, seed, kind, inst.family, job, target, at, reference, position)

@@ -41,7 +41,7 @@ class PromptFormat:
     def chat(self) -> bool:
         return self.tokenizer is not None
 
-    @property
+    @functools.cached_property
     def inband_template(self) -> str:
         """The text around a correction spliced into the answer (`DuplexConfig.inband_template`): for a chat model,
         the end of the assistant turn, a user turn with the correction, and the start of the next assistant turn."""
@@ -55,20 +55,17 @@ class PromptFormat:
         """What the model reads before its answer."""
         if not self.chat:
             return instruction + "\n"
-        return self._render([*self._examples(family, restart=False), _user(instruction)])
+        return self._render([*_solved_examples(family, self.shots, restart=False), _user(instruction)])
 
     def restart_prompt(self, family: str, instruction: str, corrections: list[str]) -> str:
         """The half-duplex baseline's prompt: stop, give the instruction and the correction(s) as one new turn."""
         turn = "\n".join([instruction, *corrections])
         if not self.chat:
             return turn + "\n"
-        return self._render([*self._examples(family, restart=bool(corrections)), _user(turn)])
+        return self._render([*_solved_examples(family, self.shots, restart=bool(corrections)), _user(turn)])
 
     def _render(self, messages: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-    def _examples(self, family: str, restart: bool) -> list[dict]:
-        return list(_solved_examples(family, self.shots, restart))
 
 
 @functools.cache
