@@ -132,18 +132,21 @@ def build_eval_set(
     n_per_family: int = 20,
     sweep_per_family: int = 4,
     families: Sequence[str] | None = None,
+    split: str = "test",
+    kinds: Sequence[str] = KINDS,
 ) -> dict[int, dict[str, list[dict]]]:
-    """Held-out rows per seed and kind (KINDS plus "sweep"); a pure function of its arguments, so every mode,
-    every run and the oracle test see the same instances. "sweep" rows move a single correction to every word."""
+    """Held-out rows per seed and kind (`kinds` plus "sweep"); a pure function of its arguments, so every mode,
+    every run and the oracle test see the same instances. "sweep" rows move a single correction to every word.
+    `split`: "test" (held-out values of the training pools) or "outside" (values outside every pool)."""
     names = list(families or FAMILIES)
     out: dict[int, dict[str, list[dict]]] = {}
     for seed in seeds:
         rows = {
-            kind: list(build_dataset("test", n_per_family * len(names), seed, families=names, mix={kind: 1.0}))
-            for kind in KINDS
+            kind: list(build_dataset(split, n_per_family * len(names), seed, families=names, mix={kind: 1.0}))
+            for kind in kinds
         }
         swept = sweep_per_family * len(names)  # build_dataset cannot build an empty dataset
-        base = build_dataset("test", swept, seed, families=names, mix={"one": 1.0}) if swept else []
+        base = build_dataset(split, swept, seed, families=names, mix={"one": 1.0}) if swept else []
         rows["sweep"] = [
             instance_to_row(moved) for row in base for moved in get_family(row["family"]).sweep(instance_from_row(row))
         ]
@@ -390,12 +393,15 @@ def evaluate(
     families: Sequence[str] | None = None,
     max_new_tokens: int | None = None,
     shots: int = 0,
+    split: str = "test",
+    kinds: Sequence[str] = KINDS,
 ) -> dict[str, Any]:
     """Run every mode on the same held-out instances and return JSON-able results (see `render_markdown`).
 
-    Instances come from `build_eval_set(seeds, n_per_family, sweep_per_family, families)`; "tdm" is added when
-    `tdm_model` is given. Metrics are pooled over seeds; proportions carry Wilson 95% CIs. A tokenizer with a chat
-    template gets its chat format, with `shots` solved examples per family before each question (`PromptFormat`).
+    Instances come from `build_eval_set(seeds, n_per_family, sweep_per_family, families, split, kinds)`; "tdm" is
+    added when `tdm_model` is given. Metrics are pooled over seeds; proportions carry Wilson 95% CIs. A tokenizer
+    with a chat template gets its chat format, with `shots` solved examples per family before each question
+    (`PromptFormat`).
     """
     modes = list(dict.fromkeys([*modes, *(["tdm"] if tdm_model is not None else [])]))
     unknown = [m for m in modes if m not in MODES]
@@ -408,14 +414,17 @@ def evaluate(
     families = list(families or FAMILIES)
     for name in families:
         get_family(name)  # clear error for an unknown family
-    eval_set = build_eval_set(seeds, n_per_family, sweep_per_family, families)
+    unknown_kinds = [k for k in kinds if k not in KINDS]
+    if unknown_kinds or not kinds:
+        raise ValueError(f"`kinds`: unknown or none {unknown_kinds}; choose from {list(KINDS)}")
+    eval_set = build_eval_set(seeds, n_per_family, sweep_per_family, families, split, kinds)
     prompt_format = PromptFormat.for_tokenizer(tokenizer, shots)
 
     items = [
         item
         for mode in [*modes, BACKBONE]
-        for seed, kinds in eval_set.items()
-        for kind, rows in kinds.items()
+        for seed, rows_by_kind in eval_set.items()
+        for kind, rows in rows_by_kind.items()
         if mode != BACKBONE or kind == "none"
         for row in rows
         if (item := _make_item(mode, seed, kind, row, tokenizer, prompt_format)) is not None
@@ -436,7 +445,7 @@ def evaluate(
     diagnostics = None
     if hasattr(model, "workspace_versions"):  # a DuplexForCausalLM (not a generate-only stand-in)
         with _eval_mode(model):
-            one_rows = [row for kinds in eval_set.values() for row in kinds["one"]]
+            one_rows = [row for rows in eval_set.values() for row in rows.get("one", [])]
             diagnostics = teacher_forced_diagnostics(model, tokenizer, one_rows, batch_size, prompt_format)
     columns = [*modes, BACKBONE]
     examples = {
@@ -462,9 +471,9 @@ def evaluate(
             "prompt_format": {"chat": prompt_format.chat, "shots": shots},
             "batch_size": batch_size,
             "max_new_tokens": max_new_tokens,
-            "split": "test",
+            "split": split,
             "instances": fingerprint(eval_set),
-            "counts": {kind: sum(len(k[kind]) for k in eval_set.values()) for kind in [*KINDS, "sweep"]},
+            "counts": {kind: sum(len(k.get(kind, [])) for k in eval_set.values()) for kind in [*KINDS, "sweep"]},
         },
         "columns": columns,
         "metrics": _aggregate(records, columns, families),
@@ -733,6 +742,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--families", nargs="+", choices=list(FAMILIES), default=None, help="task families")
     parser.add_argument("--sweep-per-family", type=_non_negative, default=4, help="instances per family swept")
     parser.add_argument(
+        "--split",
+        choices=["test", "outside"],
+        default="test",
+        help="held-out values of the training pools (test) or values outside every pool (outside)",
+    )
+    parser.add_argument("--kinds", nargs="+", choices=list(KINDS), default=list(KINDS), help="instance kinds")
+    parser.add_argument(
         "--shots", type=_non_negative, default=0, help="solved examples per family before each chat prompt"
     )
     parser.add_argument("--batch-size", type=_positive, default=32)
@@ -767,6 +783,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         families=args.families,
         max_new_tokens=args.max_new_tokens,
         shots=args.shots,
+        split=args.split,
+        kinds=args.kinds,
     )
     results["config"] |= {"checkpoint": str(args.checkpoint), "tdm_checkpoint": args.tdm_checkpoint}
     write_report(results, args.out or Path(args.checkpoint) / "eval")

@@ -17,6 +17,9 @@ import dataclasses
 import json
 import logging
 import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,18 +29,22 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     HfArgumentParser,
+    LogitsProcessor,
+    LogitsProcessorList,
     PreTrainedModel,
     Qwen3ForCausalLM,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
     set_seed,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from backbone_shapes import backbone_config
-from data import build_byte_tokenizer, build_dataset
+from data import FAMILIES, build_byte_tokenizer, build_dataset
 from data.collate import IGNORE_INDEX, DuplexCollator, tokenize_row
 from data.prompts import PromptFormat
+from generation_duplex import NO_UPDATE, pack_updates
 from modeling_duplex import DuplexForCausalLM
 
 logger = logging.getLogger("train_duplex")
@@ -65,6 +72,26 @@ class DuplexArguments:
     phase0_steps: int = field(default=3000, metadata={"help": "backbone pretraining steps (--pretrain_backbone)"})
     phase0_batch_size: int = field(default=32, metadata={"help": "backbone pretraining batch size"})
     phase0_lr: float = field(default=3e-3, metadata={"help": "backbone pretraining learning rate"})
+    phase0_init: str | None = field(
+        default=None,
+        metadata={
+            "help": "continue phase 0 from this backbone's weights (e.g. checkpoints/duplex-tiny-backbone) instead of "
+            "a fresh init: a long pretraining run built in pieces"
+        },
+    )
+    phase0_family_weights: str | None = field(
+        default=None,
+        metadata={"help": "phase 0's data mixture, e.g. 'add=4,case=2' (families not named weigh 1)"},
+    )
+    phase0_bf16: bool = field(
+        default=True, metadata={"help": "phase 0 under bf16 autocast (fp32 master weights); --phase0_bf16 False: fp32"}
+    )
+    phase0_eval_steps: int = field(
+        default=500, metadata={"help": "phase 0: held-out greedy accuracy per family every N steps (0: never)"}
+    )
+    phase0_eval_per_family: int = field(
+        default=4, metadata={"help": "phase 0's curves: instances per family and kind, on each held-out split"}
+    )
     duplex_steps: int = field(default=400, metadata={"help": "duplex (or tdm) training steps"})
     distill_weight: float = field(
         default=0.0,
@@ -73,6 +100,15 @@ class DuplexArguments:
             "frozen backbone given the corrections as text (distractors dropped) teaches what to write after them"
         },
     )
+    onpolicy_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "weight of on-policy distillation (GKD): after its update the model writes its own continuation "
+            "(greedy), the frozen backbone given the same correction in-band scores those very tokens, and "
+            "KL(teacher || model) on them joins the loss"
+        },
+    )
+    onpolicy_rows: int = field(default=8, metadata={"help": "rows of each batch rolled out for on-policy distillation"})
     gate_lr: float = field(
         default=3e-2, metadata={"help": "learning rate of the adapters' zero-initialised gates (LLaMA-Adapter style)"}
     )
@@ -80,12 +116,20 @@ class DuplexArguments:
     train_size: int = field(default=20000, metadata={"help": "training instances per phase"})
     families: str | None = field(default=None, metadata={"help": "comma-separated task families (default all)"})
     num_slots: int | None = field(default=None, metadata={"help": "workspace slots (default 32; tiny 128)"})
+    workspace_update: str | None = field(
+        default=None, metadata={"help": "how an update is written into the workspace: fifo (default) or gated"}
+    )
     encoder_layers: int | None = field(default=None, metadata={"help": "update encoder layers (default 4; tiny 2)"})
     adapter_layers: str | None = field(default=None, metadata={"help": "comma-separated decoder layers (default all)"})
     shots: int = field(
         default=0, metadata={"help": "chat backbones: solved examples per family before each question (few-shot)"}
     )
     eval_per_family: int = field(default=8, metadata={"help": "held-out instances per family and kind at the end"})
+    curve_steps: int = field(
+        default=0,
+        metadata={"help": "duplex phase: held-out greedy revision (workspace; in-band once) every N steps (0: never)"},
+    )
+    curve_per_family: int = field(default=4, metadata={"help": "instances per family and kind of those curves"})
     eval_sweep_per_family: int = field(
         default=4, metadata={"help": "held-out instances per family whose correction is swept over every word"}
     )
@@ -134,12 +178,19 @@ def parse_args(argv: list[str] | None = None) -> tuple[DuplexArguments, Training
 
 
 def tokenized(
-    args: DuplexArguments, split_seed: int, n: int, tokenizer, fmt: str, mix: dict | None = None, teacher: bool = False
+    args: DuplexArguments,
+    split_seed: int,
+    n: int,
+    tokenizer,
+    fmt: str,
+    mix: dict | None = None,
+    teacher: bool = False,
+    family_weights: dict[str, float] | None = None,
 ) -> datasets.Dataset:
     """Instances of the training split, rendered in one of the collator's formats (the backbone's chat template
     where its tokenizer has one)."""
     families = args.families.split(",") if args.families else None
-    rows = build_dataset("train", n, seed=split_seed, mix=mix, families=families)
+    rows = build_dataset("train", n, seed=split_seed, mix=mix, families=families, family_weights=family_weights)
     if fmt == "restart":  # turn-based corrections: single-correction instances only
         rows = rows.filter(lambda r: r["update_kinds"].count("correction") == 1)
     prompt_format = PromptFormat.for_tokenizer(tokenizer, args.shots)
@@ -175,19 +226,145 @@ def distillation_loss(
     return torch.nn.functional.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean")
 
 
+class PrefixForcing(LogitsProcessor):
+    """Forces each row's first new tokens (the oracle's answer up to its update), so that the model writes on its own
+    only from where its update lands, exactly as it would in generation."""
+
+    def __init__(self, forced: list[list[int]], prompt_width: int):
+        self.forced, self.prompt_width = forced, prompt_width
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        step = input_ids.shape[1] - self.prompt_width
+        for b, tokens in enumerate(self.forced):
+            if step < len(tokens):
+                scores[b] = float("-inf")
+                scores[b, tokens[step]] = 0.0
+        return scores
+
+
+@dataclass
+class Rollout:
+    """One row's on-policy sample: the model's own continuation after its first update, with the two contexts it is
+    scored in: the workspace (prompt + answer so far, the update in the workspace) and the in-band teacher (the same
+    answer so far with the correction spliced in as text; a backchannel is left out)."""
+
+    prompt: list[int]
+    prefix: list[int]  # the oracle's answer tokens before the update
+    update: list[int]  # what the update encoder reads (`workspace_update_tokens`)
+    teacher_context: list[int]  # the teacher rendering up to the same point
+    continuation: list[int]
+
+
+def rollout_rows(inputs: dict, taught: dict) -> list[tuple[int, list[int], list[int], list[int], list[int], int]]:
+    """(row, prompt, prefix, update tokens, teacher context, oracle tokens after the update) for every row of a
+    collated batch that has an update, read back from the tensors the collator built."""
+    rows = []
+    positions = inputs.get("update_positions")
+    if positions is None or not positions.numel():
+        return rows
+    for b in range(positions.shape[0]):
+        if int(positions[b, 0]) == NO_UPDATE:
+            continue
+        response = (inputs["labels"][b] != IGNORE_INDEX).nonzero()[:, 0]  # the answer's token positions
+        prompt_len = int(response[0])
+        at = int(positions[b, 0]) - prompt_len + 1  # `update_position` inverted
+        ids = inputs["input_ids"][b].tolist()
+        update = inputs["update_input_ids"][b, 0][inputs["update_attention_mask"][b, 0].bool()].tolist()
+        teacher_response = (taught["teacher_labels"][b] != IGNORE_INDEX).nonzero()[:, 0]
+        teacher_context = taught["teacher_input_ids"][b, : int(teacher_response[at])].tolist()
+        rows.append(
+            (b, ids[:prompt_len], ids[prompt_len : prompt_len + at], update, teacher_context, len(response) - at)
+        )
+    return rows
+
+
+@torch.no_grad()
+def roll_out(model: DuplexForCausalLM, inputs: dict, taught: dict, max_rows: int, pad_token_id: int) -> list[Rollout]:
+    """Greedy continuations of the model itself after each row's first update (at most `max_rows` rows): the oracle's
+    answer is forced up to the update, the update lands where the collator put it, then the model writes freely
+    (as long as the oracle's rest, plus a few tokens of room to go wrong)."""
+    rows = rollout_rows(inputs, taught)[:max_rows]
+    if not rows:
+        return []
+    width = max(len(prompt) for _, prompt, *_ in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, (_, prompt, *_) in enumerate(rows):
+        input_ids[i, width - len(prompt) :] = torch.tensor(prompt)
+        attention_mask[i, width - len(prompt) :] = 1
+    eos = model.config.text_config.eos_token_id
+    training = model.training
+    model.eval()
+    try:
+        out = model.generate(
+            input_ids.to(model.device),
+            attention_mask=attention_mask.to(model.device),
+            updates=[[(len(prefix), update[len(prompt) :])] for _, prompt, prefix, update, _, _ in rows],
+            logits_processor=LogitsProcessorList([PrefixForcing([prefix for _, _, prefix, *_ in rows], width)]),
+            max_new_tokens=max(len(prefix) + rest for _, _, prefix, _, _, rest in rows) + 4,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=pad_token_id,
+            eos_token_id=eos,
+        )
+    finally:
+        model.train(training)
+    rollouts = []
+    for i, (_, prompt, prefix, update, teacher_context, rest) in enumerate(rows):
+        new = out[i, width + len(prefix) :].tolist()[: rest + 4]
+        continuation = new[: new.index(eos) + 1] if eos in new else new
+        rollouts.append(Rollout(prompt, prefix, update, teacher_context, continuation))
+    return rollouts
+
+
+def onpolicy_batches(rollouts: list[Rollout], pad_token_id: int) -> tuple[dict, dict]:
+    """The workspace batch (with its update) and the teacher batch of the rollouts, each labelling exactly the
+    continuation's tokens, in the same order (what `distillation_loss` pairs up)."""
+    collate = DuplexCollator(pad_token_id)
+    student = [
+        {
+            "input_ids": r.prompt + r.prefix + r.continuation,
+            "labels": [IGNORE_INDEX] * (len(r.prompt) + len(r.prefix)) + r.continuation,
+        }
+        for r in rollouts
+    ]
+    teacher = [
+        {
+            "input_ids": r.teacher_context + r.continuation,
+            "labels": [IGNORE_INDEX] * len(r.teacher_context) + r.continuation,
+        }
+        for r in rollouts
+    ]
+    student_batch = collate(student)
+    student_batch |= pack_updates(
+        [[(len(r.prompt) - 1 + len(r.prefix), r.update)] for r in rollouts], pad_token_id=pad_token_id
+    )  # visible from the position that predicts the first token after the update (`update_position`)
+    return student_batch, collate(teacher)
+
+
 class DuplexTrainer(Trainer):
     """The Trainer, with `gated_optimizer` when `gate_lr` is given, and context distillation from the in-band
     teacher when `distill_weight` > 0. The optimizer is built in `create_optimizer`, on the model the Trainer hands
     it, because FSDP refuses a ready-made one (it must see the wrapped parameters)."""
 
-    def __init__(self, *args, gate_lr: float | None = None, distill_weight: float = 0.0, **kwargs):
+    def __init__(
+        self,
+        *args,
+        gate_lr: float | None = None,
+        distill_weight: float = 0.0,
+        onpolicy_weight: float = 0.0,
+        onpolicy_rows: int = 8,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.gate_lr = gate_lr
         self.distill_weight = distill_weight
+        self.onpolicy_weight, self.onpolicy_rows = onpolicy_weight, onpolicy_rows
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Cross-entropy on the oracle, plus `distill_weight` x KL to the teacher: the same model without updates
-        (exactly its frozen backbone) reading the teacher rendering, where the batch carries one."""
+        """Cross-entropy on the oracle, plus `distill_weight` x KL to the teacher on the oracle's tokens (the same
+        model without updates, exactly its frozen backbone, reading the teacher rendering), plus `onpolicy_weight` x
+        KL to that teacher on the model's own continuations after its update (`roll_out`)."""
         taught = {key: inputs.pop(key) for key in list(inputs) if key.startswith("teacher_")}
         loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
         if taught and self.distill_weight:
@@ -195,12 +372,206 @@ class DuplexTrainer(Trainer):
                 teacher = model(input_ids=taught["teacher_input_ids"], attention_mask=taught["teacher_attention_mask"])
             kl = distillation_loss(outputs.logits, inputs["labels"], teacher.logits, taught["teacher_labels"])
             loss = loss + self.distill_weight * kl
+        if taught and self.onpolicy_weight and model.training:
+            loss = loss + self.onpolicy_weight * self.onpolicy_loss(model, inputs, taught)
         return (loss, outputs) if return_outputs else loss
+
+    def onpolicy_loss(self, model, inputs: dict, taught: dict) -> torch.Tensor:
+        """KL(in-band teacher || workspace model) on the tokens the model itself writes after its update."""
+        pad = self.processing_class.pad_token_id
+        rollouts = roll_out(self.accelerator.unwrap_model(model), inputs, taught, self.onpolicy_rows, pad)
+        if not rollouts:
+            return torch.zeros((), device=inputs["input_ids"].device)
+        device = inputs["input_ids"].device
+        student, teacher = ({k: v.to(device) for k, v in batch.items()} for batch in onpolicy_batches(rollouts, pad))
+        labels = student.pop("labels")
+        with torch.no_grad():
+            teacher_logits = model(input_ids=teacher["input_ids"], attention_mask=teacher["attention_mask"]).logits
+        student_logits = model(**student).logits
+        return distillation_loss(student_logits, labels, teacher_logits, teacher["labels"])
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Checkpoints decode as they are: saved with the KV cache on (training turns it off), beside the tokenizer
+        (`processing_class`), so any `checkpoint-N` can be evaluated or served."""
+        model = self.accelerator.unwrap_model(self.model)
+        configs = list({id(c): c for c in (model.config, model.config.get_text_config())}.values())
+        flags = [(c, c.use_cache) for c in [*configs, model.generation_config]]
+        ready_for_generation(model)
+        try:
+            super()._save(output_dir, state_dict)
+        finally:
+            for config, flag in flags:
+                config.use_cache = flag
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         if self.gate_lr is not None and self.optimizer is None:
             self.optimizer = gated_optimizer(self.model if model is None else model, self.args, self.gate_lr)
         return super().create_optimizer(model)
+
+
+@contextmanager
+def decodable(model: PreTrainedModel) -> Iterator[PreTrainedModel]:
+    """The model being trained, ready to decode held-out prompts: the KV cache on and, for a plain backbone (phase 0),
+    fresh zero-gated duplex modules around it (exactly the backbone, for its in-band column). Its trainable flags,
+    cache setting and training mode are restored afterwards."""
+    configs = list({id(c): c for c in (model.config, model.config.get_text_config())}.values())
+    cache_flags = [(c, c.use_cache) for c in [*configs, model.generation_config]]
+    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
+    training = model.training
+    try:
+        ready_for_generation(model)
+        yield model if isinstance(model, DuplexForCausalLM) else DuplexForCausalLM.from_backbone(model)
+    finally:
+        for config, flag in cache_flags:
+            config.use_cache = flag
+        for param, flag in grad_flags:
+            param.requires_grad_(flag)
+        model.train(training)
+
+
+CURVE_METRICS = ("retention", "revision_accuracy", "two_update_accuracy", "distractor_stability")
+
+
+class HeldOutCurves(TrainerCallback):
+    """Greedy held-out accuracy per family every `every` steps, appended to `curves.jsonl` and drawn in `curves.png`
+    beside loss.png: the loss does not say which family a model can write. Each record carries the training wall
+    time so far (evaluation excluded, carried over a resume), for accuracy against steps and against time.
+
+    `modes` are scored at every point, `once_modes` (what does not change as training goes, e.g. the frozen
+    backbone's in-band column) only at the first."""
+
+    def __init__(
+        self,
+        tokenizer,
+        out_dir: Path,
+        every: int,
+        n_per_family: int,
+        modes: Sequence[str],
+        kinds: Sequence[str],
+        splits: Sequence[str] = ("test",),
+        once_modes: Sequence[str] = (),
+        families: Sequence[str] | None = None,
+        shots: int = 0,
+    ):
+        self.tokenizer, self.every, self.n_per_family = tokenizer, every, n_per_family
+        self.modes, self.once_modes, self.kinds, self.splits = list(modes), list(once_modes), list(kinds), list(splits)
+        self.families, self.shots = families, shots
+        self.path = Path(out_dir) / "curves.jsonl"
+        self.train_seconds, self._tick = 0.0, time.perf_counter()
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        records = read_curves(self.path)
+        self.train_seconds = records[-1]["train_seconds"] if records else 0.0
+        self._tick = time.perf_counter()
+        if state.is_world_process_zero and not any(r["step"] == state.global_step for r in records):
+            self._record(model, state.global_step, [*self.modes, *self.once_modes])
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.every and state.global_step % self.every == 0 and state.is_world_process_zero:
+            self._record(model, state.global_step, self.modes)
+
+    def _record(self, model, step: int, modes: Sequence[str]) -> None:
+        import eval_duplex
+
+        now = time.perf_counter()
+        self.train_seconds += now - self._tick
+        record = {"step": step, "train_seconds": round(self.train_seconds, 1), "splits": {}}
+        with decodable(model) as duplex:
+            for split in self.splits:
+                results = eval_duplex.evaluate(
+                    duplex,
+                    self.tokenizer,
+                    n_per_family=self.n_per_family,
+                    modes=modes,
+                    kinds=self.kinds,
+                    split=split,
+                    sweep_per_family=0,
+                    progress=False,
+                    families=self.families,
+                    shots=self.shots,
+                )
+                record["splits"][split] = curve_point(results)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        plot_curves(read_curves(self.path), self.path.with_suffix(".png"))
+        overall = {
+            f"{split}/{column}/{metric}": round(100 * v["overall"], 1)
+            for split, columns in record["splits"].items()
+            for column, metrics in columns.items()
+            for metric, v in metrics.items()
+        }
+        logger.info("held-out at step %d: %s", step, overall)
+        self._tick = time.perf_counter()
+
+
+def curve_point(results: dict) -> dict[str, dict[str, dict]]:
+    """column -> metric -> {"overall": rate, "per_family": {family: rate}} of `evaluate` results, where measured
+    (retention only for the backbone column: every mode writes the same without updates)."""
+    point: dict[str, dict[str, dict]] = {}
+    for column, metrics in results["metrics"].items():
+        for metric in CURVE_METRICS:
+            stat = metrics[metric]
+            if stat["overall"]["n"] and (metric == "retention") == (column == "backbone"):
+                point.setdefault(column, {})[metric] = {
+                    "overall": stat["overall"]["rate"],
+                    "per_family": {f: v["rate"] for f, v in stat["per_family"].items() if v["n"]},
+                }
+    return point
+
+
+def read_curves(path: Path) -> list[dict]:
+    """The records a HeldOutCurves callback wrote (none yet: an empty list)."""
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def plot_curves(records: list[dict], path: Path) -> None:
+    """One panel per split, column and metric: held-out accuracy per family (thin) and overall (thick) against
+    steps, and a last panel with every overall curve against training wall time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[tuple[str, str, str], list[tuple[int, float, dict]]] = {}
+    for r in records:
+        for split, columns in r["splits"].items():
+            for column, metrics in columns.items():
+                for metric, v in metrics.items():
+                    series.setdefault((split, column, metric), []).append((r["step"], r["train_seconds"], v))
+    if not series:
+        return
+    cols = 3
+    rows = -(-(len(series) + 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    axes = axes.ravel()
+    for ax, ((split, column, metric), points) in zip(axes, sorted(series.items()), strict=False):
+        families = sorted({f for _, _, v in points for f in v["per_family"]})
+        for family in families:
+            pts = [(s, 100 * v["per_family"][family]) for s, _, v in points if family in v["per_family"]]
+            ax.plot(*zip(*pts, strict=True), marker=".", linewidth=1, label=family)
+        ax.plot(
+            [s for s, _, _ in points], [100 * v["overall"] for _, _, v in points], "k-o", linewidth=2.5, label="overall"
+        )
+        ax.set(title=f"{split}: {column} {metric.replace('_', ' ')}", xlabel="step", ylabel="%", ylim=(-3, 103))
+    axes[0].legend(fontsize=7, ncol=2)
+    wall = axes[len(series)]
+    for (split, column, metric), points in sorted(series.items()):
+        if len(points) > 1:
+            wall.plot(
+                [t / 60 for _, t, _ in points],
+                [100 * v["overall"] for _, _, v in points],
+                marker=".",
+                label=f"{split} {column} {metric.replace('_', ' ')}",
+            )
+    wall.set(title="overall vs training time", xlabel="minutes of training", ylabel="%", ylim=(-3, 103))
+    wall.legend(fontsize=6)
+    for ax in axes[len(series) + 1 :]:
+        ax.axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def run_phase(
@@ -213,6 +584,9 @@ def run_phase(
     tokenizer=None,
     gate_lr: float | None = None,
     distill_weight: float = 0.0,
+    onpolicy_weight: float = 0.0,
+    onpolicy_rows: int = 8,
+    callbacks: list[TrainerCallback] | None = None,
     **overrides,
 ):
     """One Trainer run in `output_dir/name`; resumes from that phase's last checkpoint when asked."""
@@ -226,6 +600,9 @@ def run_phase(
         processing_class=tokenizer,
         gate_lr=gate_lr,
         distill_weight=distill_weight,
+        onpolicy_weight=onpolicy_weight,
+        onpolicy_rows=onpolicy_rows,
+        callbacks=callbacks,
     )
     trainer.train(resume_from_checkpoint=phase_resume_point(training_args.resume_from_checkpoint, out))
     save_loss_curve(trainer.state.log_history, out / "loss.png", name)
@@ -294,6 +671,19 @@ def ready_for_generation(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
+def parse_family_weights(text: str | None) -> dict[str, float] | None:
+    """'add=4,case=2' -> {"add": 4.0, "case": 2.0}; None stays None (every family weighs the same)."""
+    if not text:
+        return None
+    weights = {}
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        if not sep or name.strip() not in FAMILIES:
+            raise ValueError(f"--phase0_family_weights: expected family=weight with a known family, got {item!r}")
+        weights[name.strip()] = float(value)
+    return weights
+
+
 def pretrain_tiny_backbone(args: DuplexArguments, training_args: TrainingArguments, tokenizer) -> Path:
     """Phase 0: a tiny Qwen3 learns the tasks from plain answers, turn-based corrections (restart format) and
     corrections given in-band mid-answer, so that, like a real pretrained LM, it has seen text change course."""
@@ -301,15 +691,32 @@ def pretrain_tiny_backbone(args: DuplexArguments, training_args: TrainingArgumen
     if (out / "config.json").exists():
         logger.info("phase 0: reusing the pretrained backbone in %s", out)
         return out
-    config = backbone_config(
-        "tiny", vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
-    )
     set_seed(training_args.seed)
-    backbone = Qwen3ForCausalLM(config)
-    plain = tokenized(args, training_args.seed + 100, args.train_size, tokenizer, "plain")
-    restart = tokenized(args, training_args.seed + 101, args.train_size // 2, tokenizer, "restart")
-    inband = tokenized(args, training_args.seed + 102, args.train_size, tokenizer, "inband")
+    if args.phase0_init:  # a long run built in pieces: go on from a pretrained backbone's weights
+        backbone = Qwen3ForCausalLM.from_pretrained(args.phase0_init)
+    else:
+        config = backbone_config(
+            "tiny", vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+        )
+        backbone = Qwen3ForCausalLM(config)
+    weights = parse_family_weights(args.phase0_family_weights)
+    plain = tokenized(args, training_args.seed + 100, args.train_size, tokenizer, "plain", family_weights=weights)
+    restart = tokenized(
+        args, training_args.seed + 101, args.train_size // 2, tokenizer, "restart", family_weights=weights
+    )
+    inband = tokenized(args, training_args.seed + 102, args.train_size, tokenizer, "inband", family_weights=weights)
     corpus = datasets.concatenate_datasets([plain, restart, inband]).shuffle(seed=training_args.seed)
+    families = args.families.split(",") if args.families else None
+    curves = HeldOutCurves(
+        tokenizer,
+        Path(training_args.output_dir) / "phase0",
+        args.phase0_eval_steps,
+        args.phase0_eval_per_family,
+        modes=["inband", "restart"],
+        kinds=["none", "one"],
+        splits=["test", "outside"],
+        families=families,
+    )
     run_phase(
         backbone,
         corpus,
@@ -318,9 +725,13 @@ def pretrain_tiny_backbone(args: DuplexArguments, training_args: TrainingArgumen
         args.phase0_steps,
         DuplexCollator(tokenizer.pad_token_id),
         tokenizer,
+        callbacks=[curves] if args.phase0_eval_steps else None,
         learning_rate=args.phase0_lr,
         per_device_train_batch_size=args.phase0_batch_size,
         warmup_steps=100,
+        bf16=args.phase0_bf16,
+        use_cpu=training_args.use_cpu or (args.phase0_bf16 and not torch.cuda.is_available()),  # CPU autocast
+        train_sampling_strategy="group_by_length",  # batches of similar length: less padding (bench/bench_pretrain.py)
     )
     ready_for_generation(backbone).save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -337,6 +748,8 @@ def build_model(
     duplex_kwargs["inband_template"] = prompt_format.inband_template  # a chat model: a user turn mid-answer
     if args.num_slots is not None:
         duplex_kwargs["num_slots"] = args.num_slots
+    if args.workspace_update is not None:
+        duplex_kwargs["workspace_update"] = args.workspace_update
     if args.encoder_layers is not None:
         duplex_kwargs["encoder_layers"] = args.encoder_layers
     if args.adapter_layers:
@@ -383,8 +796,19 @@ def main(argv: list[str] | None = None) -> dict | None:
         # zero-init duplex modules: exactly the tuned backbone
         model = DuplexForCausalLM.from_backbone(model, inband_template=prompt_format.inband_template)
     else:
-        teacher = args.distill_weight > 0
+        teacher = args.distill_weight > 0 or args.onpolicy_weight > 0
         data = tokenized(args, training_args.seed + 2, args.train_size, tokenizer, "duplex", teacher=teacher)
+        curves = HeldOutCurves(
+            tokenizer,
+            out / "duplex",
+            args.curve_steps,
+            args.curve_per_family,
+            modes=["workspace"],
+            once_modes=["inband", "ignore"],  # the frozen backbone's own columns do not move as the channel trains
+            kinds=["one", "two", "distractor"],
+            families=args.families.split(",") if args.families else None,
+            shots=args.shots,
+        )
         trainer = run_phase(
             model,
             data,
@@ -392,8 +816,12 @@ def main(argv: list[str] | None = None) -> dict | None:
             "duplex",
             args.duplex_steps,
             collator,
+            tokenizer,
             gate_lr=args.gate_lr,
             distill_weight=args.distill_weight,
+            onpolicy_weight=args.onpolicy_weight,
+            onpolicy_rows=args.onpolicy_rows,
+            callbacks=[curves] if args.curve_steps else None,
         )
         model = gathered_model(trainer, model)
         if not training_args.should_save:  # multi-process runs: the main process saves (and evaluates), the rest end

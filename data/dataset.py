@@ -85,11 +85,16 @@ def build_dataset(
     families: list[str] | None = None,
     mix: dict[str, float] | None = None,
     canonical_prob: float = 0.5,
+    family_weights: dict[str, float] | None = None,
 ) -> datasets.Dataset:
-    """`n` instances, families round-robin, kinds drawn from `mix` (keys of MIX_KINDS).
-    Train uses canonical phrasings with probability `canonical_prob`; test always does."""
+    """`n` instances, families round-robin (or drawn with `family_weights`, default 1 each: more data where a family
+    lags), kinds drawn from `mix` (keys of MIX_KINDS). Train uses canonical phrasings with probability
+    `canonical_prob`; the held-out splits always do."""
     names = list(families or FAMILIES)
     fams = [get_family(f) for f in names]
+    unknown_families = set(family_weights or {}) - set(names)
+    if unknown_families:
+        raise ValueError(f"`family_weights` names families not built here: {sorted(unknown_families)}")
     mix = dict(mix or DEFAULT_MIX)
     unknown = set(mix) - set(MIX_KINDS)
     if unknown:
@@ -97,10 +102,11 @@ def build_dataset(
     kinds, weights = list(mix), list(mix.values())
     rng = random.Random(f"duplex:{split}:{seed}")
     instances = []
+    family_rng = random.Random(f"duplex:{split}:{seed}:families")  # the round-robin draws stay as they were
+    family_odds = [(family_weights or {}).get(name, 1.0) for name in names]
     for i in range(n):
         n_updates, distractor = MIX_KINDS[rng.choices(kinds, weights)[0]]
-        canonical = split == "test" or rng.random() < canonical_prob
-        instances.append(
-            fams[i % len(fams)].sample(rng, split, n_updates=n_updates, distractor=distractor, canonical=canonical)
-        )
+        canonical = split != "train" or rng.random() < canonical_prob
+        family = family_rng.choices(fams, family_odds)[0] if family_weights else fams[i % len(fams)]
+        instances.append(family.sample(rng, split, n_updates=n_updates, distractor=distractor, canonical=canonical))
     return dataset_from_instances(instances)

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "test", "outside")  # "outside": held-out values no generator ever draws (OUTSIDE_POOLS)
 
 # Canonical backchannels and extra ones used only when canonical=False.
 DISTRACTORS = ["ok", "go on", "mm-hmm", "thanks", "yes", "I see"]
@@ -62,6 +62,49 @@ CATEGORIES: dict[str, list[str]] = {
     "drinks": "water tea coffee milk juice soda cocoa cider lemonade smoothie".split(),
 }
 
+POOLS: dict[str, list[str]] = {"words": WORDS, "names": NAMES, "topics": TOPICS}
+
+# Values outside every pool above (and every category): what a new user types. The "outside" split draws its words,
+# names and topics here, and its case sentences below; training never sees them, so a model scores on them only by
+# copying and transforming letters, not by recalling words it was trained on.
+OUTSIDE_POOLS: dict[str, list[str]] = {
+    "words": """
+    basil candy dolphin engine feather jungle kettle lantern marble needle orbit puzzle quilt ribbon saddle tulip
+    umbrella vessel walnut yogurt anchor blanket compass donkey falcon hammock igloo jigsaw kayak lobster napkin
+    oyster parrot raisin scarf toast velvet wagon muffin pebble
+    """.split(),
+    "names": """
+    Amir Beatrix Cosmo Delia Ezra Freya Gideon Hazel Ingrid Jasper Kofi Linnea Mateo Nadia Orla Priya Rufus Saoirse
+    Tobias Ursula Viggo Wanda Xenia Yosef Zelda
+    """.split(),
+    "topics": """
+    volcanoes pottery knitting jazz baking surfing origami fossils puppets kites marathons lighthouses pirates
+    dinosaurs recycling archery yoga opera comics bakeries
+    """.split(),
+}
+OUTSIDE_SENTENCES = [
+    "the kid sat on my mat",
+    "our kids love warm soup",
+    "my aunt has two pups",
+    "we walk to the park",
+    "his car is very old",
+    "she sings in the choir",
+    "they ate pasta for supper",
+    "your keys are on top",
+    "this stew is too hot",
+    "a big owl flew by",
+    "her bike has a flat",
+    "our new neighbour is kind",
+    "the bus was late again",
+    "my brother fixes old radios",
+    "we need more eggs",
+    "the kitten naps all day",
+    "his jokes make me laugh",
+    "the soup needs spice",
+    "we lost an umbrella",
+    "our team won today",
+]
+
 _TOKEN = re.compile(r"[A-Za-z0-9]+(?:['-][A-Za-z0-9]+)*")
 
 
@@ -71,10 +114,11 @@ def tokens(text: str) -> list[str]:
 
 
 def in_split(key: str, split: str) -> bool:
-    """Deterministic ~80/20 train/test assignment of a value or key by CRC32 (not Python's hash)."""
+    """Deterministic ~80/20 train/test assignment of a value or key by CRC32 (not Python's hash). Keys without an
+    outside pool (number pairs, categories) count as test in the "outside" split."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    return (zlib.crc32(key.encode()) % 5 == 0) == (split == "test")
+    return (zlib.crc32(key.encode()) % 5 == 0) == (split != "train")
 
 
 def split_pool(pool: list[str], split: str) -> list[str]:
@@ -82,21 +126,30 @@ def split_pool(pool: list[str], split: str) -> list[str]:
     return [v for v in pool if in_split(v, split)]
 
 
-PSEUDO_WORD_PROB = 0.5  # share of training values that are random letter strings
+PSEUDO_WORD_PROB = 0.7  # share of training values that are random letter strings
+PSEUDO_WORD_LENGTHS = (2, 10)  # from "my"-sized words to long ones
 
 
-def pick(rng: random.Random, pool: list[str], split: str, exclude: Iterable[str] = ()) -> str:
-    """A value of `split` for a word slot. Training draws a random letter string half the time, so a
-    small model cannot get by on memorising the pool and must learn to copy (test values stay real words)."""
-    exclude = set(exclude)
+def pseudo_word(rng: random.Random, capitalized: bool = False) -> str:
+    """A random lowercase letter string (capitalised for names)."""
+    word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(*PSEUDO_WORD_LENGTHS)))
+    return word.capitalize() if capitalized else word
+
+
+def pick(rng: random.Random, pool: str, split: str, exclude: Iterable[str] = ()) -> str:
+    """A value of `split` for a word slot drawn from `POOLS[pool]`. Training draws a random letter string most of
+    the time, so a small model cannot get by on memorising the pool and must learn to copy; test values are held-out
+    real words of the pool, "outside" values come from `OUTSIDE_POOLS` (no generator draws them otherwise)."""
+    exclude, values = set(exclude), POOLS[pool]
+    if split == "outside":
+        return rng.choice([v for v in OUTSIDE_POOLS[pool] if v not in exclude])
     if split == "train" and rng.random() < PSEUDO_WORD_PROB:
-        test_values = set(split_pool(pool, "test"))
+        reserved = set(split_pool(values, "test")) | set(OUTSIDE_POOLS[pool])
         while True:
-            word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 7)))
-            word = word.capitalize() if pool[0][:1].isupper() else word
-            if word not in exclude and word not in test_values:
+            word = pseudo_word(rng, capitalized=values[0][:1].isupper())
+            if word not in exclude and word not in reserved:
                 return word
-    return rng.choice([v for v in split_pool(pool, split) if v not in exclude])
+    return rng.choice([v for v in split_pool(values, split) if v not in exclude])
 
 
 def word_boundary(text: str, k: int) -> int:
@@ -358,7 +411,7 @@ class Count(TaskFamily):
     phrasings = ("Stop at {v}.", "Actually, stop at {v}.", "Only go up to {v}.", "Change it: stop at {v}.")
 
     def _params(self, rng, split):
-        a = rng.randint(0, 30)
+        a = rng.randint(0, 99)
         return {"a": a, "b": a + rng.randint(3, 12) - 1}
 
     def _split_key(self, p, values):
@@ -390,7 +443,7 @@ class Repeat(TaskFamily):
     phrasings = ("Say {v} instead.", "Actually, say {v}.", "Use {v} instead.", "Switch to {v}.")
 
     def _params(self, rng, split):
-        return {"w": pick(rng, WORDS, split), "n": rng.randint(3, 8)}
+        return {"w": pick(rng, "words", split), "n": rng.randint(3, 8)}
 
     def _instruction(self, p):
         return f"Say {p['w']} {p['n']} times."
@@ -405,7 +458,7 @@ class Repeat(TaskFamily):
         state["w"] = value
 
     def _value(self, rng, split, p, prev):
-        return pick(rng, WORDS, split, exclude=[p["w"], *prev])
+        return pick(rng, "words", split, exclude=[p["w"], *prev])
 
 
 class Spell(Repeat):
@@ -415,7 +468,7 @@ class Spell(Repeat):
     phrasings = ("Spell {v} instead.", "Actually, spell {v}.", "Now spell {v}.", "Switch to spelling {v}.")
 
     def _params(self, rng, split):
-        return {"w": pick(rng, WORDS, split)}
+        return {"w": pick(rng, "words", split)}
 
     def _instruction(self, p):
         return f"Spell {p['w']}."
@@ -519,7 +572,7 @@ class Note(TaskFamily):
         "name": ["The name is {v}.", "Actually, the name is {v}.", "Change the name to {v}.", "Address it to {v}."],
         "topic": ["The topic is {v}.", "Actually, the topic is {v}.", "Change the topic to {v}.", "Make it about {v}."],
     }
-    pools: ClassVar[dict[str, list[str]]] = {"name": NAMES, "topic": TOPICS}
+    pools: ClassVar[dict[str, str]] = {"name": "names", "topic": "topics"}  # slot -> POOLS key
 
     def _params(self, rng, split):
         return {s: pick(rng, pool, split) for s, pool in self.pools.items()}
@@ -557,9 +610,11 @@ class Case(TaskFamily):
 
     def _params(self, rng, split):
         case = rng.choice(["Uppercase", "Lowercase"])
+        if split == "outside":  # everyday sentences, short function words included
+            return {"case": case, "words": rng.choice(OUTSIDE_SENTENCES).split()}
         words: list[str] = []
         for _ in range(rng.randint(3, 6)):
-            words.append(pick(rng, WORDS, split, exclude=words))
+            words.append(pick(rng, "words", split, exclude=words))
         return {"case": case, "words": words}
 
     def _instruction(self, p):

@@ -2,8 +2,9 @@
 
 import pytest
 import torch
-from conftest import tiny_backbone
+from conftest import perturb_duplex, tiny_backbone
 
+from configuration_duplex import WORKSPACE_UPDATES
 from data import build_byte_tokenizer
 from generation_duplex import pack_updates, update_position, workspace_update_tokens
 from modeling_duplex import DuplexForCausalLM
@@ -12,13 +13,30 @@ PROMPT = torch.tensor([[72, 101, 108, 108, 111, 10, 51, 32, 52]])
 UPDATES = [(0, [83, 116, 111, 112]), (3, [97, 98]), (3, [120]), (6, [49, 50, 46])]  # two land at the same step
 
 
+@pytest.fixture(params=WORKSPACE_UPDATES)
+def workspace_update(request) -> str:
+    """Every property here holds for each workspace update rule."""
+    return request.param
+
+
+@pytest.fixture
+def duplex(backbone, workspace_update) -> DuplexForCausalLM:
+    """conftest's trained-looking duplex model, built with each workspace update rule."""
+    model = DuplexForCausalLM.from_backbone(
+        backbone, num_slots=4, encoder_layers=2, adapter_layers=[0, 2], workspace_update=workspace_update
+    )
+    return perturb_duplex(model).eval()
+
+
 def generate(model, input_ids=PROMPT, **kwargs):
     defaults = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, return_dict_in_generate=True)
     return model.generate(input_ids, attention_mask=torch.ones_like(input_ids), **{**defaults, **kwargs})
 
 
-def test_zero_init_is_exactly_the_backbone(backbone):
-    model = DuplexForCausalLM.from_backbone(backbone, num_slots=4, encoder_layers=2).eval()
+def test_zero_init_is_exactly_the_backbone(backbone, workspace_update):
+    model = DuplexForCausalLM.from_backbone(
+        backbone, num_slots=4, encoder_layers=2, workspace_update=workspace_update
+    ).eval()
     ids = PROMPT.repeat(2, 1)
     packed = pack_updates([[(0, [1, 2, 3]), (4, [9, 9])], [(0, [5])]])
     with torch.no_grad():
@@ -117,10 +135,12 @@ def test_inband_mode_equals_splicing_the_correction_into_the_prompt():
     assert torch.equal(spliced.sequences[:, PROMPT.shape[1] + at :], reference[:, context.shape[1] :])
 
 
-def test_trained_model_writes_like_its_backbone_until_an_update_lands(duplex, backbone):
+def test_trained_model_writes_like_its_backbone_until_an_update_lands(duplex, backbone, workspace_update):
     """Trained duplex modules change nothing before the first update (the workspace starts empty), so the in-band
     baseline run through a trained model is exactly the frozen backbone given the correction in its token stream."""
-    fresh = DuplexForCausalLM.from_backbone(backbone, num_slots=4, encoder_layers=2, adapter_layers=[0, 2]).eval()
+    fresh = DuplexForCausalLM.from_backbone(
+        backbone, num_slots=4, encoder_layers=2, adapter_layers=[0, 2], workspace_update=workspace_update
+    ).eval()
     inband = dict(updates=[(4, "Stop.")], update_mode="inband", tokenizer=build_byte_tokenizer(), output_logits=True)
     trained, reference = generate(duplex, **inband), generate(fresh, **inband)
     assert torch.equal(trained.sequences, reference.sequences)
@@ -148,8 +168,10 @@ def test_uncached_batch_reads_the_newest_version_of_each_row(duplex):
     torch.testing.assert_close(torch.stack(cached.logits), torch.stack(uncached.logits), atol=1e-4, rtol=0)
 
 
-def test_duplex_modules_keep_fp32_master_weights_on_a_bf16_backbone(backbone):
-    model = DuplexForCausalLM.from_backbone(backbone.to(torch.bfloat16), num_slots=4, encoder_layers=1)
+def test_duplex_modules_keep_fp32_master_weights_on_a_bf16_backbone(backbone, workspace_update):
+    model = DuplexForCausalLM.from_backbone(
+        backbone.to(torch.bfloat16), num_slots=4, encoder_layers=1, workspace_update=workspace_update
+    )
     assert {p.dtype for p in model.duplex_state_dict().values()} == {torch.float32}
     assert {p.dtype for p in model.model.parameters()} == {torch.bfloat16}
     with torch.autocast("cpu", dtype=torch.bfloat16):

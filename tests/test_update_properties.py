@@ -9,6 +9,7 @@ from conftest import perturb_duplex, tiny_backbone
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from configuration_duplex import WORKSPACE_UPDATES
 from data import build_byte_tokenizer
 from modeling_duplex import DuplexForCausalLM, DuplexUpdate
 
@@ -16,10 +17,11 @@ TOK = build_byte_tokenizer()
 PROMPTS = ["Count from 3 to 9.\n", "Spell cat.\n", "Name 4 fruits.\n"]
 
 
-@pytest.fixture(scope="module")
-def model():
+@pytest.fixture(scope="module", params=WORKSPACE_UPDATES)
+def model(request):
     backbone = tiny_backbone("qwen3")
-    return perturb_duplex(DuplexForCausalLM.from_backbone(backbone, num_slots=6, encoder_layers=1)).eval()
+    model = DuplexForCausalLM.from_backbone(backbone, num_slots=6, encoder_layers=1, workspace_update=request.param)
+    return perturb_duplex(model).eval()
 
 
 at = st.integers(min_value=-1, max_value=9)  # -1 is invalid; values past max_new_tokens never land
