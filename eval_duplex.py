@@ -606,12 +606,19 @@ def render_markdown(results: dict[str, Any]) -> str:
         " course. Reference: the toy prototype reached 55% revision accuracy (ablation 4.4%) and a 3.6%"
         " contradiction rate (ablation 40.2%).",
         "",
-        "### Revision accuracy per family",
+        "### Per family: retention of the backbone alone, revision accuracy of each mode",
         "",
     ]
     lines += _table(
-        ["family", *modes],
-        ([f, *(_pct(metrics[m]["revision_accuracy"]["per_family"][f]) for m in modes)] for f in cfg["families"]),
+        ["family", "backbone retention", *modes],
+        (
+            [
+                f,
+                _pct(metrics[BACKBONE]["retention"]["per_family"][f]),
+                *(_pct(metrics[m]["revision_accuracy"]["per_family"][f]) for m in modes),
+            ]
+            for f in cfg["families"]
+        ),
     )
     if tf := results.get("teacher_forced"):
         lines += ["", "### Teacher-forced diagnostics (single-update instances)", ""]

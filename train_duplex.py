@@ -151,6 +151,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[DuplexArguments, Training
         report_to="none",
         remove_unused_columns=False,  # the collator needs the update columns
         dataloader_num_workers=0,
+        train_sampling_strategy="group_by_length",  # batches of similar length: half the padding (bench_pretrain.py)
         dataloader_pin_memory=torch.cuda.is_available(),
         seed=0,
         # DDP: a batch without updates gives the update encoder no gradient (the model adds 0 * gates to the loss,
@@ -476,7 +477,7 @@ class HeldOutCurves(TrainerCallback):
         now = time.perf_counter()
         self.train_seconds += now - self._tick
         record = {"step": step, "train_seconds": round(self.train_seconds, 1), "splits": {}}
-        with decodable(model) as duplex:
+        with torch.random.fork_rng(), decodable(model) as duplex:  # training draws the same random numbers
             for split in self.splits:
                 results = eval_duplex.evaluate(
                     duplex,
@@ -731,7 +732,6 @@ def pretrain_tiny_backbone(args: DuplexArguments, training_args: TrainingArgumen
         warmup_steps=100,
         bf16=args.phase0_bf16,
         use_cpu=training_args.use_cpu or (args.phase0_bf16 and not torch.cuda.is_available()),  # CPU autocast
-        train_sampling_strategy="group_by_length",  # batches of similar length: less padding (bench/bench_pretrain.py)
     )
     ready_for_generation(backbone).save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -219,3 +219,36 @@ def test_families_pickle_and_are_their_classes():
 
     assert isinstance(FAMILIES["list"], ListFamily)
     assert list(pickle.loads(pickle.dumps(FAMILIES))) == list(FAMILIES)
+
+
+def test_outside_split_draws_only_values_no_generator_trains_on():
+    """The "outside" split is what a new user types: words, names, topics and sentences outside every pool, never
+    drawn for training (not even as random letter strings), so scoring on it measures copying, not recall."""
+    from data.tasks import OUTSIDE_POOLS, OUTSIDE_SENTENCES
+
+    pools = {w.lower() for w in WORDS + NAMES + TOPICS} | {m for ms in CATEGORIES.values() for m in ms}
+    outside = {w.lower() for values in OUTSIDE_POOLS.values() for w in values}
+    sentence_words = {w for sentence in OUTSIDE_SENTENCES for w in sentence.split()}
+    assert not (outside | sentence_words) & pools
+    train_words, train_texts = set(), set()
+    for row in build_dataset("train", 1400, seed=0):
+        text = (row["instruction"] + " " + row["response"]).lower()
+        train_words |= set(re.findall(r"[a-z]+", text))
+        train_texts.add(text)
+    assert not outside & train_words
+    assert not any(sentence in text for sentence in OUTSIDE_SENTENCES for text in train_texts)
+    outside |= sentence_words
+    rng = random.Random(0)
+    for name, family in FAMILIES.items():
+        inst = family.sample(rng, "outside", n_updates=1)
+        words = {w.lower() for w in re.findall(r"[A-Za-z]+", inst.instruction + " " + inst.response)}
+        if name in ("repeat", "spell", "note", "case"):
+            assert words & outside, (name, inst.instruction)
+
+
+def test_family_weights_set_the_mixture():
+    rows = build_dataset("train", 700, seed=1, family_weights={"add": 6.0})
+    counts = {name: sum(r["family"] == name for r in rows) for name in FAMILIES}
+    assert counts["add"] > 3 * max(c for name, c in counts.items() if name != "add")
+    with pytest.raises(ValueError, match="family_weights"):
+        build_dataset("train", 7, seed=1, families=["list"], family_weights={"add": 2.0})

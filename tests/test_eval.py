@@ -2,6 +2,7 @@
 modes, and the report/CLI on a tiny random checkpoint."""
 
 import json
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -230,7 +231,7 @@ def test_cli_writes_the_report(checkpoint, tmp_path, capsys):
         assert set(saved["metrics"][mode]["revision_accuracy"]["per_family"]) == {"count", "case"}
     assert set(saved["sweep"]["modes"]) == {*ALL_MODES, "tdm"}
     assert eval_duplex.render_markdown(saved) == (out / "results.md").read_text()
-    assert "55.0% (ablation 4.4%)" in printed and "Revision accuracy per family" in printed
+    assert "55.0% (ablation 4.4%)" in printed and "Per family: retention of the backbone alone" in printed
 
 
 @pytest.mark.parametrize(
@@ -249,3 +250,14 @@ def test_cli_rejects_a_missing_checkpoint(tmp_path):
     assert exc.value.code == 2
     with pytest.raises(ValueError, match="tdm"):
         eval_duplex.evaluate(None, build_byte_tokenizer(), modes=("tdm",))
+
+
+def test_eval_set_on_values_outside_every_pool():
+    """`split="outside"` evaluates on values no generator trains on; `kinds` limits the instance kinds built."""
+    from data.tasks import OUTSIDE_POOLS
+
+    rows = eval_duplex.build_eval_set((0,), 2, 0, ["repeat", "note"], split="outside", kinds=["one"])[0]
+    assert set(rows) == {"one", "sweep"} and not rows["sweep"] and len(rows["one"]) == 4
+    outside = set(OUTSIDE_POOLS["words"]) | set(OUTSIDE_POOLS["names"]) | set(OUTSIDE_POOLS["topics"])
+    for row in rows["one"]:
+        assert set(re.findall(r"[A-Za-z]+", row["instruction"])) & outside, row["instruction"]

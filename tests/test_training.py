@@ -19,7 +19,7 @@ MICRO = [
     "--pretrain_backbone", "--phase0_steps", "6", "--phase0_batch_size", "4", "--duplex_steps", "6",
     "--train_size", "64", "--per_device_train_batch_size", "4", "--save_steps", "2", "--logging_steps", "2",
     "--skip_eval",
-    "--encoder_layers", "1", "--num_slots", "4",
+    "--encoder_layers", "1", "--num_slots", "4", "--phase0_eval_steps", "0",
 ]  # fmt: skip
 
 
@@ -132,4 +132,57 @@ def test_distillation_teaches_only_where_the_in_band_teacher_knows_more():
             student = model(**batch).logits
             teacher = model(input_ids=taught["teacher_input_ids"], attention_mask=taught["teacher_attention_mask"])
         kl = train_duplex.distillation_loss(student, batch["labels"], teacher.logits, taught["teacher_labels"])
+        assert (kl.item() < 1e-6) == expect_zero, (kind, kl.item())
+
+
+@pytest.mark.slow
+def test_phase0_continues_from_a_backbone_and_scores_each_family(tmp_path):
+    """A long pretraining run is built in pieces: phase 0 starts from a pretrained backbone's weights (at lr 0 it
+    ends exactly there), and its curves score every family on both held-out splits at each evaluation step."""
+    out = tmp_path / "pieces"
+    train_duplex.main([
+        "--output_dir", str(out), "--pretrain_backbone", "--pretrain_only", "--phase0_init",
+        str(train_duplex.SHIPPED_BACKBONE), "--phase0_lr", "0", "--phase0_steps", "2", "--phase0_batch_size", "4",
+        "--train_size", "32", "--families", "list,spell", "--phase0_eval_steps", "2", "--phase0_eval_per_family", "1",
+        "--save_steps", "100", "--disable_tqdm", "True",
+    ])  # fmt: skip
+    shipped = load_file(train_duplex.SHIPPED_BACKBONE / "model.safetensors")
+    assert_same_weights(load_file(out / "backbone" / "model.safetensors"), shipped)
+    records = train_duplex.read_curves(out / "phase0" / "curves.jsonl")
+    assert [r["step"] for r in records] == [0, 2]
+    for record in records:
+        assert set(record["splits"]) == {"test", "outside"}
+        for columns in record["splits"].values():
+            assert set(columns) == {"backbone", "inband", "restart"}
+            assert set(columns["backbone"]["retention"]["per_family"]) == {"list", "spell"}
+    assert records[0]["splits"] == records[1]["splits"]  # the same weights write the same answers
+    assert (out / "phase0" / "curves.png").exists()
+
+
+def test_onpolicy_distillation_is_zero_where_the_teacher_knows_nothing_more():
+    """On-policy distillation scores the model's own continuation after its update in two contexts: the workspace
+    and the in-band teacher. Rollouts write the oracle's answer up to the update, then the model's own tokens; a
+    zero-init duplex model (blind to updates) and the teacher agree on distractor rows (KL 0: the teacher leaves
+    backchannels out) and differ on corrected rows. Misaligned contexts or tokens would break the zero."""
+    tokenizer = AutoTokenizer.from_pretrained(train_duplex.SHIPPED_BACKBONE)
+    model = DuplexForCausalLM.from_backbone(str(train_duplex.SHIPPED_BACKBONE), num_slots=64, encoder_layers=1).eval()
+    collator = DuplexCollator(tokenizer.pad_token_id)
+    for kind, expect_zero in (("distractor", True), ("one", False)):
+        rows = build_dataset("train", 6, seed=5, mix={kind: 1.0})
+        batch = collator([tokenize_row(row, tokenizer, "duplex", teacher=True) for row in rows])
+        taught = {key: batch.pop(key) for key in list(batch) if key.startswith("teacher_")}
+        rollouts = train_duplex.roll_out(model, batch, taught, max_rows=6, pad_token_id=tokenizer.pad_token_id)
+        assert len(rollouts) == 6
+        for rollout, row in zip(rollouts, rows, strict=True):
+            assert tokenizer.decode(rollout.prefix) == row["segments"][0]  # the oracle's answer up to the update
+            assert rollout.continuation  # and then the model's own tokens
+        student, teacher = train_duplex.onpolicy_batches(rollouts, tokenizer.pad_token_id)
+        labels = student.pop("labels")
+        with torch.no_grad():
+            kl = train_duplex.distillation_loss(
+                model(**student).logits,
+                labels,
+                model(input_ids=teacher["input_ids"], attention_mask=teacher["attention_mask"]).logits,
+                teacher["labels"],
+            )
         assert (kl.item() < 1e-6) == expect_zero, (kind, kl.item())
