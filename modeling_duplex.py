@@ -320,6 +320,23 @@ def newest_tokens(ids: torch.Tensor, mask: torch.Tensor, limit: int) -> tuple[to
     return ids.gather(1, order), mask.gather(1, order)
 
 
+def only_readable_slots(
+    workspace_kv: list[tuple[torch.Tensor, torch.Tensor] | None], workspace_mask: torch.Tensor
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor] | None], torch.Tensor]:
+    """Drop the workspace columns that no position of the chunk reads: the empty version before the first update,
+    padding slots, versions that land after the chunk. Masked out everywhere, they add nothing to any attention
+    but their cost (a teacher-forced batch holds every version of every row). Keys/values (B, kv_heads, M, hd),
+    mask (B, 1, T, M) -> the same with M' <= M columns."""
+    readable = workspace_mask.flatten(0, -2).any(dim=0)  # (M,)
+    keep = readable.nonzero()[:, 0]
+    if keep.numel() == readable.numel():
+        return workspace_kv, workspace_mask
+    if keep.numel() == 0:  # nothing readable: one masked column keeps the read (and its gradient graph) defined
+        keep = keep.new_zeros(1)
+    trimmed = [None if kv is None else tuple(t.index_select(2, keep) for t in kv) for kv in workspace_kv]
+    return trimmed, workspace_mask.index_select(-1, keep)
+
+
 @contextmanager
 def checkpointing_off(layers: nn.ModuleList) -> Iterator[None]:
     """Run `layers` without gradient checkpointing for a moment (it would drop the KV cache they must fill)."""
@@ -661,6 +678,7 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
             workspace_kv = self.project_workspace(versions.slots, versions.slot_mask, rope_starts)
             chunk_positions = torch.arange(past_seen, past_seen + seq_len, device=inputs_embeds.device)
             workspace_mask = versions.readable_slots(chunk_positions)
+            workspace_kv, workspace_mask = only_readable_slots(workspace_kv, workspace_mask)
 
         hidden_states, all_hidden = self._decode(
             inputs_embeds,
