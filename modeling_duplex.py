@@ -72,7 +72,8 @@ ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 class ZeroInitLinear(nn.Linear):
-    """A Linear layer that `_init_weights` sets to zero: the adapters' output projection, so step 0 == backbone."""
+    """A Linear layer that `_init_weights` sets to zero (weight and bias): the output projections of the update
+    encoder's blocks, so that each starts as the identity."""
 
 
 def rotate_half_positions(x: torch.Tensor) -> torch.Tensor:
@@ -393,6 +394,8 @@ class DuplexPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, ZeroInitLinear):
             init.zeros_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
         elif isinstance(module, WorkspaceAdapter):
             init.zeros_(module.gate)
         elif isinstance(module, GatedWorkspace):  # its own parameter W0; its sub-layers are matched as leaves

@@ -77,3 +77,12 @@ def test_generate_succeeds_and_reports_every_update_or_raises_value_error(
     if mode != "inband" and outputs:  # inband splices into the cache: without one it must refuse
         assert set(outputs) == {True, False}, "a call valid with a cache must be valid without one"
         assert torch.equal(outputs[True].sequences, outputs[False].sequences)
+
+
+def test_fresh_update_encoder_is_the_identity():
+    """Every block of a fresh update encoder starts as the identity: a correction enters the workspace as its own
+    token embeddings, which the frozen backbone reads as it reads the same text in-band."""
+    model = DuplexForCausalLM.from_backbone(tiny_backbone("qwen3"), num_slots=8, encoder_layers=2)
+    ids = torch.tensor([[5, 9, 2, 7]])
+    embeds = model.model.embed_tokens(ids)
+    torch.testing.assert_close(model.update_encoder(embeds, torch.ones_like(ids)), embeds, atol=0, rtol=0)
