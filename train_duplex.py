@@ -44,7 +44,7 @@ from backbone_shapes import backbone_config
 from data import FAMILIES, build_byte_tokenizer, build_dataset
 from data.collate import IGNORE_INDEX, DuplexCollator, tokenize_row
 from data.prompts import PromptFormat
-from generation_duplex import NO_UPDATE, pack_updates
+from generation_duplex import NO_UPDATE, pack_updates, update_position
 from modeling_duplex import DuplexForCausalLM
 
 logger = logging.getLogger("train_duplex")
@@ -250,15 +250,16 @@ class Rollout:
     answer so far with the correction spliced in as text; a backchannel is left out)."""
 
     prompt: list[int]
-    prefix: list[int]  # the oracle's answer tokens before the update
-    update: list[int]  # what the update encoder reads (`workspace_update_tokens`)
+    prefix: list[int]  # the oracle's answer tokens before the update (forced)
+    update: list[int]  # what the update encoder reads (`workspace_update_tokens`: the prompt, then the correction)
     teacher_context: list[int]  # the teacher rendering up to the same point
-    continuation: list[int]
+    oracle_rest: int  # the oracle's answer tokens after the update (EOS included)
+    continuation: list[int] = field(default_factory=list)  # what the model writes after the update
 
 
-def rollout_rows(inputs: dict, taught: dict) -> list[tuple[int, list[int], list[int], list[int], list[int], int]]:
-    """(row, prompt, prefix, update tokens, teacher context, oracle tokens after the update) for every row of a
-    collated batch that has an update, read back from the tensors the collator built."""
+def rollout_rows(inputs: dict, taught: dict) -> list[Rollout]:
+    """The rows of a collated batch that have an update, read back from the tensors the collator built, ready to be
+    rolled out (no continuation yet)."""
     rows = []
     positions = inputs.get("update_positions")
     if positions is None or not positions.numel():
@@ -268,13 +269,13 @@ def rollout_rows(inputs: dict, taught: dict) -> list[tuple[int, list[int], list[
             continue
         response = (inputs["labels"][b] != IGNORE_INDEX).nonzero()[:, 0]  # the answer's token positions
         prompt_len = int(response[0])
-        at = int(positions[b, 0]) - prompt_len + 1  # `update_position` inverted
+        at = int(positions[b, 0]) - update_position(prompt_len, 0)  # `update_position` inverted
         ids = inputs["input_ids"][b].tolist()
         update = inputs["update_input_ids"][b, 0][inputs["update_attention_mask"][b, 0].bool()].tolist()
         teacher_response = (taught["teacher_labels"][b] != IGNORE_INDEX).nonzero()[:, 0]
         teacher_context = taught["teacher_input_ids"][b, : int(teacher_response[at])].tolist()
         rows.append(
-            (b, ids[:prompt_len], ids[prompt_len : prompt_len + at], update, teacher_context, len(response) - at)
+            Rollout(ids[:prompt_len], ids[prompt_len : prompt_len + at], update, teacher_context, len(response) - at)
         )
     return rows
 
@@ -287,22 +288,22 @@ def roll_out(model: DuplexForCausalLM, inputs: dict, taught: dict, max_rows: int
     rows = rollout_rows(inputs, taught)[:max_rows]
     if not rows:
         return []
-    width = max(len(prompt) for _, prompt, *_ in rows)
+    width = max(len(r.prompt) for r in rows)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
-    for i, (_, prompt, *_) in enumerate(rows):
-        input_ids[i, width - len(prompt) :] = torch.tensor(prompt)
-        attention_mask[i, width - len(prompt) :] = 1
-    eos = model.config.text_config.eos_token_id
+    for i, r in enumerate(rows):
+        input_ids[i, width - len(r.prompt) :] = torch.tensor(r.prompt)
+        attention_mask[i, width - len(r.prompt) :] = 1
+    eos, room = model.config.text_config.eos_token_id, 4
     training = model.training
     model.eval()
     try:
         out = model.generate(
             input_ids.to(model.device),
             attention_mask=attention_mask.to(model.device),
-            updates=[[(len(prefix), update[len(prompt) :])] for _, prompt, prefix, update, _, _ in rows],
-            logits_processor=LogitsProcessorList([PrefixForcing([prefix for _, _, prefix, *_ in rows], width)]),
-            max_new_tokens=max(len(prefix) + rest for _, _, prefix, _, _, rest in rows) + 4,
+            updates=[[(len(r.prefix), r.update[len(r.prompt) :])] for r in rows],  # the correction as written
+            logits_processor=LogitsProcessorList([PrefixForcing([r.prefix for r in rows], width)]),
+            max_new_tokens=max(len(r.prefix) + r.oracle_rest for r in rows) + room,
             do_sample=False,
             use_cache=True,
             pad_token_id=pad_token_id,
@@ -310,12 +311,10 @@ def roll_out(model: DuplexForCausalLM, inputs: dict, taught: dict, max_rows: int
         )
     finally:
         model.train(training)
-    rollouts = []
-    for i, (_, prompt, prefix, update, teacher_context, rest) in enumerate(rows):
-        new = out[i, width + len(prefix) :].tolist()[: rest + 4]
-        continuation = new[: new.index(eos) + 1] if eos in new else new
-        rollouts.append(Rollout(prompt, prefix, update, teacher_context, continuation))
-    return rollouts
+    for i, r in enumerate(rows):
+        new = out[i, width + len(r.prefix) :].tolist()[: r.oracle_rest + room]
+        r.continuation = new[: new.index(eos) + 1] if eos in new else new
+    return rows
 
 
 def onpolicy_batches(rollouts: list[Rollout], pad_token_id: int) -> tuple[dict, dict]:
@@ -336,10 +335,10 @@ def onpolicy_batches(rollouts: list[Rollout], pad_token_id: int) -> tuple[dict, 
         }
         for r in rollouts
     ]
-    student_batch = collate(student)
-    student_batch |= pack_updates(
-        [[(len(r.prompt) - 1 + len(r.prefix), r.update)] for r in rollouts], pad_token_id=pad_token_id
-    )  # visible from the position that predicts the first token after the update (`update_position`)
+    positions = [update_position(len(r.prompt), len(r.prefix)) for r in rollouts]
+    student_batch = collate(student) | pack_updates(
+        [[(position, r.update)] for position, r in zip(positions, rollouts, strict=True)], pad_token_id=pad_token_id
+    )
     return student_batch, collate(teacher)
 
 

@@ -110,7 +110,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for compiled in (False, True)
         for bf16 in (False, True)
     ]
-    settings += [{"bf16": True, "compile": False, "order": "grouped", "batch_size": b} for b in args.batch_sizes]
+    settings += [
+        {"bf16": bf16, "compile": False, "order": "grouped", "batch_size": b}
+        for b in args.batch_sizes
+        for bf16 in (False, True)
+    ]
     results = []
     print(f"threads {torch.get_num_threads()}, {args.steps} timed steps per setting")
     print("| precision | compile | order | batch | s/step | response tokens/s | padding | loss after |")
