@@ -61,6 +61,9 @@ def test_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends(tmp_path, m
     killed = tmp_path / "killed"
     kill_run_at_step(monkeypatch, killed, 6 + 5)  # phase 0 (6) done, the duplex phase past its checkpoint-4
     assert (killed / "duplex" / "checkpoint-4").exists() and not (killed / "final").exists()
+    # every checkpoint is complete: it decodes as it is (KV cache on, its tokenizer beside it)
+    model, tokenizer = eval_duplex.load_checkpoint(killed / "duplex" / "checkpoint-4")
+    assert model.config.use_cache and model.config.get_text_config().use_cache and tokenizer.eos_token_id is not None
     train_duplex.main(["--output_dir", str(killed), *MICRO, "--resume_from_checkpoint", "True"])
     assert_same_weights(final_weights(killed), expected)
     assert (killed / "duplex" / "loss.png").exists()
