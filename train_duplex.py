@@ -92,7 +92,7 @@ class DuplexArguments:
     phase0_eval_per_family: int = field(
         default=4, metadata={"help": "phase 0's curves: instances per family and kind, on each held-out split"}
     )
-    duplex_steps: int = field(default=400, metadata={"help": "duplex (or tdm) training steps"})
+    duplex_steps: int = field(default=800, metadata={"help": "duplex (or tdm) training steps"})
     distill_weight: float = field(
         default=0.0,
         metadata={
