@@ -4,6 +4,8 @@ zero-gated workspace adapters, so that corrections can arrive while the model is
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+WORKSPACE_UPDATES = ("fifo", "gated")  # how an update is written into the workspace (`workspace_update`)
+
 
 class DuplexConfig(PreTrainedConfig):
     r"""
@@ -16,8 +18,13 @@ class DuplexConfig(PreTrainedConfig):
         backbone_name_or_path (`str`, *optional*):
             Hub id or local path of the pretrained backbone. Adapter-only checkpoints load the backbone from here.
         num_slots (`int`, defaults to 32):
-            Number of workspace slots (soft tokens of the backbone's hidden size). An update writes its encoded tokens
-            into the newest slots and the oldest make room, so this bounds how much correction text is held at once.
+            Number of workspace slots (soft tokens of the backbone's hidden size). With `workspace_update="fifo"` this
+            bounds how much correction text is held at once; with `"gated"` it is the number of learned slots.
+        workspace_update (`str`, defaults to `"fifo"`):
+            How an update is written into the workspace. `"fifo"`: its encoded tokens go into the newest slots and
+            the oldest make room. `"gated"`: `num_slots` learned slots `W0` (from the first update on) are rewritten
+            by every update `e`: `W~ = CrossAttn(W, e, e)`, `delta = MLP(W~)`, `g = sigmoid(Linear([W; W~]))`,
+            `W_new = W + g * delta`. Either way the workspace is empty until the first update.
         encoder_layers (`int`, defaults to 4):
             Layers of the bidirectional update encoder (each starts as the identity).
         encoder_heads (`int`, *optional*):
@@ -38,6 +45,7 @@ class DuplexConfig(PreTrainedConfig):
     text_config: dict | PreTrainedConfig | None = None
     backbone_name_or_path: str | None = None
     num_slots: int = 32
+    workspace_update: str = "fifo"
     encoder_layers: int = 4
     encoder_heads: int | None = None
     encoder_intermediate_size: int | None = None
@@ -64,6 +72,8 @@ class DuplexConfig(PreTrainedConfig):
         """Fail at construction, naming the field, rather than deep inside a forward pass."""
         if self.num_slots < 1:
             raise ValueError(f"`num_slots` must be >= 1, got {self.num_slots}")
+        if self.workspace_update not in WORKSPACE_UPDATES:
+            raise ValueError(f"`workspace_update` must be one of {WORKSPACE_UPDATES}, got {self.workspace_update!r}")
         if hidden % self.encoder_heads:
             raise ValueError(f"`encoder_heads`={self.encoder_heads} must divide the hidden size {hidden}")
         bad = [i for i in self.adapter_layers if not 0 <= i < num_layers]
@@ -75,4 +85,4 @@ class DuplexConfig(PreTrainedConfig):
             raise ValueError(f"`inband_template` must contain '{{text}}', got {self.inband_template!r}")
 
 
-__all__ = ["DuplexConfig"]
+__all__ = ["WORKSPACE_UPDATES", "DuplexConfig"]

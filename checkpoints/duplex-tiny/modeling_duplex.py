@@ -2,7 +2,8 @@
 
 Data flow (one forward pass):
 
-    update tokens --embed_tokens--> UpdateEncoder --> Workspace (newest S slots) --> workspace versions (B, V, S, D)
+    update tokens --embed_tokens--> UpdateEncoder --> Workspace (S slots) --> workspace versions (B, V, S, D)
+        (config.workspace_update: "fifo" keeps the newest S encoded tokens, "gated" rewrites S learned slots)
     workspace versions --frozen backbone--> per-layer keys/values of the slots (project_workspace)
     input_ids --embed_tokens--> [WorkspaceAdapter i: decoder layer i whose attention also reads the slots]* --> lm_head
 
@@ -14,6 +15,7 @@ are never rewritten.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -70,7 +72,8 @@ ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 class ZeroInitLinear(nn.Linear):
-    """A Linear layer that `_init_weights` sets to zero: the adapters' output projection, so step 0 == backbone."""
+    """A Linear layer that `_init_weights` sets to zero (weight and bias): the output projections of the update
+    encoder's blocks, so that each starts as the identity."""
 
 
 def rotate_half_positions(x: torch.Tensor) -> torch.Tensor:
@@ -155,7 +158,8 @@ def attention_mask_to_keys(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class Workspace(nn.Module):
-    """`num_slots` latent slots in the backbone's embedding space (soft tokens) with a validity mask.
+    """`num_slots` latent slots in the backbone's embedding space (soft tokens) with a validity mask
+    (`workspace_update="fifo"`).
 
     An update writes its encoded tokens into the newest slots; the oldest slots make room (first in, first out),
     so the latest corrections are always held in full. The workspace starts empty: until the first update the
@@ -165,6 +169,7 @@ class Workspace(nn.Module):
         super().__init__()
         self.num_slots = config.num_slots
         self.hidden_size = config.text_config.hidden_size
+        self.max_update_tokens: int | None = config.num_slots  # older tokens would be pushed out by the newest anyway
 
     def initial(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """An empty workspace: slots (B, S, D) and slot mask (B, S)."""
@@ -180,6 +185,76 @@ class Workspace(nn.Module):
         order = torch.sort(valid.long(), dim=1, stable=True).indices[:, -self.num_slots :]  # invalid first, in order
         new_slots = combined.gather(1, order[..., None].expand(-1, -1, combined.shape[-1]))
         return new_slots, valid.gather(1, order)
+
+
+class WorkspaceCrossAttention(DuplexAttention):
+    """Multi-head attention from the workspace slots (B, S, D) to an encoded update (B, L, D), without positions:
+    the slots are a set of queries, and the order of the update's tokens is the update encoder's to encode (its
+    self-attention is rotary)."""
+
+    def forward(self, slots: torch.Tensor, encoded: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        """slots (B, S, D), encoded (B, L, D), key_mask bool (B, 1, 1, L) -> (B, S, D)."""
+        query = self._split_heads(self.q_proj(slots))  # (B, h, S, hd)
+        key = self._split_heads(self.k_proj(encoded))  # (B, h, L, hd)
+        value = self._split_heads(self.v_proj(encoded))  # (B, h, L, hd)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=key_mask)  # (B, h, S, hd)
+        return self.o_proj(out.transpose(1, 2).flatten(2))
+
+
+class GatedWorkspace(Workspace):
+    """`num_slots` learned slots rewritten by every update through a gated residual (`workspace_update="gated"`).
+
+    For the encoded update e (B, L, D) and the current slots W (B, S, D):
+
+        W~ = CrossAttn(W, e, e)           slots query the update's tokens (padding masked out)
+        delta = MLP(W~)
+        g = sigmoid(Linear([W; W~]))      elementwise gate over the concatenation on the feature axis (2D -> D)
+        W_new = W + g * delta
+
+    The workspace starts empty like the fifo one (slot mask all False: the adapters read nothing and the model is
+    exactly its backbone); a row's first update starts from the learned slots `W0` (`initial_slots`), and from then
+    on all S slots are valid. The slots stay soft tokens in the backbone's embedding space, read through
+    `DuplexForCausalLM.project_workspace` exactly as fifo slots are.
+
+    Initialisation (`DuplexPreTrainedModel._init_weights`): `W0` is drawn like token embeddings, normal with the
+    standard deviation of the backbone's own input embeddings (so the frozen backbone reads the slots at the scale
+    of its tokens), and the MLP's output projection starts at zero, so an untrained write is the identity
+    (`W_new = W`, i.e. `W0`): like every duplex block, the rule starts neutral and training opens it. The update
+    is read whole (not cut to `num_slots` tokens): the slots summarise it rather than hold its tokens."""
+
+    def __init__(self, config: DuplexConfig):
+        super().__init__(config)
+        hidden, eps = self.hidden_size, getattr(config.text_config, "rms_norm_eps", 1e-6)
+        self.max_update_tokens = None
+        self.initial_slots = nn.Parameter(torch.empty(self.num_slots, hidden))  # W0 (S, D)
+        self.slot_norm = nn.RMSNorm(hidden, eps=eps)
+        self.update_norm = nn.RMSNorm(hidden, eps=eps)
+        self.cross_attn = WorkspaceCrossAttention(hidden, config.encoder_heads)
+        self.mlp = nn.Sequential(
+            nn.Linear(hidden, config.encoder_intermediate_size),
+            nn.GELU(),
+            ZeroInitLinear(config.encoder_intermediate_size, hidden, bias=False),  # no bias: delta is exactly 0
+        )
+        self.write_gate = nn.Linear(2 * hidden, hidden)
+
+    def forward(
+        self, slots: torch.Tensor, slot_mask: torch.Tensor, encoded: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """slots (B, S, D), slot mask (B, S), encoded update (B, L, D) with its 0/1 mask (B, L) -> the rewritten
+        slots (B, S, D), all valid (B, S). Rows whose workspace is still empty start from `W0`."""
+        started = slot_mask.any(dim=-1)  # (B,)
+        current = torch.where(started[:, None, None], slots, self.initial_slots.to(slots.dtype)[None])  # (B, S, D)
+        encoded = encoded.to(slots.dtype)
+        read = self.cross_attn(
+            self.slot_norm(current), self.update_norm(encoded), attention_mask_to_keys(attention_mask)
+        )  # W~ (B, S, D)
+        delta = self.mlp(read)  # (B, S, D)
+        gate = torch.sigmoid(self.write_gate(torch.cat([current, read], dim=-1)))  # (B, S, D)
+        new_slots = (current + gate * delta).to(slots.dtype)
+        return new_slots, torch.ones_like(slot_mask, dtype=torch.bool)
+
+
+WORKSPACE_CLASSES: dict[str, type[Workspace]] = {"fifo": Workspace, "gated": GatedWorkspace}
 
 
 class WorkspaceAdapter(nn.Module):
@@ -246,6 +321,23 @@ def newest_tokens(ids: torch.Tensor, mask: torch.Tensor, limit: int) -> tuple[to
     return ids.gather(1, order), mask.gather(1, order)
 
 
+def only_readable_slots(
+    workspace_kv: list[tuple[torch.Tensor, torch.Tensor] | None], workspace_mask: torch.Tensor
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor] | None], torch.Tensor]:
+    """Drop the workspace columns that no position of the chunk reads: the empty version before the first update,
+    padding slots, versions that land after the chunk. Masked out everywhere, they add nothing to any attention
+    but their cost (a teacher-forced batch holds every version of every row). Keys/values (B, kv_heads, M, hd),
+    mask (B, 1, T, M) -> the same with M' <= M columns."""
+    readable = workspace_mask.flatten(0, -2).any(dim=0)  # (M,)
+    keep = readable.nonzero()[:, 0]
+    if keep.numel() == readable.numel():
+        return workspace_kv, workspace_mask
+    if keep.numel() == 0:  # nothing readable: one masked column keeps the read (and its gradient graph) defined
+        keep = keep.new_zeros(1)
+    trimmed = [None if kv is None else tuple(t.index_select(2, keep) for t in kv) for kv in workspace_kv]
+    return trimmed, workspace_mask.index_select(-1, keep)
+
+
 @contextmanager
 def checkpointing_off(layers: nn.ModuleList) -> Iterator[None]:
     """Run `layers` without gradient checkpointing for a moment (it would drop the KV cache they must fill)."""
@@ -302,15 +394,31 @@ class DuplexPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, ZeroInitLinear):
             init.zeros_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
         elif isinstance(module, WorkspaceAdapter):
             init.zeros_(module.gate)
+        elif isinstance(module, GatedWorkspace):  # its own parameter W0; its sub-layers are matched as leaves
+            init.normal_(module.initial_slots, mean=0.0, std=self._token_embedding_std())
         else:
             super()._init_weights(module)
 
+    def _token_embedding_std(self) -> float:
+        """Standard deviation of the backbone's input embeddings, the scale at which the backbone reads its tokens.
+        Falls back to the backbone's `initializer_range` where the embeddings hold no values yet (meta device,
+        sharded)."""
+        fallback = getattr(self.config.text_config, "initializer_range", None) or 0.02
+        weight = self.get_input_embeddings().weight
+        if weight.device.type == "meta" or weight.numel() < 2:
+            return fallback
+        std = float(weight.detach().float().std())
+        return std if math.isfinite(std) and std > 0 else fallback
+
 
 class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
-    """A frozen causal LM (`model`, `lm_head`) plus the trainable duplex modules: `update_encoder`, `workspace`,
-    and `adapters` (one per decoder layer in `config.adapter_layers`, keyed by the layer index)."""
+    """A frozen causal LM (`model`, `lm_head`) plus the trainable duplex modules: `update_encoder`, `workspace`
+    (`Workspace` or `GatedWorkspace`, as `config.workspace_update` says), and `adapters` (one per decoder layer in
+    `config.adapter_layers`, keyed by the layer index)."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     accepts_loss_kwargs = True
@@ -324,7 +432,7 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
             self.model = backbone.get_decoder()
             self.lm_head = backbone.get_output_embeddings()
         self.update_encoder = UpdateEncoder(config)
-        self.workspace = Workspace(config)
+        self.workspace = WORKSPACE_CLASSES[config.workspace_update](config)
         self.adapters = nn.ModuleDict({str(i): WorkspaceAdapter(config) for i in config.adapter_layers})
         self.post_init()
         self.freeze_backbone()
@@ -442,9 +550,11 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode one update per row and write it into the workspace: slots (B, S, D), mask (B, S) -> new ones.
         The only place an update enters the model: training, generation and every mode go through here."""
-        update_input_ids, update_attention_mask = newest_tokens(
-            update_input_ids, update_attention_mask, self.config.num_slots
-        )  # the workspace keeps only the newest slots: encoding more would cost O(prompt length) for nothing
+        # fifo keeps only the newest `num_slots` tokens: encoding more would cost O(prompt length) for nothing
+        if self.workspace.max_update_tokens is not None:
+            update_input_ids, update_attention_mask = newest_tokens(
+                update_input_ids, update_attention_mask, self.workspace.max_update_tokens
+            )
         embeds = self.model.embed_tokens(update_input_ids)
         encoded = self.update_encoder(embeds.to(slots.dtype), update_attention_mask)
         return self.workspace(slots, slot_mask, encoded, update_attention_mask)
@@ -571,6 +681,7 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
             workspace_kv = self.project_workspace(versions.slots, versions.slot_mask, rope_starts)
             chunk_positions = torch.arange(past_seen, past_seen + seq_len, device=inputs_embeds.device)
             workspace_mask = versions.readable_slots(chunk_positions)
+            workspace_kv, workspace_mask = only_readable_slots(workspace_kv, workspace_mask)
 
         hidden_states, all_hidden = self._decode(
             inputs_embeds,
