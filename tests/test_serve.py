@@ -21,6 +21,7 @@ LOAD_TEST = Path(__file__).resolve().parents[1] / "bench" / "load_serve.py"
 
 PROMPT = "Name 5 tools.\n"
 CORRECTION = "Name animals instead."
+CORRECT_AFTER = 6  # post once "hammer," has streamed: the correction lands between words, where the model is trained
 LIMITS = Limits(max_new_tokens=300, max_prompt_chars=200, max_update_chars=50, max_sessions=8)
 
 
@@ -99,20 +100,20 @@ def test_health(server):
 
 @pytest.mark.slow
 def test_correction_lands_mid_stream_and_changes_the_continuation(server, shipped):
-    """A correction posted after token 1 lands later in the same stream: the landing event comes right before the
-    token number `at`, matches `generate`'s own record, and the text from there on is what `generate` writes with
-    that update scheduled at `at`, and not what it writes without it."""
+    """A correction posted after token CORRECT_AFTER lands later in the same stream: the landing event comes right
+    before the token number `at`, matches `generate`'s own record, and the text from there on is what `generate`
+    writes with that update scheduled at `at`, and not what it writes without it."""
     base, _ = server
     model, tokenizer = shipped
     plain = run_session(base, PROMPT, max_new_tokens=48)["done"]
-    session = run_session(base, PROMPT, correct_after=1, max_new_tokens=48)
+    session = run_session(base, PROMPT, correct_after=CORRECT_AFTER, max_new_tokens=48)
     stream, done = session["events"], session["done"]
     assert done["done"] is True and plain["landings"] == []
 
     landed = [e["landed"] for e in stream if "landed" in e]
     assert len(landed) == 1 and landed[0]["text"] == CORRECTION and landed[0]["applied"] is True
     at = landed[0]["at"]
-    assert at >= 2, "the correction was posted after token 1 arrived: it cannot condition tokens 0 or 1"
+    assert at > CORRECT_AFTER, "the correction was posted after that token arrived: it cannot condition it"
     position = next(i for i, e in enumerate(stream) if "landed" in e)
     assert stream[position - 1]["index"] == at - 1 and stream[position + 1]["index"] == at
     assert landed[0]["latency_ms"] > 0
@@ -137,7 +138,7 @@ def test_concurrent_sessions_are_isolated(server):
     results: dict[int, dict] = {}
 
     def one(i: int) -> None:
-        results[i] = run_session(base, PROMPT, correct_after=1 if i == 1 else None, max_new_tokens=48)
+        results[i] = run_session(base, PROMPT, correct_after=CORRECT_AFTER if i == 1 else None, max_new_tokens=48)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
     for thread in threads:
