@@ -135,6 +135,11 @@ class DuplexArguments:
     )
     skip_eval: bool = field(default=False, metadata={"help": "do not evaluate after training"})
 
+    @property
+    def family_names(self) -> list[str] | None:
+        """`--families` as a list (None: every family)."""
+        return self.families.split(",") if self.families else None
+
 
 def parse_args(argv: list[str] | None = None) -> tuple[DuplexArguments, TrainingArguments]:
     parser = HfArgumentParser((DuplexArguments, TrainingArguments))
@@ -190,8 +195,9 @@ def tokenized(
 ) -> datasets.Dataset:
     """Instances of the training split, rendered in one of the collator's formats (the backbone's chat template
     where its tokenizer has one)."""
-    families = args.families.split(",") if args.families else None
-    rows = build_dataset("train", n, seed=split_seed, mix=mix, families=families, family_weights=family_weights)
+    rows = build_dataset(
+        "train", n, seed=split_seed, mix=mix, families=args.family_names, family_weights=family_weights
+    )
     if fmt == "restart":  # turn-based corrections: single-correction instances only
         rows = rows.filter(lambda r: r["update_kinds"].count("correction") == 1)
     prompt_format = PromptFormat.for_tokenizer(tokenizer, args.shots)
@@ -393,15 +399,8 @@ class DuplexTrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Checkpoints decode as they are: saved with the KV cache on (training turns it off), beside the tokenizer
         (`processing_class`), so any `checkpoint-N` can be evaluated or served."""
-        model = self.accelerator.unwrap_model(self.model)
-        configs = list({id(c): c for c in (model.config, model.config.get_text_config())}.values())
-        flags = [(c, c.use_cache) for c in [*configs, model.generation_config]]
-        ready_for_generation(model)
-        try:
+        with cache_on(self.accelerator.unwrap_model(self.model)):
             super()._save(output_dir, state_dict)
-        finally:
-            for config, flag in flags:
-                config.use_cache = flag
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         if self.gate_lr is not None and self.optimizer is None:
@@ -414,16 +413,12 @@ def decodable(model: PreTrainedModel) -> Iterator[PreTrainedModel]:
     """The model being trained, ready to decode held-out prompts: the KV cache on and, for a plain backbone (phase 0),
     fresh zero-gated duplex modules around it (exactly the backbone, for its in-band column). Its trainable flags,
     cache setting and training mode are restored afterwards."""
-    configs = list({id(c): c for c in (model.config, model.config.get_text_config())}.values())
-    cache_flags = [(c, c.use_cache) for c in [*configs, model.generation_config]]
     grad_flags = [(p, p.requires_grad) for p in model.parameters()]
     training = model.training
     try:
-        ready_for_generation(model)
-        yield model if isinstance(model, DuplexForCausalLM) else DuplexForCausalLM.from_backbone(model)
+        with cache_on(model):
+            yield model if isinstance(model, DuplexForCausalLM) else DuplexForCausalLM.from_backbone(model)
     finally:
-        for config, flag in cache_flags:
-            config.use_cache = flag
         for param, flag in grad_flags:
             param.requires_grad_(flag)
         model.train(training)
@@ -457,7 +452,7 @@ class HeldOutCurves(TrainerCallback):
         self.modes, self.once_modes, self.kinds, self.splits = list(modes), list(once_modes), list(kinds), list(splits)
         self.families, self.shots = families, shots
         self.path = Path(out_dir) / "curves.jsonl"
-        self.train_seconds, self._tick = 0.0, time.perf_counter()
+        self.train_seconds, self._tick = 0.0, 0.0  # set when training begins (carried over a resume)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         records = read_curves(self.path)
@@ -565,7 +560,8 @@ def plot_curves(records: list[dict], path: Path) -> None:
                 label=f"{split} {column} {metric.replace('_', ' ')}",
             )
     wall.set(title="overall vs training time", xlabel="minutes of training", ylabel="%", ylim=(-3, 103))
-    wall.legend(fontsize=6)
+    if wall.lines:
+        wall.legend(fontsize=6)
     for ax in axes[len(series) + 1 :]:
         ax.axis("off")
     fig.tight_layout()
@@ -671,6 +667,19 @@ def ready_for_generation(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
+@contextmanager
+def cache_on(model: PreTrainedModel) -> Iterator[PreTrainedModel]:
+    """`ready_for_generation` for the duration only: a model in training decodes (or is saved) with its KV cache on,
+    then trains on as it was set."""
+    configs = {id(c): c for c in (model.config, model.config.get_text_config(), model.generation_config)}.values()
+    flags = [(config, config.use_cache) for config in configs]
+    try:
+        yield ready_for_generation(model)
+    finally:
+        for config, flag in flags:
+            config.use_cache = flag
+
+
 def parse_family_weights(text: str | None) -> dict[str, float] | None:
     """'add=4,case=2' -> {"add": 4.0, "case": 2.0}; None stays None (every family weighs the same)."""
     if not text:
@@ -706,7 +715,6 @@ def pretrain_tiny_backbone(args: DuplexArguments, training_args: TrainingArgumen
     )
     inband = tokenized(args, training_args.seed + 102, args.train_size, tokenizer, "inband", family_weights=weights)
     corpus = datasets.concatenate_datasets([plain, restart, inband]).shuffle(seed=training_args.seed)
-    families = args.families.split(",") if args.families else None
     curves = HeldOutCurves(
         tokenizer,
         Path(training_args.output_dir) / "phase0",
@@ -715,7 +723,7 @@ def pretrain_tiny_backbone(args: DuplexArguments, training_args: TrainingArgumen
         modes=["inband", "restart"],
         kinds=["none", "one"],
         splits=["test", "outside"],
-        families=families,
+        families=args.family_names,
     )
     run_phase(
         backbone,
@@ -805,7 +813,7 @@ def main(argv: list[str] | None = None) -> dict | None:
             modes=["workspace"],
             once_modes=["inband", "ignore"],  # the frozen backbone's own columns do not move as the channel trains
             kinds=["one", "two", "distractor"],
-            families=args.families.split(",") if args.families else None,
+            families=args.family_names,
             shots=args.shots,
         )
         trainer = run_phase(
@@ -842,13 +850,12 @@ def main(argv: list[str] | None = None) -> dict | None:
     import eval_duplex
 
     model.eval()
-    families = args.families.split(",") if args.families else None
     results = eval_duplex.evaluate(
         model,
         tokenizer,
         n_per_family=args.eval_per_family,
         sweep_per_family=args.eval_sweep_per_family,
-        families=families,
+        families=args.family_names,
         shots=args.shots,
     )
     eval_duplex.write_report(results, final / "eval")
