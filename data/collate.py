@@ -62,7 +62,7 @@ def tokenize_row(
         pieces = [encode(tokenizer, s) for s in answer]
         pieces[-1] = pieces[-1] + eos
     input_ids, labels = list(prompt), [IGNORE_INDEX] * len(prompt)
-    positions, update_ids = [], []
+    positions, update_ids, piece_starts = [], [], []
     for u, piece in enumerate(pieces):
         spliced = u > 0 and (fmt == "inband" or (fmt == "teacher" and row["update_kinds"][u - 1] == "correction"))
         if spliced:  # the correction rides in the token stream, unlabelled
@@ -73,23 +73,53 @@ def tokenize_row(
             positions.append(update_position(len(prompt), len(input_ids) - len(prompt)))
             written = encode(tokenizer, inband_template.replace("{text}", row["update_texts"][u - 1]))
             update_ids.append(workspace_update_tokens(prompt, written, first=u == 1))
+        piece_starts.append(len(input_ids))
         input_ids += piece
         labels += piece
     features = {"input_ids": input_ids, "labels": labels}
     if fmt == "duplex":
         features |= {"update_positions": positions, "update_token_ids": update_ids}
+        features["decision_positions"] = decision_positions(row, tokenizer, pieces, piece_starts)
         if teacher:
             taught = tokenize_row(row, tokenizer, "teacher", prompt_format)
             features |= {"teacher_input_ids": taught["input_ids"], "teacher_labels": taught["labels"]}
     return features
 
 
+def decision_positions(row: dict, tokenizer, pieces: list[list[int]], piece_starts: list[int]) -> list[int]:
+    """Sequence indices of the tokens where the row's corrections first change the answer (its
+    `update_change_offsets`, characters of the response): the decisions a landed correction turns on. `pieces` are
+    the response segments' token ids (the last one ends with EOS), `piece_starts` where each begins in input_ids."""
+    out = []
+    for offset in row.get("update_change_offsets") or []:
+        if offset < 0:
+            continue
+        start = 0  # character offset of the segment in the response
+        for segment, piece, first in zip(row["segments"], pieces, piece_starts, strict=True):
+            if offset < start + len(segment) or segment is row["segments"][-1]:
+                out.append(first + token_at(tokenizer, piece, offset - start))
+                break
+            start += len(segment)
+    return out
+
+
+def token_at(tokenizer, ids: list[int], char: int) -> int:
+    """Index of the token of `ids` that holds character `char` of their text (the last token, EOS, past the end)."""
+    for t in range(len(ids)):
+        if len(tokenizer.decode(ids[: t + 1], clean_up_tokenization_spaces=False)) > char:
+            return t
+    return len(ids) - 1
+
+
 @dataclass
 class DuplexCollator:
     """Right-pads token features; packs the updates (if any) into the tensors `DuplexForCausalLM.forward` takes;
-    a teacher rendering (`tokenize_row(..., teacher=True)`) becomes teacher_input_ids / _attention_mask / _labels."""
+    a teacher rendering (`tokenize_row(..., teacher=True)`) becomes teacher_input_ids / _attention_mask / _labels;
+    with `decisions=True`, the rows' decision tokens become a (B, T) bool `decision_mask` over the labels (for the
+    loss, which must pop it before calling the model)."""
 
     pad_token_id: int
+    decisions: bool = False
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         batch = self._pad([f["input_ids"] for f in features], [f["labels"] for f in features])
@@ -99,6 +129,11 @@ class DuplexCollator:
         if "update_positions" in features[0]:
             updates = [list(zip(f["update_positions"], f["update_token_ids"], strict=True)) for f in features]
             batch |= pack_updates(updates, pad_token_id=self.pad_token_id)
+        if self.decisions:
+            decisions = torch.zeros_like(batch["labels"], dtype=torch.bool)  # (B, T)
+            for b, f in enumerate(features):
+                decisions[b, f["decision_positions"]] = True
+            batch["decision_mask"] = decisions
         return batch
 
     def _pad(self, input_ids: list[list[int]], labels: list[list[int]]) -> dict[str, torch.Tensor]:

@@ -32,6 +32,7 @@ FEATURES = datasets.Features(
         "update_kinds": datasets.List(datasets.Value("string")),
         "invalidated": datasets.List(datasets.Value("string")),
         "segments": datasets.List(datasets.Value("string")),
+        "update_change_offsets": datasets.List(datasets.Value("int32")),
         "meta": datasets.Value("string"),  # JSON: family params and correction values
     }
 )
@@ -50,6 +51,7 @@ def instance_to_row(inst: Instance) -> dict:
         "update_kinds": [u.kind for u in inst.updates],
         "invalidated": list(inst.invalidated),
         "segments": inst.segments(),
+        "update_change_offsets": list(inst.change_offsets),
         "meta": json.dumps(inst.meta),
     }
 
@@ -69,6 +71,7 @@ def instance_from_row(row: dict) -> Instance:
         updates=updates,
         invalidated=list(row["invalidated"]),
         meta=json.loads(row.get("meta") or "{}"),
+        change_offsets=list(row.get("update_change_offsets") or [-1] * len(updates)),
     )
 
 

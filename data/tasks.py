@@ -181,6 +181,7 @@ class Instance:
     updates: list[TaskUpdate]
     invalidated: list[str]
     meta: dict[str, Any] = field(default_factory=dict)  # family params + update values (JSON-able)
+    change_offsets: list[int] = field(default_factory=list)  # per update: see TaskFamily.change_offsets
 
     def words(self) -> list[str]:
         """Response words (space separated)."""
@@ -292,16 +293,35 @@ class TaskFamily:
         if words is None:
             raise ValueError(f"{self.name}: updates {edits} are not valid for {instruction!r}")
         invalid = self._superseded(p, edits) - set(tokens(" ".join(words[edits[0][0] :]))) if edits else set()
+        response = " ".join(words)
         return Instance(
             family=self.name,
             instruction=instruction,
             prompt=instruction + "\n",
             original_response=" ".join(original),
-            response=" ".join(words),
+            response=response,
             updates=list(updates),
             invalidated=sorted(invalid),
             meta={"params": p, "values": list(values)},
+            change_offsets=self.change_offsets(p, edits, response) if edits else [-1] * len(updates),
         )
+
+    def change_offsets(self, p: dict, edits: list[tuple[int, Any]], response: str) -> list[int]:
+        """Per correction, the character of `response` where it first changes what is written: the one token the
+        model must get right for the correction to land (often the first letter of a new word; for a new stop, the
+        end of the answer, len(response)). -1 where a later correction lands before that change shows."""
+        cuts = [word_boundary(response, k) for k, _ in edits[1:]] + [len(response) + 1]
+        offsets, before = [], " ".join(self._render(p, []))
+        for j, (k, _) in enumerate(edits):
+            after = " ".join(self._render(p, edits[: j + 1]))
+            start = word_boundary(after, k)
+            offset = next(
+                (i for i in range(start, min(len(before), len(after))) if before[i] != after[i]),
+                min(len(before), len(after)),
+            )
+            offsets.append(offset if offset < cuts[j] else -1)
+            before = after
+        return offsets
 
     def sample(
         self,

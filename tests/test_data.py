@@ -252,3 +252,34 @@ def test_family_weights_set_the_mixture():
     assert counts["add"] > 3 * max(c for name, c in counts.items() if name != "add")
     with pytest.raises(ValueError, match="family_weights"):
         build_dataset("train", 7, seed=1, families=["list"], family_weights={"add": 2.0})
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_change_offsets_mark_where_each_correction_first_changes_the_answer(name):
+    """A correction's change offset is the first character where the answer differs from the answer without it
+    (the end of the answer when only its length changes); the text before it is the same either way."""
+    fam, rng = FAMILIES[name], random.Random(1)
+    for kw in CASES:
+        for _ in range(20):
+            inst = fam.sample(rng, "train", **kw)
+            assert len(inst.change_offsets) == len(inst.updates)
+            if kw.get("distractor"):
+                assert inst.change_offsets == [-1] * len(inst.updates)
+            if not inst.updates or kw.get("distractor"):
+                continue
+            offset = inst.change_offsets[0]
+            if len(inst.updates) > 1 and offset == -1:  # the next correction landed before this one showed
+                continue
+            before, after = inst.original_response, inst.response
+            assert after[:offset] == before[:offset] and 0 <= offset <= len(after)
+            assert offset == len(after) or offset == len(before) or after[offset] != before[offset]
+            assert offset >= len(" ".join(after.split(" ")[: inst.updates[0].word_index]))  # not before it lands
+
+
+def test_change_offsets_of_the_spec_examples():
+    count = FAMILIES["count"]._build({"a": 3, "b": 9}, [6], [TaskUpdate(2, "Stop at 6.", "correction")])
+    assert count.response == "3 4 5 6" and count.change_offsets == [7]  # the end: EOS where " 7" would follow
+    repeat = FAMILIES["repeat"]._build(
+        {"w": "apple", "n": 4}, ["pear"], [TaskUpdate(2, "Say pear instead.", "correction")]
+    )
+    assert repeat.response == "apple apple pear pear" and repeat.response[repeat.change_offsets[0] :] == "pear pear"
