@@ -52,6 +52,7 @@ CSS = """
 .landing { background: #fff3b0; border: 1px solid #d4a72c; border-radius: 4px; padding: 0 3px; margin: 0 2px;
   font-family: sans-serif; font-size: 0.8em; white-space: normal; }
 .landing.ignored { background: #eeeeee; border-color: #999999; }
+.landing.backchannel { background: #e6f4ff; border-color: #54aeff; }
 .landing.restart { background: #ffd8d8; border-color: #cf222e; }
 .discarded { color: #8c959f; text-decoration: line-through; }
 """
@@ -121,6 +122,8 @@ def render_marker(mark: dict) -> str:
         label = f"✕ “{text}” arrived at token {mark['at']} (dropped)"
     elif mark["kind"] == "late":
         label = f"✕ “{text}” arrived after the end"
+    elif mark["kind"] == "backchannel":
+        label = f"◦ “{text}” at token {mark['at']}: a backchannel, nothing changed ({latency})"
     else:
         label = f"▶ “{text}” landed at token {mark['at']}, {latency}"
     return f'<span class="landing {mark["kind"]}" data-at="{mark.get("at", "")}">{label}</span>'
@@ -236,8 +239,8 @@ class DemoRun:
             pane.tokens += 1
         elif "landed" in event:
             landed = event["landed"]
-            kind = "applied" if landed["applied"] else "ignored"
-            pane.pieces.append(("mark", {"kind": kind, **landed}))
+            marker = "ignored" if not landed["applied"] else landed.get("kind") or "applied"  # the model's decision
+            pane.pieces.append(("mark", {**landed, "kind": marker}))
         elif "late" in event:
             pane.pieces.append(("mark", {"kind": "late", "text": event["late"]}))
         elif "done" in event:

@@ -41,7 +41,8 @@ from data.prompts import PromptFormat
 MODES = ("workspace", "ignore", "inband", "restart", "tdm")
 DEFAULT_MODES = ("workspace", "ignore", "inband", "restart")
 BACKBONE = "backbone"  # pseudo-mode: the backbone alone without updates (retention reference)
-KINDS = ("none", "one", "distractor", "two", "three")  # keys of data.MIX_KINDS
+KINDS = ("none", "one", "distractor", "held_out_distractor", "two", "three")  # keys of data.MIX_KINDS
+DISTRACTOR_KINDS = ("distractor", "held_out_distractor")
 # mode -> (which model generates, `update_mode` passed to its generate; None: a plain causal LM, no updates)
 RUNNERS: dict[str, tuple[str, str | None]] = {
     "workspace": ("duplex", "workspace"),
@@ -51,19 +52,24 @@ RUNNERS: dict[str, tuple[str, str | None]] = {
     "tdm": ("tdm", "inband"),
     BACKBONE: ("backbone", None),
 }
-# metric -> (instance kind it is measured on, per-instance field); all are proportions
-PROPORTIONS: dict[str, tuple[str, str]] = {
-    "revision_accuracy": ("one", "correct"),
-    "contradiction_rate": ("one", "contradiction"),
-    "distractor_stability": ("distractor", "stable"),
-    "retention": ("none", "exact"),
-    "two_update_accuracy": ("two", "correct"),
-    "three_update_accuracy": ("three", "correct"),
+# metric -> (instance kinds it is measured on, per-instance field); all are proportions, over the instances that
+# carry the field (the update decision: only modes that decide, i.e. workspace)
+PROPORTIONS: dict[str, tuple[tuple[str, ...], str]] = {
+    "revision_accuracy": (("one",), "correct"),
+    "contradiction_rate": (("one",), "contradiction"),
+    "distractor_stability": (("distractor",), "stable"),
+    "held_out_distractor_stability": (("held_out_distractor",), "stable"),
+    "decision_accuracy": (("one", "two", "distractor", "held_out_distractor"), "decided"),
+    "retention": (("none",), "exact"),
+    "two_update_accuracy": (("two",), "correct"),
+    "three_update_accuracy": (("three",), "correct"),
 }
 METRIC_LABELS = {
     "revision_accuracy": "revision accuracy",
     "contradiction_rate": "contradiction rate",
     "distractor_stability": "distractor stability",
+    "held_out_distractor_stability": "distractor stability, held-out backchannels",
+    "decision_accuracy": "update decision accuracy (correction / backchannel)",
     "retention": "retention (no updates)",
     "two_update_accuracy": "two-update accuracy",
     "three_update_accuracy": "three-update accuracy",
@@ -192,14 +198,14 @@ def _make_item(mode: str, seed: int, kind: str, row: dict, tokenizer, prompt_for
             return None
         prompt = prompt_format.restart_prompt(inst.family, inst.instruction, texts) if texts else plain
         updates = ()
-        if texts and kind != "distractor":
+        if texts and kind not in DISTRACTOR_KINDS:
             target, at = get_family(inst.family).with_update_at(inst, 0), 0  # oracle of `restart_response(row)`
     else:
         prompt = plain
         updates = tuple(zip(update_ats(tokenizer, row["segments"]), texts, strict=True))
         at = updates[0][0] if updates else None
     job = Job(model_key, prompt, updates, update_mode if updates else None)
-    reference = Job(model_key, plain, (), None) if kind == "distractor" else None
+    reference = Job(model_key, plain, (), None) if kind in DISTRACTOR_KINDS else None
     position = relative_position(row) if kind == "sweep" else None
     return _Item(mode, seed, kind, inst.family, job, target, at, reference, position)
 
@@ -217,6 +223,7 @@ class Generation:
     text: str
     ended: bool
     unlanded: int = 0  # updates whose `at` lay past the end of generation
+    decisions: tuple[str | None, ...] = ()  # per update, the model's decision (workspace mode), else None
 
 
 def _device(model) -> torch.device:
@@ -262,7 +269,9 @@ def generate_batch(
         ended = eos in new
         ids = new[: new.index(eos)] if ended else new
         text = tokenizer.decode(ids, skip_special_tokens=True)
-        results.append(Generation(ids, text, ended, sum(landing.at is None for landing in landings[b])))
+        unlanded = sum(landing.at is None for landing in landings[b])
+        decisions = tuple(getattr(landing, "kind", None) for landing in landings[b])
+        results.append(Generation(ids, text, ended, unlanded, decisions))
     return results
 
 
@@ -328,13 +337,16 @@ def _score(item: _Item, done: dict[Job, Generation], tokenizer) -> dict[str, Any
     }
     if item.kind == "none":
         record["exact"] = gen.text == item.target.original_response
-    elif item.kind == "distractor":
+    elif item.kind in DISTRACTOR_KINDS:
         record["stable"] = gen.text == done[item.reference].text
     else:
         scores = get_family(item.family).score(item.target, gen.text)
         record |= {"correct": bool(scores["correct"]), "contradiction": bool(scores["contradiction"])}
         if item.kind == "one" and scores["correct"]:
             record["ttr"] = tokens_to_revision(tokenizer, item.target, item.at, gen.ids, gen.ended)
+    if gen.decisions and all(gen.decisions):  # a mode that decides: every update of the row decided right
+        expected = "backchannel" if item.kind in DISTRACTOR_KINDS else "correction"
+        record["decided"] = all(decision == expected for decision in gen.decisions)
     return record
 
 
@@ -346,8 +358,8 @@ def _aggregate(records: list[dict], modes: Sequence[str], families: Sequence[str
     metrics: dict[str, dict] = {}
     for mode in modes:
         metrics[mode] = {}
-        for name, (kind, key) in PROPORTIONS.items():
-            rows = by[(mode, kind)]
+        for name, (kinds, key) in PROPORTIONS.items():
+            rows = [r for kind in kinds for r in by[(mode, kind)] if key in r]
             metrics[mode][name] = {
                 "overall": proportion([r[key] for r in rows]),
                 "per_family": {f: proportion([r[key] for r in rows if r["family"] == f]) for f in families},

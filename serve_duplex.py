@@ -8,8 +8,9 @@ Endpoints (JSON in, `data: {json}` events out):
     GET  /health                    200 {"status": "ok", "model": ..., "sessions": n}
     POST /v1/generate               {"prompt", "max_new_tokens", "update_mode", "do_sample"} -> text/event-stream:
                                     {"session": id}, then {"token": str, "index": n} per new token,
-                                    {"landed": {"at": n, "text": ..., "applied": ..., "latency_ms": ...}} when a
-                                    correction lands, last {"done": true, "text": ..., "landings": [...]}
+                                    {"landed": {"at": n, "text": ..., "applied": ..., "kind": ..., "latency_ms": ...}}
+                                    when an update lands ("kind": the model's decision, "correction" or
+                                    "backchannel"), last {"done": true, "text": ..., "landings": [...]}
     POST /v1/sessions/{id}/updates  {"text"} -> 202 {"queued": true}; 404 for an unknown or finished session
 
 `index` and `at` count new tokens from 0, as `generate` does: token `at` is the first one conditioned on the
@@ -102,7 +103,13 @@ def _landing_event(landing) -> dict[str, Any]:
     latency = None
     if landing.landed_time is not None and landing.arrived_time is not None:
         latency = round((landing.landed_time - landing.arrived_time) * 1000, 2)
-    return {"at": landing.at, "text": landing.text, "applied": landing.applied, "latency_ms": latency}
+    return {
+        "at": landing.at,
+        "text": landing.text,
+        "applied": landing.applied,
+        "kind": getattr(landing, "kind", None),  # the model's decision: "correction" or "backchannel" (workspace)
+        "latency_ms": latency,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -170,7 +177,8 @@ class LiveGeneration:
 
     Events go to `emit` (called from the generation thread), in order:
       {"token": str, "index": n}                 every new token (index counts new tokens from 0)
-      {"landed": {"at", "text", "applied", "latency_ms"}}   just before token `at`, the first one conditioned on it;
+      {"landed": {"at", "text", "applied", "kind", "latency_ms"}}   just before token `at`, the first one conditioned
+                                                 on it; "kind" is the model's decision (correction / backchannel);
                                                  latency is from `correct()` to the forward pass that computed
                                                  that token's logits (`UpdateLanding` times, from `on_landing`)
       {"done": true, "text", "tokens", "stopped", "landings"}   at the end; `landings` are `generate`'s own record
@@ -292,7 +300,7 @@ class LiveGeneration:
         `at` None), plus those posted after it returned."""
         landings = [_landing_event(landing) for landing in (getattr(output, "update_landings", None) or [[]])[0]]
         for payload, _row, _arrived in late:
-            landings.append({"at": None, "text": payload, "applied": False, "latency_ms": None})
+            landings.append({"at": None, "text": payload, "applied": False, "kind": None, "latency_ms": None})
         if self.cancelled.is_set():
             stopped = "cancelled"
         elif self.tokens >= self.max_new_tokens:

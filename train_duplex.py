@@ -25,7 +25,6 @@ from pathlib import Path
 
 import datasets
 import torch
-import torch.nn.functional as F
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -110,14 +109,6 @@ class DuplexArguments:
         },
     )
     onpolicy_rows: int = field(default=8, metadata={"help": "rows of each batch rolled out for on-policy distillation"})
-    decision_weight: float = field(
-        default=0.0,
-        metadata={
-            "help": "extra weight of cross-entropy on the decision tokens: where each correction first changes the "
-            "answer (the first letter of the new word, the end of a count that stops early); one token in twenty "
-            "of the continuation, and the one greedy decoding misses"
-        },
-    )
     gate_lr: float = field(
         default=3e-2, metadata={"help": "learning rate of the adapters' zero-initialised gates (LLaMA-Adapter style)"}
     )
@@ -247,15 +238,6 @@ def distillation_loss(
     return torch.nn.functional.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean")
 
 
-def decision_loss(logits: torch.Tensor, labels: torch.LongTensor, decisions: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy on the decision tokens only: logits (B, T, V), labels (B, T), decisions bool (B, T) marking
-    the labels where a correction first changes the answer. Zero (with a graph) for a batch without any."""
-    targets = torch.where(decisions[:, 1:], labels[:, 1:], IGNORE_INDEX)  # logits at t predict the label at t + 1
-    if not (targets != IGNORE_INDEX).any():
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
-
-
 class PrefixForcing(LogitsProcessor):
     """Forces each row's first new tokens (the oracle's answer up to its update), so that the model writes on its own
     only from where its update lands, exactly as it would in generation."""
@@ -383,13 +365,11 @@ class DuplexTrainer(Trainer):
         distill_weight: float = 0.0,
         onpolicy_weight: float = 0.0,
         onpolicy_rows: int = 8,
-        decision_weight: float = 0.0,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.gate_lr = gate_lr
         self.distill_weight = distill_weight
-        self.decision_weight = decision_weight
         self.onpolicy_weight, self.onpolicy_rows = onpolicy_weight, onpolicy_rows
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -397,10 +377,7 @@ class DuplexTrainer(Trainer):
         model without updates, exactly its frozen backbone, reading the teacher rendering), plus `onpolicy_weight` x
         KL to that teacher on the model's own continuations after its update (`roll_out`)."""
         taught = {key: inputs.pop(key) for key in list(inputs) if key.startswith("teacher_")}
-        decisions = inputs.pop("decision_mask", None)
         loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
-        if decisions is not None and self.decision_weight:
-            loss = loss + self.decision_weight * decision_loss(outputs.logits, inputs["labels"], decisions)
         if taught and self.distill_weight:
             with torch.no_grad():
                 teacher = model(input_ids=taught["teacher_input_ids"], attention_mask=taught["teacher_attention_mask"])
@@ -814,7 +791,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     set_seed(training_args.seed)
     prompt_format = PromptFormat.for_tokenizer(tokenizer, args.shots)
     model = build_model(args, backbone_path, offline_default, prompt_format)
-    collator = DuplexCollator(tokenizer.pad_token_id, decisions=args.decision_weight > 0)
+    collator = DuplexCollator(tokenizer.pad_token_id)
     if args.method == "tdm":  # same instances and budget as the duplex phase, corrections in the token stream
         data = tokenized(args, training_args.seed + 2, args.train_size, tokenizer, "inband")
         run_phase(model, data, training_args, "tdm", args.duplex_steps, collator, learning_rate=args.tdm_lr)
@@ -854,7 +831,6 @@ def main(argv: list[str] | None = None) -> dict | None:
                 "distill_weight": args.distill_weight,
                 "onpolicy_weight": args.onpolicy_weight,
                 "onpolicy_rows": args.onpolicy_rows,
-                "decision_weight": args.decision_weight,
             },
             callbacks=[curves] if args.curve_steps else None,
         )

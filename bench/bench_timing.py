@@ -190,7 +190,7 @@ def make_stepper(model: PreTrainedModel, prompt: torch.Tensor) -> Callable[[], f
     if isinstance(model, DuplexForCausalLM):
         correction = prompt[0, :16].tolist()  # a workspace holding one correction-sized update
         packed = {k: v.to(device) for k, v in pack_updates([[(0, correction)]]).items()}
-        slots, slot_mask, start = model.workspace_versions(1, **packed).latest()
+        slots, slot_mask, start = model.workspace_versions(1, **packed)[0].latest()
         workspace = {
             "workspace_kv": model.project_workspace(slots[:, None], slot_mask[:, None], start[:, None]),
             "workspace_mask": slot_mask[:, None, None],

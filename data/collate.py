@@ -72,13 +72,15 @@ def tokenize_row(
         if u > 0 and fmt == "duplex":
             positions.append(update_position(len(prompt), len(input_ids) - len(prompt)))
             written = encode(tokenizer, inband_template.replace("{text}", row["update_texts"][u - 1]))
-            update_ids.append(workspace_update_tokens(prompt, written, first=u == 1))
+            earlier = row["update_kinds"][: u - 1]  # backchannels write nothing; the first correction brings the prompt
+            update_ids.append(workspace_update_tokens(prompt, written, first="correction" not in earlier))
         piece_starts.append(len(input_ids))
         input_ids += piece
         labels += piece
     features = {"input_ids": input_ids, "labels": labels}
     if fmt == "duplex":
         features |= {"update_positions": positions, "update_token_ids": update_ids}
+        features["update_is_correction"] = [kind == "correction" for kind in row["update_kinds"]]
         features["decision_positions"] = decision_positions(row, tokenizer, pieces, piece_starts)
         if teacher:
             taught = tokenize_row(row, tokenizer, "teacher", prompt_format)
@@ -129,6 +131,12 @@ class DuplexCollator:
         if "update_positions" in features[0]:
             updates = [list(zip(f["update_positions"], f["update_token_ids"], strict=True)) for f in features]
             batch |= pack_updates(updates, pad_token_id=self.pad_token_id)
+            if "update_is_correction" in features[0]:  # the known kinds: teacher-forced decisions, and their loss
+                kinds = torch.zeros_like(batch["update_positions"], dtype=torch.bool)  # (B, U)
+                for b, f in enumerate(features):
+                    known = f["update_is_correction"]
+                    kinds[b, : len(known)] = torch.tensor(known, dtype=torch.bool)
+                batch["update_is_correction"] = kinds
         if self.decisions:
             decisions = torch.zeros_like(batch["labels"], dtype=torch.bool)  # (B, T)
             for b, f in enumerate(features):

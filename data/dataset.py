@@ -8,13 +8,15 @@ from collections.abc import Iterable
 
 import datasets
 
-from .tasks import FAMILIES, Instance, TaskUpdate, get_family
+from .tasks import FAMILIES, HELD_OUT_DISTRACTORS, Instance, TaskUpdate, get_family
 
-# Kinds of instance in a mix: (number of updates, distractor?).
+# Kinds of instance in a mix: (number of updates, distractor?). "held_out_distractor": a backchannel that no
+# training row uses (HELD_OUT_DISTRACTORS), for the evaluation only.
 MIX_KINDS: dict[str, tuple[int, bool]] = {
     "none": (0, False),
     "one": (1, False),
     "distractor": (1, True),
+    "held_out_distractor": (1, True),
     "two": (2, False),
     "three": (3, False),
 }
@@ -108,8 +110,16 @@ def build_dataset(
     family_rng = random.Random(f"duplex:{split}:{seed}:families")  # the round-robin draws stay as they were
     family_odds = [(family_weights or {}).get(name, 1.0) for name in names]
     for i in range(n):
-        n_updates, distractor = MIX_KINDS[rng.choices(kinds, weights)[0]]
+        kind = rng.choices(kinds, weights)[0]
+        n_updates, distractor = MIX_KINDS[kind]
+        if kind == "held_out_distractor" and split == "train":
+            raise ValueError("held-out backchannels are for the held-out splits only, never for training")
+        backchannels = HELD_OUT_DISTRACTORS if kind == "held_out_distractor" else None
         canonical = split != "train" or rng.random() < canonical_prob
         family = family_rng.choices(fams, family_odds)[0] if family_weights else fams[i % len(fams)]
-        instances.append(family.sample(rng, split, n_updates=n_updates, distractor=distractor, canonical=canonical))
+        instances.append(
+            family.sample(
+                rng, split, n_updates=n_updates, distractor=distractor, canonical=canonical, backchannels=backchannels
+            )
+        )
     return dataset_from_instances(instances)

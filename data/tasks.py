@@ -18,9 +18,14 @@ from typing import Any, ClassVar
 
 SPLITS = ("train", "test", "outside")  # "outside": held-out values no generator ever draws (OUTSIDE_POOLS)
 
-# Canonical backchannels and extra ones used only when canonical=False.
+# Canonical backchannels, extra ones used only when canonical=False, and held-out ones no training row ever uses
+# (for the evaluation's "held_out_distractor" kind: the update decision must generalise to them).
 DISTRACTORS = ["ok", "go on", "mm-hmm", "thanks", "yes", "I see"]
-EXTRA_DISTRACTORS = ["okay", "got it", "sure", "uh-huh", "right", "I hear you"]
+EXTRA_DISTRACTORS = [
+    "okay", "got it", "sure", "uh-huh", "right", "I hear you", "thank you", "yep", "hmm", "great", "perfect",
+    "interesting", "keep going", "oh", "wow", "makes sense",
+]  # fmt: skip
+HELD_OUT_DISTRACTORS = ["alright", "cool", "nice", "uh huh", "good", "sounds good", "I understand", "yeah"]
 
 WORDS = """
 apple bread chair table water river stone cloud green house mouse horse plant light night
@@ -331,6 +336,7 @@ class TaskFamily:
         distractor: bool = False,
         word_index: int | None = None,
         canonical: bool = True,
+        backchannels: Sequence[str] | None = None,
     ) -> Instance:
         """Draw one instance. Values are drawn before the first update's position, so the same
         seed with different `word_index` gives the same values; an invalid index raises ValueError."""
@@ -343,7 +349,8 @@ class TaskFamily:
             words = self._render(p, [])
             for j in range(n_updates):
                 if distractor:
-                    text = rng.choice(DISTRACTORS if canonical else DISTRACTORS + EXTRA_DISTRACTORS)
+                    pool = backchannels or (DISTRACTORS if canonical else DISTRACTORS + EXTRA_DISTRACTORS)
+                    text = rng.choice(pool)
                 else:
                     values.append(self._value(rng, split, p, values))
                     text = self._update_text(values[-1], rng, canonical)

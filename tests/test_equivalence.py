@@ -55,7 +55,11 @@ def test_teacher_forced_equals_step_by_step(duplex):
     prompt_len, new = PROMPT.shape[1], step_logits.shape[1]
     landed = [(lnd.at, lnd.token_ids) for lnd in out.update_landings[0]]
     assert [at for at, _ in landed] == [0, 3, 3, 6]
-    written = [workspace_update_tokens(PROMPT[0].tolist(), ids, first=i == 0) for i, (_, ids) in enumerate(landed)]
+    kinds = [lnd.kind for lnd in out.update_landings[0]]  # the model's own decisions; backchannels write nothing
+    written = [
+        workspace_update_tokens(PROMPT[0].tolist(), ids, first="correction" not in kinds[:i])
+        for i, (_, ids) in enumerate(landed)
+    ]
     positions = [update_position(prompt_len, at) for at, _ in landed]
     packed = pack_updates([list(zip(positions, written, strict=True))])
     with torch.no_grad():
@@ -203,3 +207,22 @@ def test_activation_checkpointing_trains_the_same(duplex):
     assert checkpointed_grads.keys() == plain_grads.keys() and any(n.endswith("gate") for n in plain_grads)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(checkpointed_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_a_backchannel_changes_nothing(duplex):
+    """An update the model decides is a backchannel leaves the workspace as it was: generation writes exactly what it
+    writes without it, reports the decision, and a teacher-forced pass told the kind (training) agrees."""
+    with torch.no_grad():
+        duplex.update_encoder.decision.classifier.bias.fill_(-1e4)  # every update: a backchannel
+    plain = generate(duplex)
+    out = generate(duplex, updates=UPDATES)
+    assert torch.equal(out.sequences, plain.sequences)
+    assert [lnd.kind for lnd in out.update_landings[0]] == ["backchannel"] * len(UPDATES)
+    with torch.no_grad():
+        duplex.update_encoder.decision.classifier.bias.fill_(1e4)  # the model would write each one...
+        positions = [update_position(PROMPT.shape[1], at) for at, _ in UPDATES]
+        packed = pack_updates([[(p, ids) for p, (_, ids) in zip(positions, UPDATES, strict=True)]])
+        told = duplex(plain.sequences, **packed, update_is_correction=torch.zeros(1, len(UPDATES), dtype=torch.bool))
+        written = duplex(plain.sequences, **packed)
+    assert torch.equal(told.logits, duplex(plain.sequences).logits)  # ...but told they are backchannels, it does not
+    assert (written.logits - told.logits).abs().max() > 1e-3

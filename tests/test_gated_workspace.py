@@ -83,7 +83,8 @@ def test_gated_workspace_is_empty_until_the_first_update_then_all_slots_are_writ
     first, second = [83, 116, 111, 112], [97, 98]
     packed = pack_updates([[(3, first), (5, second)], []])
     with torch.no_grad():
-        versions = model.workspace_versions(2, **packed)
+        corrections = torch.ones(2, 2, dtype=torch.bool)  # both updates are corrections (the decision is not tested)
+        versions, _ = model.workspace_versions(2, **packed, update_is_correction=corrections)
         w0 = model.workspace.initial_slots[None]
         after_first = gated_write_reference(model.workspace, w0, *encode(model, first))
         after_second = gated_write_reference(model.workspace, after_first, *encode(model, second))
@@ -104,11 +105,12 @@ def test_padding_of_an_update_changes_nothing():
     ids = torch.tensor([[*long_update, 0, 0, 0], [*long_update[1:], 0, 0, 0, 0]])
     mask = torch.tensor([[1] * 10 + [0] * 3, [1] * 9 + [0] * 4])
     with torch.no_grad():
-        padded, padded_mask = model.apply_update(empty_slots, empty_mask, ids, mask)
+        written = torch.ones(2, dtype=torch.bool)  # corrections (the decision is not tested here)
+        padded, padded_mask, _ = model.apply_update(empty_slots, empty_mask, ids, mask, written)
         alone = []
         for b, length in enumerate(mask.sum(dim=-1).tolist()):
             row_ids, row_mask = ids[b : b + 1, :length], mask[b : b + 1, :length]
-            alone.append(model.apply_update(empty_slots[:1], empty_mask[:1], row_ids, row_mask)[0])
+            alone.append(model.apply_update(empty_slots[:1], empty_mask[:1], row_ids, row_mask, written[:1])[0])
     assert padded_mask.all()
     torch.testing.assert_close(padded, torch.cat(alone), atol=1e-5, rtol=0)
     assert (alone[0] - alone[1]).abs().max() > 1e-3  # the oldest token, beyond the newest 4, counts
@@ -126,7 +128,9 @@ def test_untrained_gated_workspace_starts_at_token_scale_and_writes_the_identity
     assert abs(slots_std - embedding_std) < 0.1 * embedding_std, (slots_std, embedding_std)
     empty_slots, empty_mask = model.empty_workspace(1)
     with torch.no_grad():
-        slots, slot_mask = model.apply_update(empty_slots, empty_mask, torch.tensor([[83, 116, 111]]), torch.ones(1, 3))
+        slots, slot_mask, _ = model.apply_update(
+            empty_slots, empty_mask, torch.tensor([[83, 116, 111]]), torch.ones(1, 3)
+        )
         assert torch.equal(slots[0], model.workspace.initial_slots) and slot_mask.all()
         assert torch.equal(model(PROMPT, **pack_updates([[(2, [65, 66])]])).logits, backbone(PROMPT).logits)
 
@@ -143,7 +147,9 @@ def test_gated_parameters_are_trainable_duplex_parameters(capsys):
     model.print_trainable_parameters()
     assert f"trainable params: {fifo.get_nb_trainable_parameters()[0] + gated_count:,}" in capsys.readouterr().out
     model.train()
-    model(PROMPT, labels=PROMPT, **pack_updates([[(2, [65, 66, 67]), (5, [70])]])).loss.backward()
+    corrections = torch.ones(1, 2, dtype=torch.bool)  # as in training, the kinds are known
+    packed = pack_updates([[(2, [65, 66, 67]), (5, [70])]])
+    model(PROMPT, labels=PROMPT, **packed, update_is_correction=corrections).loss.backward()
     for name in GATED_PARAMETERS:
         assert named[name].grad is not None and named[name].grad.abs().sum() > 0, name
 
@@ -194,10 +200,14 @@ def test_gated_weights_missing_from_a_checkpoint_are_initialised_by_the_rule(tmp
     assert 0 < float(workspace.write_gate.weight.detach().std()) < 0.05
 
 
-def test_a_distractor_is_written_like_any_other_update(monkeypatch):
-    """No special case: a backchannel ("ok") goes through `apply_update` and rewrites the slots like a correction,
-    in generation and in the teacher-forced pass alike."""
+def test_every_update_goes_through_apply_update_which_decides(monkeypatch):
+    """One path: every update, backchannel or not, goes through `apply_update`, where the model decides what it is.
+    Untrained, the decision counts every update as a correction, so "ok" rewrites the slots like one, in generation
+    and in the teacher-forced pass alike."""
     model = gated_model(tiny_backbone("qwen3"))
+    with torch.no_grad():  # the decision as initialised: every update a correction
+        model.update_encoder.decision.classifier.weight.zero_()
+        model.update_encoder.decision.classifier.bias.zero_()
     calls, apply_update = [], model.apply_update
 
     def counted_apply_update(*args):
@@ -218,6 +228,7 @@ def test_a_distractor_is_written_like_any_other_update(monkeypatch):
     )
     landings = out.update_landings[0]
     assert [(landing.at, landing.applied) for landing in landings] == [(0, True), (3, True)] and len(calls) == 2
+    assert [landing.kind for landing in landings] == ["correction", "correction"]
     prompt = enc["input_ids"][0].tolist()
     written = [
         workspace_update_tokens(prompt, TOK(f"\n{landing.text}\n", add_special_tokens=False)["input_ids"], i == 0)
@@ -226,7 +237,7 @@ def test_a_distractor_is_written_like_any_other_update(monkeypatch):
     positions = [update_position(len(prompt), landing.at) for landing in landings]
     packed = pack_updates([list(zip(positions, written, strict=True))])
     with torch.no_grad():
-        versions = model.workspace_versions(1, **packed)
+        versions, _ = model.workspace_versions(1, **packed)
         forced = model(out.sequences, **packed).logits[:, len(prompt) - 1 : len(prompt) + 5]
     assert (versions.slots[0, 2] - versions.slots[0, 1]).abs().max() > 1e-3  # "ok" rewrote the slots
     torch.testing.assert_close(forced, torch.stack(out.logits, dim=1), atol=1e-4, rtol=0)
