@@ -283,3 +283,18 @@ def test_change_offsets_of_the_spec_examples():
         {"w": "apple", "n": 4}, ["pear"], [TaskUpdate(2, "Say pear instead.", "correction")]
     )
     assert repeat.response == "apple apple pear pear" and repeat.response[repeat.change_offsets[0] :] == "pear pear"
+
+
+def test_held_out_backchannels_never_reach_training():
+    """The evaluation's held-out backchannels are drawn only for held-out rows: no training row carries one, and
+    asking for them in the training split is refused."""
+    from data import EXTRA_DISTRACTORS, HELD_OUT_DISTRACTORS
+
+    assert not set(HELD_OUT_DISTRACTORS) & set(DISTRACTORS + EXTRA_DISTRACTORS)
+    train = build_dataset("train", 300, seed=0, mix={"distractor": 1.0}, canonical_prob=0.0)
+    assert not {t for row in train for t in row["update_texts"]} & set(HELD_OUT_DISTRACTORS)
+    held_out = build_dataset("test", 28, seed=0, mix={"held_out_distractor": 1.0})
+    assert {t for row in held_out for t in row["update_texts"]} <= set(HELD_OUT_DISTRACTORS)
+    assert all(kind == "distractor" for row in held_out for kind in row["update_kinds"])
+    with pytest.raises(ValueError, match="held-out backchannels"):
+        build_dataset("train", 7, seed=0, mix={"held_out_distractor": 1.0})

@@ -112,6 +112,7 @@ def test_correction_lands_mid_stream_and_changes_the_continuation(server, shippe
 
     landed = [e["landed"] for e in stream if "landed" in e]
     assert len(landed) == 1 and landed[0]["text"] == CORRECTION and landed[0]["applied"] is True
+    assert landed[0]["kind"] == "correction"  # the model's decision
     at = landed[0]["at"]
     assert at > CORRECT_AFTER, "the correction was posted after that token arrived: it cannot condition it"
     position = next(i for i, e in enumerate(stream) if "landed" in e)
