@@ -239,7 +239,8 @@ class DemoRun:
             pane.tokens += 1
         elif "landed" in event:
             landed = event["landed"]
-            marker = "ignored" if not landed["applied"] else landed.get("kind") or "applied"  # the model's decision
+            decided_backchannel = landed.get("kind") == "backchannel"  # the model's decision (workspace pane)
+            marker = "ignored" if not landed["applied"] else "backchannel" if decided_backchannel else "applied"
             pane.pieces.append(("mark", {**landed, "kind": marker}))
         elif "late" in event:
             pane.pieces.append(("mark", {"kind": "late", "text": event["late"]}))

@@ -33,6 +33,9 @@ class DuplexConfig(PreTrainedConfig):
             MLP width of the update encoder. Defaults to twice the hidden size.
         adapter_layers (`list[int]`, *optional*):
             Indices of the decoder layers that read the workspace through their own attention. `None` means all.
+        decision_loss_weight (`float`, defaults to 1.0):
+            Weight of the update decision's cross-entropy (correction or backchannel, from the update encoder) in
+            the training loss, when the batch carries each update's kind (`update_is_correction`).
         inband_template (`str`, defaults to `"\n{text}\n"`):
             How a correction is spliced into the token stream by the `update_mode="inband"` baseline.
         initializer_range (`float`, defaults to 0.02):
@@ -50,6 +53,7 @@ class DuplexConfig(PreTrainedConfig):
     encoder_heads: int | None = None
     encoder_intermediate_size: int | None = None
     adapter_layers: list[int] | None = None
+    decision_loss_weight: float = 1.0
     inband_template: str = "\n{text}\n"
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False

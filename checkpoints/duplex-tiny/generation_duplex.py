@@ -47,6 +47,7 @@ class UpdateLanding:
     applied: bool  # False for update_mode="ignore" and for updates past the end of generation
     arrived_time: float | None = None  # time.perf_counter() when it reached generate (UpdateStream.put)
     landed_time: float | None = None  # time.perf_counter() after the forward pass that first used it
+    kind: str | None = None  # the model's decision in update_mode="workspace": "correction" or "backchannel"
 
 
 class UpdateStream:
@@ -375,8 +376,8 @@ class DuplexGenerationState:
                 due.append((b, update))
         return due
 
-    def _record(self, row: int, update: _PendingUpdate, at: int, applied: bool) -> None:
-        landing = UpdateLanding(at, update.at, update.text, update.token_ids, applied, update.arrived_time)
+    def _record(self, row: int, update: _PendingUpdate, at: int, applied: bool, kind: str | None = None) -> None:
+        landing = UpdateLanding(at, update.at, update.text, update.token_ids, applied, update.arrived_time, kind=kind)
         self.landings[row].append(landing)
         self.landed_this_step.append((row, landing))
 
@@ -408,18 +409,20 @@ class DuplexGenerationState:
             ]
             packed = pack_updates([[(position, ids)] for ids in tokens])
             new_slots, new_mask = slots.clone(), slot_mask.clone()
-            new_slots[rows], new_mask[rows] = self.model.apply_update(
+            new_slots[rows], new_mask[rows], decision = self.model.apply_update(
                 slots[rows],
                 slot_mask[rows],
                 packed["update_input_ids"][:, 0].to(device),
                 packed["update_attention_mask"][:, 0].to(device),
             )
+            corrections = dict(zip(sorted(this_round), (decision >= 0).tolist(), strict=True))
             start = torch.full((self.batch_size,), NEVER, dtype=torch.long, device=device)
-            start[rows] = position
+            start[rows] = torch.where(decision >= 0, position, NEVER)  # a backchannel's version is never read
             self.versions = self.versions.append(new_slots, new_mask, start)
-            self.stale_rows.update(this_round)
+            self.stale_rows.update(b for b, correction in corrections.items() if correction)
             for b, update in this_round.items():
-                self._record(b, update, generated, applied=True)
+                kind = "correction" if corrections[b] else "backchannel"
+                self._record(b, update, generated, applied=True, kind=kind)
 
     def _set_workspace_inputs(self, model_inputs: dict) -> None:
         """Single-token steps read each row's newest version (its K/V computed once per change of that row); longer
@@ -433,6 +436,9 @@ class DuplexGenerationState:
             return
         if chunk.shape[1] == 1 and cache is not None:
             slots, slot_mask, start = self.versions.latest()
+            if not slot_mask.any():  # only backchannels so far: nothing to read, exactly the backbone
+                model_inputs["workspace_kv"], model_inputs["workspace_mask"] = None, None
+                return
             start = start - self.left_padding.to(start.device)
             if self.current_kv is None:  # first read: every row (the empty ones cost nothing)
                 self.current_kv = model.project_workspace(slots[:, None], slot_mask[:, None], start[:, None])
@@ -451,6 +457,8 @@ class DuplexGenerationState:
         versions, rope_starts = self.versions, self.versions.starts - self.left_padding.to(chunk.device)[:, None]
         model_inputs["workspace_kv"] = model.project_workspace(versions.slots, versions.slot_mask, rope_starts)
         model_inputs["workspace_mask"] = self.versions.readable_slots(positions)
+        if not model_inputs["workspace_mask"].any():  # only backchannels so far: exactly the backbone
+            model_inputs["workspace_kv"], model_inputs["workspace_mask"] = None, None
         self.current_kv = None
 
     def _written_tokens(self, update: _PendingUpdate) -> list[int]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -141,6 +142,8 @@ class UpdateEncoder(nn.Module):
             for _ in range(config.encoder_layers)
         )
 
+        self.decision = UpdateDecision(backbone_config.hidden_size, eps)
+
     def forward(self, embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """embeds (B, L, D), attention_mask (B, L) -> encoded (B, L, D), in the backbone's embedding space."""
         key_mask = attention_mask_to_keys(attention_mask)
@@ -148,6 +151,28 @@ class UpdateEncoder(nn.Module):
         for layer in self.layers:
             hidden = layer(hidden, key_mask)
         return hidden
+
+
+class UpdateDecision(nn.Module):
+    """Is an update a correction or a backchannel (`ok`, `mm-hmm`)? DUO's state output, read off the encoded update:
+    attention pooling with a learned query, then one logit (>= 0: correction). A backchannel leaves the workspace as
+    it was (`DuplexForCausalLM.apply_update`). At initialisation the query and the logit are zero: uniform pooling,
+    and every update counts as a correction."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.norm = nn.RMSNorm(hidden_size, eps=eps)
+        self.query = nn.Parameter(torch.zeros(hidden_size))
+        self.classifier = ZeroInitLinear(hidden_size, 1)
+
+    def forward(self, encoded: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """encoded (B, L, D), attention_mask (B, L) -> decision logits (B,)."""
+        hidden = self.norm(encoded)
+        scores = (hidden @ self.query.to(hidden.dtype)) / math.sqrt(hidden.shape[-1])  # (B, L)
+        scores = scores.masked_fill(~attention_mask.bool(), float("-inf"))
+        weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row without tokens pools nothing
+        pooled = torch.einsum("bl,bld->bd", weights, hidden)
+        return self.classifier(pooled).squeeze(-1).float()
 
 
 def attention_mask_to_keys(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -327,13 +352,13 @@ def only_readable_slots(
     """Drop the workspace columns that no position of the chunk reads: the empty version before the first update,
     padding slots, versions that land after the chunk. Masked out everywhere, they add nothing to any attention
     but their cost (a teacher-forced batch holds every version of every row). Keys/values (B, kv_heads, M, hd),
-    mask (B, 1, T, M) -> the same with M' <= M columns."""
+    mask (B, 1, T, M) -> the same with M' <= M columns; (None, None) when no position reads anything."""
     readable = workspace_mask.flatten(0, -2).any(dim=0)  # (M,)
     keep = readable.nonzero()[:, 0]
     if keep.numel() == readable.numel():
         return workspace_kv, workspace_mask
-    if keep.numel() == 0:  # nothing readable: one masked column keeps the read (and its gradient graph) defined
-        keep = keep.new_zeros(1)
+    if keep.numel() == 0:  # nothing readable (no correction yet, or only backchannels): exactly the backbone
+        return None, None
     trimmed = [None if kv is None else tuple(t.index_select(2, keep) for t in kv) for kv in workspace_kv]
     return trimmed, workspace_mask.index_select(-1, keep)
 
@@ -381,6 +406,21 @@ def attention_with_lse(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def decision_loss(logits: torch.Tensor, is_correction: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """Mean binary cross-entropy of the correction/backchannel decisions: logits, kinds and presence (B, U)."""
+    if not present.any():
+        return logits.sum() * 0.0
+    return F.binary_cross_entropy_with_logits(logits[present], is_correction[present].float())
+
+
+@dataclass
+class DuplexCausalLMOutputWithPast(CausalLMOutputWithPast):
+    """`CausalLMOutputWithPast` plus `update_decision_logits` (B, U): each update's correction (>= 0) or backchannel
+    (< 0) decision, in a teacher-forced pass with updates."""
+
+    update_decision_logits: torch.FloatTensor | None = None
+
+
 class DuplexPreTrainedModel(PreTrainedModel):
     config_class = DuplexConfig
     base_model_prefix = ""
@@ -398,6 +438,8 @@ class DuplexPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
         elif isinstance(module, WorkspaceAdapter):
             init.zeros_(module.gate)
+        elif isinstance(module, UpdateDecision):  # its own parameter; its sub-layers are matched as leaves
+            init.zeros_(module.query)
         elif isinstance(module, GatedWorkspace):  # its own parameter W0; its sub-layers are matched as leaves
             init.normal_(module.initial_slots, mean=0.0, std=self._token_embedding_std())
         else:
@@ -547,9 +589,13 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
         slot_mask: torch.Tensor,
         update_input_ids: torch.Tensor,
         update_attention_mask: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encode one update per row and write it into the workspace: slots (B, S, D), mask (B, S) -> new ones.
-        The only place an update enters the model: training, generation and every mode go through here."""
+        is_correction: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Encode one update per row, decide whether it is a correction, and write the corrections into the
+        workspace: slots (B, S, D), mask (B, S) -> new slots, new mask, decision logits (B,) (>= 0: correction).
+        A backchannel leaves its row's workspace as it was. `is_correction` (B,) bool overrides the decision with
+        the known kind (teacher-forced training). The only place an update enters the model: training, generation
+        and every mode go through here."""
         # fifo keeps only the newest `num_slots` tokens: encoding more would cost O(prompt length) for nothing
         if self.workspace.max_update_tokens is not None:
             update_input_ids, update_attention_mask = newest_tokens(
@@ -557,7 +603,12 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
             )
         embeds = self.model.embed_tokens(update_input_ids)
         encoded = self.update_encoder(embeds.to(slots.dtype), update_attention_mask)
-        return self.workspace(slots, slot_mask, encoded, update_attention_mask)
+        decision = self.update_encoder.decision(encoded, update_attention_mask)  # (B,)
+        write = decision >= 0 if is_correction is None else is_correction.bool()
+        new_slots, new_mask = self.workspace(slots, slot_mask, encoded, update_attention_mask)
+        new_slots = torch.where(write[:, None, None], new_slots, slots)
+        new_mask = torch.where(write[:, None], new_mask, slot_mask)
+        return new_slots, new_mask, decision
 
     def workspace_versions(
         self,
@@ -565,21 +616,28 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
         update_input_ids: torch.Tensor | None = None,
         update_attention_mask: torch.Tensor | None = None,
         update_positions: torch.Tensor | None = None,
-    ) -> WorkspaceVersions:
+        update_is_correction: torch.Tensor | None = None,
+    ) -> tuple[WorkspaceVersions, torch.Tensor]:
         """Apply a padded batch of updates in order: version 0 is the empty workspace, version u+1 follows update u
-        (for the rows that have one)."""
+        (for the rows where it is a correction: a backchannel's version never becomes visible, so the row goes on
+        reading what it read). Returns the versions and the decision logits (B, U)."""
         versions = WorkspaceVersions.empty(*self.empty_workspace(batch_size))
         num_updates = 0 if update_positions is None else update_positions.shape[1]
         slots, slot_mask, _ = versions.latest()
+        decisions = []
         for u in range(num_updates):
             has_update = update_positions[:, u] != NO_UPDATE  # (B,)
-            new_slots, new_mask = self.apply_update(
-                slots, slot_mask, update_input_ids[:, u], update_attention_mask[:, u]
+            known = None if update_is_correction is None else update_is_correction[:, u]
+            new_slots, new_mask, decision = self.apply_update(
+                slots, slot_mask, update_input_ids[:, u], update_attention_mask[:, u], known
             )
-            slots = torch.where(has_update[:, None, None], new_slots, slots)
-            slot_mask = torch.where(has_update[:, None], new_mask, slot_mask)
-            versions = versions.append(slots, slot_mask, torch.where(has_update, update_positions[:, u], NEVER))
-        return versions
+            written = has_update & ((decision >= 0) if known is None else known.bool())
+            slots = torch.where(written[:, None, None], new_slots, slots)
+            slot_mask = torch.where(written[:, None], new_mask, slot_mask)
+            versions = versions.append(slots, slot_mask, torch.where(written, update_positions[:, u], NEVER))
+            decisions.append(decision)
+        logits = torch.stack(decisions, dim=1) if decisions else torch.zeros(batch_size, 0)
+        return versions, logits
 
     def empty_workspace(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Slots (B, S, D) and mask (B, S) of an empty workspace, in the update encoder's dtype (fp32 unless cast)."""
@@ -647,11 +705,12 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
         update_input_ids: torch.LongTensor | None = None,
         update_attention_mask: torch.Tensor | None = None,
         update_positions: torch.LongTensor | None = None,
+        update_is_correction: torch.Tensor | None = None,
         workspace_kv: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
         workspace_mask: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> DuplexCausalLMOutputWithPast:
         r"""
         update_input_ids (`torch.LongTensor` of shape `(batch, num_updates, update_len)`, *optional*):
             Token ids of each row's updates, in order (`pack_updates`).
@@ -659,6 +718,10 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
             1 for update tokens, 0 for padding.
         update_positions (`torch.LongTensor` of shape `(batch, num_updates)`, *optional*):
             Sequence index from which each update is visible (`update_position(prompt_len, at)`); `NO_UPDATE` pads.
+        update_is_correction (`torch.Tensor` of shape `(batch, num_updates)`, *optional*):
+            The known kind of each update (True: correction, False: backchannel). Given, it decides which updates are
+            written (teacher forcing) and, with `labels`, the decision's cross-entropy joins the loss
+            (`config.decision_loss_weight`); otherwise the model's own decisions are used.
         workspace_kv / workspace_mask (*optional*):
             Precomputed adapter keys/values and readable-slot mask; `generate` passes these instead of updates.
         """
@@ -673,9 +736,12 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
             past_key_values = DynamicCache(config=self.model.config)
         past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
 
+        decision_logits = None
         if workspace_kv is None and update_positions is not None and update_positions.numel():
             # teacher-forced: every workspace version this sequence goes through, each visible from its position on
-            versions = self.workspace_versions(batch_size, update_input_ids, update_attention_mask, update_positions)
+            versions, decision_logits = self.workspace_versions(
+                batch_size, update_input_ids, update_attention_mask, update_positions, update_is_correction
+            )
             padding = left_padding(attention_mask, batch_size, versions.starts.device)
             rope_starts = versions.starts - padding[:, None]  # RoPE positions of the versions' starts
             workspace_kv = self.project_workspace(versions.slots, versions.slot_mask, rope_starts)
@@ -704,7 +770,12 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
             )
             if workspace_kv is None and torch.is_grad_enabled():  # a batch without updates: zero gradient, same graph
                 loss = loss + sum(p.sum() for p in self.adapters.parameters()) * 0.0
-        return CausalLMOutputWithPast(
+            if decision_logits is not None and update_is_correction is not None:
+                loss = loss + self.config.decision_loss_weight * decision_loss(
+                    decision_logits, update_is_correction, update_positions != NO_UPDATE
+                )
+        return DuplexCausalLMOutputWithPast(
+            update_decision_logits=decision_logits,
             loss=loss,
             logits=logits,
             past_key_values=past_key_values if use_cache else None,
