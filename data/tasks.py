@@ -21,11 +21,14 @@ SPLITS = ("train", "test", "outside")  # "outside": held-out values no generator
 # Canonical backchannels, extra ones used only when canonical=False, and held-out ones no training row ever uses
 # (for the evaluation's "held_out_distractor" kind: the update decision must generalise to them).
 DISTRACTORS = ["ok", "go on", "mm-hmm", "thanks", "yes", "I see"]
+# (no near-copy of a held-out one, such as "sounds fine" or "understood")
 EXTRA_DISTRACTORS = [
     "okay", "got it", "sure", "uh-huh", "right", "I hear you", "thank you", "yep", "hmm", "great", "perfect",
-    "interesting", "keep going", "oh", "wow", "makes sense",
+    "interesting", "keep going", "oh", "wow", "makes sense", "I get it", "that makes sense", "go ahead",
+    "I'm listening", "please continue", "I know", "fair enough", "that's right", "fine", "noted", "I agree",
+    "exactly", "thanks a lot", "of course", "yes please", "carry on",
 ]  # fmt: skip
-HELD_OUT_DISTRACTORS = ["alright", "cool", "nice", "uh huh", "good", "sounds good", "I understand", "yeah"]
+HELD_OUT_DISTRACTORS = ["alright", "cool", "nice", "I follow", "good", "sounds good", "I understand", "yeah"]
 
 WORDS = """
 apple bread chair table water river stone cloud green house mouse horse plant light night
