@@ -402,7 +402,7 @@ class DuplexGenerationState:
             due = rest
             rows = torch.tensor(sorted(this_round), device=device)
             slots, slot_mask, _ = self.versions.latest()
-            empty = (~slot_mask.any(dim=-1)).tolist()  # a row's first update brings its prompt
+            empty = (~slot_mask.any(dim=-1)).tolist()  # a row's first written update (a correction) brings its prompt
             tokens = [
                 workspace_update_tokens(self.prompt_ids[b], self._written_tokens(update), first=empty[b])
                 for b, update in sorted(this_round.items())
