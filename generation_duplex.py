@@ -415,10 +415,12 @@ class DuplexGenerationState:
                 packed["update_input_ids"][:, 0].to(device),
                 packed["update_attention_mask"][:, 0].to(device),
             )
-            corrections = dict(zip(sorted(this_round), (decision >= 0).tolist(), strict=True))
-            start = torch.full((self.batch_size,), NEVER, dtype=torch.long, device=device)
-            start[rows] = torch.where(decision >= 0, position, NEVER)  # a backchannel's version is never read
-            self.versions = self.versions.append(new_slots, new_mask, start)
+            written = self.model.writes(decision)
+            corrections = dict(zip(sorted(this_round), written.tolist(), strict=True))
+            if any(corrections.values()):  # only backchannels: no new version, the rows read what they read
+                start = torch.full((self.batch_size,), NEVER, dtype=torch.long, device=device)
+                start[rows] = torch.where(written, position, NEVER)  # a backchannel's version is never read
+                self.versions = self.versions.append(new_slots, new_mask, start)
             self.stale_rows.update(b for b, correction in corrections.items() if correction)
             for b, update in this_round.items():
                 kind = "correction" if corrections[b] else "backchannel"
@@ -436,9 +438,6 @@ class DuplexGenerationState:
             return
         if chunk.shape[1] == 1 and cache is not None:
             slots, slot_mask, start = self.versions.latest()
-            if not slot_mask.any():  # only backchannels so far: nothing to read, exactly the backbone
-                model_inputs["workspace_kv"], model_inputs["workspace_mask"] = None, None
-                return
             start = start - self.left_padding.to(start.device)
             if self.current_kv is None:  # first read: every row (the empty ones cost nothing)
                 self.current_kv = model.project_workspace(slots[:, None], slot_mask[:, None], start[:, None])

@@ -604,11 +604,16 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
         embeds = self.model.embed_tokens(update_input_ids)
         encoded = self.update_encoder(embeds.to(slots.dtype), update_attention_mask)
         decision = self.update_encoder.decision(encoded, update_attention_mask)  # (B,)
-        write = decision >= 0 if is_correction is None else is_correction.bool()
+        write = self.writes(decision, is_correction)
         new_slots, new_mask = self.workspace(slots, slot_mask, encoded, update_attention_mask)
         new_slots = torch.where(write[:, None, None], new_slots, slots)
         new_mask = torch.where(write[:, None], new_mask, slot_mask)
         return new_slots, new_mask, decision
+
+    @staticmethod
+    def writes(decision: torch.Tensor, is_correction: torch.Tensor | None = None) -> torch.Tensor:
+        """Which updates are written (B,) bool: the known kind where given (teacher forcing), else the decision."""
+        return decision >= 0 if is_correction is None else is_correction.bool()
 
     def workspace_versions(
         self,
@@ -631,7 +636,7 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
             new_slots, new_mask, decision = self.apply_update(
                 slots, slot_mask, update_input_ids[:, u], update_attention_mask[:, u], known
             )
-            written = has_update & ((decision >= 0) if known is None else known.bool())
+            written = has_update & self.writes(decision, known)
             slots = torch.where(written[:, None, None], new_slots, slots)
             slot_mask = torch.where(written[:, None], new_mask, slot_mask)
             versions = versions.append(slots, slot_mask, torch.where(written, update_positions[:, u], NEVER))

@@ -117,8 +117,8 @@ def token_at(tokenizer, ids: list[int], char: int) -> int:
 class DuplexCollator:
     """Right-pads token features; packs the updates (if any) into the tensors `DuplexForCausalLM.forward` takes;
     a teacher rendering (`tokenize_row(..., teacher=True)`) becomes teacher_input_ids / _attention_mask / _labels;
-    with `decisions=True`, the rows' decision tokens become a (B, T) bool `decision_mask` over the labels (for the
-    loss, which must pop it before calling the model)."""
+    with `decisions=True`, the rows' decision tokens become a (B, T) bool `decision_mask` over the labels (for
+    diagnostics, which must pop it before calling the model)."""
 
     pad_token_id: int
     decisions: bool = False
