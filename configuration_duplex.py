@@ -4,7 +4,7 @@ zero-gated workspace adapters, so that corrections can arrive while the model is
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-WORKSPACE_UPDATES = ("fifo", "gated")  # how an update is written into the workspace (`workspace_update`)
+WORKSPACE_UPDATES = ("fifo", "gated", "in_context")  # how an update is written into the workspace (`workspace_update`)
 
 
 class DuplexConfig(PreTrainedConfig):
@@ -24,7 +24,11 @@ class DuplexConfig(PreTrainedConfig):
             How an update is written into the workspace. `"fifo"`: its encoded tokens go into the newest slots and
             the oldest make room. `"gated"`: `num_slots` learned slots `W0` (from the first update on) are rewritten
             by every update `e`: `W~ = CrossAttn(W, e, e)`, `delta = MLP(W~)`, `g = sigmoid(Linear([W; W~]))`,
-            `W_new = W + g * delta`. Either way the workspace is empty until the first update.
+            `W_new = W + g * delta`. `"in_context"`: each correction's encoded tokens (at most `num_slots`) are
+            placed in the context where the correction landed, at the positions its text would take in-band, and
+            the frozen backbone reads them there (in the context of the answer so far); each adapted layer mixes
+            that reading with its own under the gate, so closed gates are exactly the backbone. Either way the
+            workspace is empty until the first update.
         encoder_layers (`int`, defaults to 4):
             Layers of the bidirectional update encoder (each starts as the identity).
         encoder_heads (`int`, *optional*):

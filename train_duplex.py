@@ -197,6 +197,7 @@ def tokenized(
     mix: dict | None = None,
     teacher: bool = False,
     family_weights: dict[str, float] | None = None,
+    brings_prompt: bool = True,
 ) -> datasets.Dataset:
     """Instances of the training split, rendered in one of the collator's formats (the backbone's chat template
     where its tokenizer has one)."""
@@ -207,7 +208,8 @@ def tokenized(
         rows = rows.filter(lambda r: r["update_kinds"].count("correction") == 1)
     prompt_format = PromptFormat.for_tokenizer(tokenizer, args.shots)
     return rows.map(
-        lambda r: tokenize_row(r, tokenizer, fmt, prompt_format, teacher=teacher), remove_columns=rows.column_names
+        lambda r: tokenize_row(r, tokenizer, fmt, prompt_format, teacher=teacher, brings_prompt=brings_prompt),
+        remove_columns=rows.column_names,
     )
 
 
@@ -805,7 +807,14 @@ def main(argv: list[str] | None = None) -> dict | None:
     else:
         teacher = args.distill_weight > 0 or args.onpolicy_weight > 0
         data = tokenized(
-            args, training_args.seed + 2, args.train_size, tokenizer, "duplex", mix=DUPLEX_MIX, teacher=teacher
+            args,
+            training_args.seed + 2,
+            args.train_size,
+            tokenizer,
+            "duplex",
+            mix=DUPLEX_MIX,
+            teacher=teacher,
+            brings_prompt=model.workspace.brings_prompt,
         )
         curves = HeldOutCurves(
             tokenizer,

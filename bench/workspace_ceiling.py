@@ -49,7 +49,7 @@ def in_context_read(model: DuplexForCausalLM, input_ids: list[int], at_index: in
 @torch.no_grad()
 def row_predictions(model: DuplexForCausalLM, tokenizer, row: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """Greedy next-token predictions on the oracle's tokens for every column, and the row's label masks."""
-    feature = tokenize_row(row, tokenizer, "duplex")
+    feature = tokenize_row(row, tokenizer, "duplex", brings_prompt=model.workspace.brings_prompt)
     batch = DuplexCollator(tokenizer.pad_token_id, decisions=True)([feature])
     labels, decisions = batch.pop("labels")[0, 1:], batch.pop("decision_mask")[0, 1:]
     at_index = int(batch["update_positions"][0, 0])
@@ -97,17 +97,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backbone", default="checkpoints/duplex-tiny-backbone")
     parser.add_argument("--n-per-family", type=int, default=10, help="held-out single-correction instances")
     parser.add_argument("--gates", type=float, nargs="+", default=[0.0, 6.0], help="raw gate values g")
+    parser.add_argument("--workspace-update", default="fifo", help="how the untrained read writes (fifo, in_context)")
     parser.add_argument("--checkpoint", help="also a trained Duplex checkpoint on the same backbone (its own gates)")
     args = parser.parse_args(argv)
     model, tokenizer = eval_duplex.load_checkpoint(args.backbone)
-    model = DuplexForCausalLM.from_backbone(model.get_base_model(), num_slots=128, encoder_layers=0).eval()
+    model = DuplexForCausalLM.from_backbone(
+        model.get_base_model(), num_slots=128, encoder_layers=0, workspace_update=args.workspace_update
+    ).eval()
     rows = eval_duplex.build_eval_set(n_per_family=args.n_per_family, sweep_per_family=0, kinds=["one"])[0]["one"]
     print(f"n = {len(rows)} held-out single-correction rows; per token / decision token / rows all right\n")
     print("| gate tanh(g) | " + " | ".join(COLUMNS) + " |\n|---:|" + "---|" * len(COLUMNS))
     for gate in args.gates:
         with torch.no_grad():
-            for adapter in model.adapters.values():
-                adapter.gate.fill_(gate)
+            for name, param in model.named_parameters():
+                if name.endswith(".gate"):  # every adapter's, and the in-context readout's
+                    param.fill_(gate)
         figures = measure(model, tokenizer, rows)
         cells = [f"{f['token']:.1%} / {f['decision']:.1%} / {f['row']:.1%}" for f in figures.values()]
         print(f"| {torch.tanh(torch.tensor(gate)):.3f} | " + " | ".join(cells) + " |")
