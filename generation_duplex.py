@@ -238,6 +238,10 @@ class ContextWorkspace:
     values: dict[int, torch.Tensor] = field(default_factory=dict)
     keep: bool = False  # store the new slots' keys/values for later steps (generation)
 
+    def __post_init__(self) -> None:
+        if self.new_slots is not None and self.new_slots.shape[1] == 0:
+            self.new_slots = None
+
     @property
     def num_new(self) -> int:
         return 0 if self.new_slots is None else self.new_slots.shape[1]

@@ -117,7 +117,8 @@ class DuplexArguments:
     families: str | None = field(default=None, metadata={"help": "comma-separated task families (default all)"})
     num_slots: int | None = field(default=None, metadata={"help": "workspace slots (default 32; tiny 128)"})
     workspace_update: str | None = field(
-        default=None, metadata={"help": "how an update is written into the workspace: fifo (default) or gated"}
+        default=None,
+        metadata={"help": "how an update is written into the workspace: in_context (default), fifo or gated"},
     )
     encoder_layers: int | None = field(default=None, metadata={"help": "update encoder layers (default 4; tiny 2)"})
     adapter_layers: str | None = field(default=None, metadata={"help": "comma-separated decoder layers (default all)"})
@@ -264,10 +265,16 @@ class Rollout:
 
     prompt: list[int]
     prefix: list[int]  # the oracle's answer tokens before the update (forced)
-    update: list[int]  # what the update encoder reads (`workspace_update_tokens`: the prompt, then the correction)
+    update: list[
+        int
+    ]  # what the update encoder reads (`workspace_update_tokens`: the correction, maybe after the prompt)
     teacher_context: list[int]  # the teacher rendering up to the same point
     oracle_rest: int  # the oracle's answer tokens after the update (EOS included)
     continuation: list[int] = field(default_factory=list)  # what the model writes after the update
+
+    def correction(self, brings_prompt: bool) -> list[int]:
+        """The correction as written in-band: `update` without the prompt it may bring."""
+        return self.update[len(self.prompt) :] if brings_prompt else self.update
 
 
 def rollout_rows(inputs: dict, taught: dict) -> list[Rollout]:
@@ -314,7 +321,7 @@ def roll_out(model: DuplexForCausalLM, inputs: dict, taught: dict, max_rows: int
         out = model.generate(
             input_ids.to(model.device),
             attention_mask=attention_mask.to(model.device),
-            updates=[[(len(r.prefix), r.update[len(r.prompt) :])] for r in rows],  # the correction as written
+            updates=[[(len(r.prefix), r.correction(model.workspace.brings_prompt))] for r in rows],
             logits_processor=LogitsProcessorList([PrefixForcing([r.prefix for r in rows], width)]),
             max_new_tokens=max(len(r.prefix) + r.oracle_rest for r in rows) + room,
             do_sample=False,

@@ -57,7 +57,9 @@ def test_teacher_forced_equals_step_by_step(duplex):
     assert [at for at, _ in landed] == [0, 3, 3, 6]
     kinds = [lnd.kind for lnd in out.update_landings[0]]  # the model's own decisions; backchannels write nothing
     written = [
-        workspace_update_tokens(PROMPT[0].tolist(), ids, first="correction" not in kinds[:i])
+        workspace_update_tokens(
+            PROMPT[0].tolist(), ids, first=duplex.workspace.brings_prompt and "correction" not in kinds[:i]
+        )
         for i, (_, ids) in enumerate(landed)
     ]
     positions = [update_position(prompt_len, at) for at, _ in landed]
@@ -226,3 +228,39 @@ def test_a_backchannel_changes_nothing(duplex):
         written = duplex(plain.sequences, **packed)
     assert torch.equal(told.logits, duplex(plain.sequences).logits)  # ...but told they are backchannels, it does not
     assert (written.logits - told.logits).abs().max() > 1e-3
+
+
+def test_open_in_context_read_is_exactly_in_band(backbone):
+    """`in_context` with the identity encoder and every gate fully open reads a correction exactly as the backbone
+    reads the same tokens spliced in-band: the same logits from the landing on, teacher-forced and generated."""
+    model = DuplexForCausalLM.from_backbone(
+        backbone, num_slots=8, encoder_layers=0, workspace_update="in_context", inband_template="{text}"
+    ).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".gate"):
+                param.fill_(20.0)  # tanh(20) == 1 in fp32
+    answer = [51, 32, 52, 32, 53, 32, 54]
+    corrections = [(2, [83, 116, 111, 112]), (5, [120, 121])]  # new tokens `at` are the first to read each
+    ids = torch.cat([PROMPT, torch.tensor([answer])], dim=1)
+    prompt_len = PROMPT.shape[1]
+    spliced, offsets = ids[0].tolist(), []
+    for at, tokens in reversed(corrections):  # in-band: each correction follows the token before new token `at`
+        spliced[prompt_len + at : prompt_len + at] = tokens
+    shift = 0
+    for t in range(ids.shape[1]):
+        shift += sum(len(tokens) for at, tokens in corrections if update_position(prompt_len, at) + 1 == t)
+        offsets.append(t + shift)  # where token t sits in the spliced sequence
+    packed = pack_updates([[(update_position(prompt_len, at), tokens) for at, tokens in corrections]])
+    with torch.no_grad():
+        forced = model(ids, **packed).logits[0]
+        inband = backbone(torch.tensor([spliced])).logits[0]
+    for at, tokens in corrections:  # the token before new token `at` predicts as the correction's last token does
+        p = update_position(prompt_len, at)
+        torch.testing.assert_close(forced[p], inband[offsets[p] + len(tokens)], atol=1e-4, rtol=0)
+    landings = {update_position(prompt_len, at) for at, _ in corrections}
+    later = [t for t in range(min(landings) + 1, ids.shape[1]) if t not in landings]  # every token after the first
+    torch.testing.assert_close(forced[later], inband[[offsets[t] for t in later]], atol=1e-4, rtol=0)
+    generated = generate(model, updates=corrections).sequences
+    inband_generated = generate(model, updates=corrections, update_mode="inband").sequences
+    assert torch.equal(generated, inband_generated)

@@ -67,12 +67,14 @@ def encode(model: DuplexForCausalLM, ids: list[int]) -> tuple[torch.Tensor, torc
 
 def test_unknown_workspace_update_is_refused_naming_the_field():
     assert set(WORKSPACE_UPDATES) == set(WORKSPACE_CLASSES)
-    assert DuplexConfig(text_config=backbone_config("micro")).workspace_update == "fifo"
+    assert DuplexConfig(text_config=backbone_config("micro")).workspace_update == "in_context"
     with pytest.raises(ValueError, match="workspace_update"):
         DuplexConfig(text_config=backbone_config("micro"), workspace_update="lifo")
     with pytest.raises(ValueError, match="workspace_update"):
         DuplexForCausalLM.from_backbone(tiny_backbone("qwen3"), workspace_update="Gated")
-    fifo = DuplexForCausalLM.from_backbone(tiny_backbone("qwen3"), num_slots=4, encoder_layers=1)
+    fifo = DuplexForCausalLM.from_backbone(
+        tiny_backbone("qwen3"), num_slots=4, encoder_layers=1, workspace_update="fifo"
+    )
     assert type(fifo.workspace) is Workspace and not list(fifo.workspace.parameters())
 
 
@@ -137,7 +139,9 @@ def test_untrained_gated_workspace_starts_at_token_scale_and_writes_the_identity
 
 def test_gated_parameters_are_trainable_duplex_parameters(capsys):
     model = gated_model(tiny_backbone("qwen3"))
-    fifo = DuplexForCausalLM.from_backbone(tiny_backbone("qwen3"), num_slots=4, encoder_layers=1)
+    fifo = DuplexForCausalLM.from_backbone(
+        tiny_backbone("qwen3"), num_slots=4, encoder_layers=1, workspace_update="fifo"
+    )
     named = dict(model.named_parameters())
     assert GATED_PARAMETERS <= set(model.duplex_state_dict())
     assert all(named[name].requires_grad for name in GATED_PARAMETERS)
@@ -185,7 +189,9 @@ def test_adapter_only_round_trip_keeps_the_gated_parameters_and_the_config_field
 def test_gated_weights_missing_from_a_checkpoint_are_initialised_by_the_rule(tmp_path):
     """A fifo checkpoint loaded as gated: the loaded weights stay as saved, and the new gated ones are initialised
     as `_init_weights` says (the custom-code init trap would leave them empty)."""
-    fifo = perturb_duplex(DuplexForCausalLM.from_backbone(tiny_backbone("qwen3"), num_slots=4, encoder_layers=1))
+    fifo = perturb_duplex(
+        DuplexForCausalLM.from_backbone(tiny_backbone("qwen3"), num_slots=4, encoder_layers=1, workspace_update="fifo")
+    )
     fifo.save_pretrained(tmp_path)
     gated = DuplexForCausalLM.from_pretrained(tmp_path, workspace_update="gated")
     for key, tensor in fifo.state_dict().items():
@@ -246,7 +252,7 @@ def test_every_update_goes_through_apply_update_which_decides(monkeypatch):
 def test_train_duplex_passes_the_workspace_update_flag(tmp_path):
     backbone_dir = tmp_path / "backbone"
     tiny_backbone("qwen3").save_pretrained(backbone_dir)
-    for argv, expected in (([], "fifo"), (["--workspace_update", "gated"], "gated")):
+    for argv, expected in (([], "in_context"), (["--workspace_update", "gated"], "gated")):
         args, _ = train_duplex.parse_args(["--output_dir", str(tmp_path / "run"), "--encoder_layers", "1", *argv])
         model = train_duplex.build_model(args, backbone_dir, offline_default=False, prompt_format=PromptFormat())
         assert model.config.workspace_update == expected
