@@ -34,14 +34,33 @@ from typing import Any, NamedTuple
 
 import torch
 
-from data import FAMILIES, Instance, build_dataset, get_family, instance_from_row, instance_to_row, word_boundary
+from data import (
+    FAMILIES,
+    LANDINGS,
+    Instance,
+    build_dataset,
+    get_family,
+    instance_from_row,
+    instance_to_row,
+    landing_kind,
+    word_boundary,
+)
 from data.collate import IGNORE_INDEX, DuplexCollator, encode, tokenize_row, update_ats
 from data.prompts import PromptFormat
 
 MODES = ("workspace", "ignore", "inband", "restart", "tdm")
 DEFAULT_MODES = ("workspace", "ignore", "inband", "restart")
 BACKBONE = "backbone"  # pseudo-mode: the backbone alone without updates (retention reference)
-KINDS = ("none", "one", "distractor", "held_out_distractor", "two", "three")  # keys of data.MIX_KINDS
+KINDS = (  # keys of data.MIX_KINDS
+    "none",
+    "one",
+    "one_after_space",
+    "one_in_word",
+    "distractor",
+    "held_out_distractor",
+    "two",
+    "three",
+)
 DISTRACTOR_KINDS = ("distractor", "held_out_distractor")
 # mode -> (which model generates, `update_mode` passed to its generate; None: a plain causal LM, no updates)
 RUNNERS: dict[str, tuple[str, str | None]] = {
@@ -56,16 +75,23 @@ RUNNERS: dict[str, tuple[str, str | None]] = {
 # carry the field (the update decision: only modes that decide, i.e. workspace)
 PROPORTIONS: dict[str, tuple[tuple[str, ...], str]] = {
     "revision_accuracy": (("one",), "correct"),
+    "revision_accuracy_after_space": (("one_after_space",), "correct"),
+    "revision_accuracy_in_word": (("one_in_word",), "correct"),
     "contradiction_rate": (("one",), "contradiction"),
     "distractor_stability": (("distractor",), "stable"),
     "held_out_distractor_stability": (("held_out_distractor",), "stable"),
-    "decision_accuracy": (("one", "two", "distractor", "held_out_distractor"), "decided"),
+    "decision_accuracy": (
+        ("one", "one_after_space", "one_in_word", "two", "distractor", "held_out_distractor"),
+        "decided",
+    ),
     "retention": (("none",), "exact"),
     "two_update_accuracy": (("two",), "correct"),
     "three_update_accuracy": (("three",), "correct"),
 }
 METRIC_LABELS = {
     "revision_accuracy": "revision accuracy",
+    "revision_accuracy_after_space": "revision accuracy, landing after the space",
+    "revision_accuracy_in_word": "revision accuracy, landing inside a word",
     "contradiction_rate": "contradiction rate",
     "distractor_stability": "distractor stability",
     "held_out_distractor_stability": "distractor stability, held-out backchannels",
@@ -142,7 +168,8 @@ def build_eval_set(
     kinds: Sequence[str] = KINDS,
 ) -> dict[int, dict[str, list[dict]]]:
     """Held-out rows per seed and kind (`kinds` plus "sweep"); a pure function of its arguments, so every mode,
-    every run and the oracle test see the same instances. "sweep" rows move a single correction to every word.
+    every run and the oracle test see the same instances. "sweep" rows move a single correction to every point of
+    the answer where it can land (every token of a byte-level tokenizer).
     `split`: "test" (held-out values of the training pools) or "outside" (values outside every pool)."""
     names = list(families or FAMILIES)
     out: dict[int, dict[str, list[dict]]] = {}
@@ -184,6 +211,7 @@ class _Item:
     at: int | None  # new tokens before the first update lands (for tokens-to-revision)
     reference: Job | None = None  # distractor: the no-update generation the output must reproduce
     position: float | None = None  # sweep: relative update position
+    landing: str | None = None  # sweep: where in the text the update lands (data.LANDINGS)
 
 
 def _make_item(mode: str, seed: int, kind: str, row: dict, tokenizer, prompt_format: PromptFormat) -> _Item | None:
@@ -207,7 +235,8 @@ def _make_item(mode: str, seed: int, kind: str, row: dict, tokenizer, prompt_for
     job = Job(model_key, prompt, updates, update_mode if updates else None)
     reference = Job(model_key, plain, (), None) if kind in DISTRACTOR_KINDS else None
     position = relative_position(row) if kind == "sweep" else None
-    return _Item(mode, seed, kind, inst.family, job, target, at, reference, position)
+    landing = landing_kind(inst.updates[0].shift) if kind == "sweep" else None
+    return _Item(mode, seed, kind, inst.family, job, target, at, reference, position, landing)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -333,6 +362,7 @@ def _score(item: _Item, done: dict[Job, Generation], tokenizer) -> dict[str, Any
         "kind": item.kind,
         "family": item.family,
         "position": item.position,
+        "landing": item.landing,
         "unlanded": gen.unlanded,
     }
     if item.kind == "none":
@@ -373,17 +403,22 @@ def _aggregate(records: list[dict], modes: Sequence[str], families: Sequence[str
 
 
 def _sweep(records: list[dict], modes: Sequence[str]) -> dict[str, Any]:
-    """Revision accuracy vs relative update position, in SWEEP_BINS equal bins (early .. late)."""
+    """Revision accuracy vs relative update position, in SWEEP_BINS equal bins (early .. late), and by landing kind
+    (before the space, after it, inside a word)."""
     labels = [f"{100 * i // SWEEP_BINS}-{100 * (i + 1) // SWEEP_BINS}%" for i in range(SWEEP_BINS)]
-    curves = {}
+    curves, by_landing = {}, {}
     for mode in modes:
         bins: list[list[bool]] = [[] for _ in range(SWEEP_BINS)]
+        landings: dict[str, list[bool]] = {landing: [] for landing in LANDINGS}
         for r in records:
             if r["mode"] == mode and r["kind"] == "sweep":
                 bins[min(int(r["position"] * SWEEP_BINS), SWEEP_BINS - 1)].append(r["correct"])
+                landings[r.get("landing") or "before_space"].append(r["correct"])
         if any(bins):
             curves[mode] = [proportion(b) for b in bins]
-    return {"bins": labels, "centers": [(i + 0.5) / SWEEP_BINS for i in range(SWEEP_BINS)], "modes": curves}
+            by_landing[mode] = {landing: proportion(hits) for landing, hits in landings.items()}
+    centers = [(i + 0.5) / SWEEP_BINS for i in range(SWEEP_BINS)]
+    return {"bins": labels, "centers": centers, "modes": curves, "landings": by_landing}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -663,6 +698,17 @@ def render_markdown(results: dict[str, Any]) -> str:
                 for i, label in enumerate(sweep["bins"])
             ),
         )
+        if landings := sweep.get("landings"):
+            lines += ["", "By where the update lands (every landing point of the swept instances):", ""]
+            lines += _table(
+                ["landing", *landings],
+                (
+                    [label, *(f"{_pct(landings[m][key])} (n={landings[m][key]['n']})" for m in landings)]
+                    for key, label in zip(
+                        LANDINGS, ("before the space", "after the space", "inside a word"), strict=True
+                    )
+                ),
+            )
     unlanded = {m: n for m, n in results.get("unlanded_updates", {}).items() if n}
     if unlanded:
         lines += ["", f"Updates that never landed (generation ended before `at`): {unlanded}."]

@@ -184,8 +184,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[DuplexArguments, Training
     return duplex_args, training_args
 
 
-# The duplex phase's rows: every row carries an update. A row without one leaves the workspace empty, so the model
-# is exactly its frozen backbone there and the duplex modules get no gradient from it (retention holds by construction).
+# The duplex phase's rows: every row carries an update, landing at any kind of point in the text. A row without one
+# leaves the workspace empty, so the model is exactly its frozen backbone there and the duplex modules get no gradient
+# from it (retention holds by construction).
 DUPLEX_MIX = {"one": 0.6, "distractor": 0.15, "two": 0.19, "three": 0.06}
 
 
@@ -199,11 +200,18 @@ def tokenized(
     teacher: bool = False,
     family_weights: dict[str, float] | None = None,
     brings_prompt: bool = True,
+    landing: str = "before_space",
 ) -> datasets.Dataset:
     """Instances of the training split, rendered in one of the collator's formats (the backbone's chat template
-    where its tokenizer has one)."""
+    where its tokenizer has one); `landing`: where their updates land (`build_dataset`)."""
     rows = build_dataset(
-        "train", n, seed=split_seed, mix=mix, families=args.family_names, family_weights=family_weights
+        "train",
+        n,
+        seed=split_seed,
+        mix=mix,
+        families=args.family_names,
+        family_weights=family_weights,
+        landing=landing,
     )
     if fmt == "restart":  # turn-based corrections: single-correction instances only
         rows = rows.filter(lambda r: r["update_kinds"].count("correction") == 1)
@@ -722,7 +730,9 @@ def pretrain_tiny_backbone(args: DuplexArguments, training_args: TrainingArgumen
     restart = tokenized(
         args, training_args.seed + 101, args.train_size // 2, tokenizer, "restart", family_weights=weights
     )
-    inband = tokenized(args, training_args.seed + 102, args.train_size, tokenizer, "inband", family_weights=weights)
+    inband = tokenized(  # corrections spliced in wherever they land: before the space, after it, inside a word
+        args, training_args.seed + 102, args.train_size, tokenizer, "inband", family_weights=weights, landing="any"
+    )
     corpus = datasets.concatenate_datasets([plain, restart, inband]).shuffle(seed=training_args.seed)
     curves = HeldOutCurves(
         tokenizer,
@@ -730,7 +740,7 @@ def pretrain_tiny_backbone(args: DuplexArguments, training_args: TrainingArgumen
         args.phase0_eval_steps,
         args.phase0_eval_per_family,
         modes=["inband", "restart"],
-        kinds=["none", "one"],
+        kinds=["none", "one", "one_in_word"],
         splits=["test", "outside"],
         families=args.family_names,
     )
@@ -822,6 +832,7 @@ def main(argv: list[str] | None = None) -> dict | None:
             mix=DUPLEX_MIX,
             teacher=teacher,
             brings_prompt=model.workspace.brings_prompt,
+            landing="any",  # before the space, after it and inside a word: wherever a user's correction arrives
         )
         curves = HeldOutCurves(
             tokenizer,

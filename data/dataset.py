@@ -10,15 +10,18 @@ import datasets
 
 from .tasks import FAMILIES, HELD_OUT_DISTRACTORS, Instance, TaskUpdate, get_family
 
-# Kinds of instance in a mix: (number of updates, distractor?). "held_out_distractor": a backchannel that no
-# training row uses (HELD_OUT_DISTRACTORS), for the evaluation only.
-MIX_KINDS: dict[str, tuple[int, bool]] = {
-    "none": (0, False),
-    "one": (1, False),
-    "distractor": (1, True),
-    "held_out_distractor": (1, True),
-    "two": (2, False),
-    "three": (3, False),
+# Kinds of instance in a mix: (number of updates, distractor?, where the updates land: None = `build_dataset`'s
+# `landing`). "held_out_distractor": a backchannel that no training row uses (HELD_OUT_DISTRACTORS), for the
+# evaluation only. "one_after_space" / "one_in_word": one correction landing after the space / inside a word.
+MIX_KINDS: dict[str, tuple[int, bool, str | None]] = {
+    "none": (0, False, None),
+    "one": (1, False, None),
+    "one_after_space": (1, False, "after_space"),
+    "one_in_word": (1, False, "in_word"),
+    "distractor": (1, True, None),
+    "held_out_distractor": (1, True, None),
+    "two": (2, False, None),
+    "three": (3, False, None),
 }
 DEFAULT_MIX: dict[str, float] = {"none": 0.2, "one": 0.5, "distractor": 0.1, "two": 0.15, "three": 0.05}
 
@@ -32,6 +35,7 @@ FEATURES = datasets.Features(
         "update_word_indices": datasets.List(datasets.Value("int32")),
         "update_texts": datasets.List(datasets.Value("string")),
         "update_kinds": datasets.List(datasets.Value("string")),
+        "update_shifts": datasets.List(datasets.Value("int32")),  # where each lands (`TaskUpdate.shift`)
         "invalidated": datasets.List(datasets.Value("string")),
         "segments": datasets.List(datasets.Value("string")),
         "update_change_offsets": datasets.List(datasets.Value("int32")),
@@ -51,6 +55,7 @@ def instance_to_row(inst: Instance) -> dict:
         "update_word_indices": [u.word_index for u in inst.updates],
         "update_texts": [u.text for u in inst.updates],
         "update_kinds": [u.kind for u in inst.updates],
+        "update_shifts": [u.shift for u in inst.updates],
         "invalidated": list(inst.invalidated),
         "segments": inst.segments(),
         "update_change_offsets": list(inst.change_offsets),
@@ -60,9 +65,12 @@ def instance_to_row(inst: Instance) -> dict:
 
 def instance_from_row(row: dict) -> Instance:
     """Rebuild the Instance of a dataset row, e.g. to score it or sweep its update position."""
+    shifts = row.get("update_shifts") or [0] * len(row["update_word_indices"])
     updates = [
-        TaskUpdate(int(k), t, kind)
-        for k, t, kind in zip(row["update_word_indices"], row["update_texts"], row["update_kinds"], strict=True)
+        TaskUpdate(int(k), t, kind, int(shift))
+        for k, t, kind, shift in zip(
+            row["update_word_indices"], row["update_texts"], row["update_kinds"], shifts, strict=True
+        )
     ]
     return Instance(
         family=row["family"],
@@ -91,10 +99,13 @@ def build_dataset(
     mix: dict[str, float] | None = None,
     canonical_prob: float = 0.5,
     family_weights: dict[str, float] | None = None,
+    landing: str = "before_space",
 ) -> datasets.Dataset:
     """`n` instances, families round-robin (or drawn with `family_weights`, default 1 each: more data where a family
     lags), kinds drawn from `mix` (keys of MIX_KINDS). Train uses canonical phrasings with probability
-    `canonical_prob`; the held-out splits always do."""
+    `canonical_prob`; the held-out splits always do. `landing`: where updates land unless the kind says
+    (`TaskFamily.sample`; "any" draws every kind of landing point). A kind that lands where a family's answers
+    have no such point (inside a word of a spelling) gets no rows of that family."""
     names = list(families or FAMILIES)
     fams = [get_family(f) for f in names]
     unknown_families = set(family_weights or {}) - set(names)
@@ -111,15 +122,23 @@ def build_dataset(
     family_odds = [(family_weights or {}).get(name, 1.0) for name in names]
     for i in range(n):
         kind = rng.choices(kinds, weights)[0]
-        n_updates, distractor = MIX_KINDS[kind]
+        n_updates, distractor, kind_landing = MIX_KINDS[kind]
         if kind == "held_out_distractor" and split == "train":
             raise ValueError("held-out backchannels are for the held-out splits only, never for training")
         backchannels = HELD_OUT_DISTRACTORS if kind == "held_out_distractor" else None
         canonical = split != "train" or rng.random() < canonical_prob
         family = family_rng.choices(fams, family_odds)[0] if family_weights else fams[i % len(fams)]
+        if kind_landing and kind_landing not in family.landings:  # e.g. inside a word of a spelling: none
+            continue
         instances.append(
             family.sample(
-                rng, split, n_updates=n_updates, distractor=distractor, canonical=canonical, backchannels=backchannels
+                rng,
+                split,
+                n_updates=n_updates,
+                distractor=distractor,
+                canonical=canonical,
+                backchannels=backchannels,
+                landing=kind_landing or landing,
             )
         )
     return dataset_from_instances(instances)

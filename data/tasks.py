@@ -168,13 +168,38 @@ def word_boundary(text: str, k: int) -> int:
     return len(" ".join(words[:k])) if k < len(words) else len(text)
 
 
+LANDINGS = ("before_space", "after_space", "in_word")  # where in the text an update can land (SPEC section 4)
+
+
+def landing_shifts(response: str, k: int) -> dict[str, list[int]]:
+    """Where an update that applies from word k can land, per landing kind, as character shifts from
+    `word_boundary(response, k)`: 0 before the space that ends word k-1, +1 after it, -j inside word k-1 (j
+    characters before its end; the word in progress is finished, then the update applies). Before the first word
+    there is only one place."""
+    if k <= 0:
+        return {"before_space": [0]}
+    shifts = {"before_space": [0], "after_space": [1]}
+    inside = list(range(-(len(response.split(" ")[k - 1]) - 1), 0))
+    if inside:
+        shifts["in_word"] = inside
+    return shifts
+
+
+def landing_kind(shift: int) -> str:
+    """The landing kind of a shift from the word boundary (see `landing_shifts`)."""
+    return "before_space" if shift == 0 else "after_space" if shift > 0 else "in_word"
+
+
 @dataclass(frozen=True)
 class TaskUpdate:
-    """One mid-stream update: lands after `word_index` response words have been emitted."""
+    """One mid-stream update: applies from response word `word_index` on, and lands `shift` characters from that
+    word's boundary (0: before the space that ends the previous word; +1: after it; negative: inside the previous
+    word, which is finished as it would have been)."""
 
     word_index: int
     text: str
     kind: str  # "correction" | "distractor"
+    shift: int = 0
 
 
 @dataclass
@@ -196,8 +221,8 @@ class Instance:
         return self.response.split(" ")
 
     def segments(self) -> list[str]:
-        """Response cut at every update's word boundary; "".join(segments()) == response."""
-        cuts = [word_boundary(self.response, u.word_index) for u in self.updates]
+        """Response cut where every update lands; "".join(segments()) == response."""
+        cuts = [word_boundary(self.response, u.word_index) + u.shift for u in self.updates]
         edges = [0, *cuts, len(self.response)]
         return [self.response[a:b] for a, b in itertools.pairwise(edges)]
 
@@ -216,6 +241,7 @@ class TaskFamily:
 
     name: str = ""
     phrasings: tuple[str, ...] = ()  # first one is the canonical phrasing; "{v}" is the new value
+    landings: tuple[str, ...] = LANDINGS  # where in its answers an update can land
 
     # ---- family hooks -------------------------------------------------------------------
     def _params(self, rng: random.Random, split: str) -> dict:
@@ -340,9 +366,14 @@ class TaskFamily:
         word_index: int | None = None,
         canonical: bool = True,
         backchannels: Sequence[str] | None = None,
+        landing: str = "before_space",
     ) -> Instance:
         """Draw one instance. Values are drawn before the first update's position, so the same
-        seed with different `word_index` gives the same values; an invalid index raises ValueError."""
+        seed with different `word_index` gives the same values; an invalid index raises ValueError.
+        `landing`: where in the text each update lands (one of LANDINGS, or "any": drawn per update among the kinds
+        its position allows)."""
+        if landing not in (*self.landings, "any"):
+            raise ValueError(f"`landing` must be one of {self.landings} or 'any' for {self.name}, got {landing!r}")
         in_split("", split)  # validates the split name
         for _ in range(1000):
             p = self._params(rng, split)
@@ -359,11 +390,13 @@ class TaskFamily:
                     text = self._update_text(values[-1], rng, canonical)
                 if j == n_updates - 1 and not self._key_ok(p, values, split):
                     break
-                lo = edits[-1][0] if edits else 0
+                lo = updates[-1].word_index if updates else 0
                 if distractor:
                     ks = list(range(lo, len(words)))
                 else:
                     ks = [k for k in range(lo, len(words)) if self._resolve(p, [*edits, (k, values[-1])])]
+                if landing not in ("before_space", "any"):  # only words it can land inside or after
+                    ks = [k for k in ks if landing in landing_shifts(" ".join(words), k)]
                 if j == 0 and word_index is not None:
                     if word_index not in ks:
                         raise ValueError(f"{self.name}: no valid update at word {word_index} (valid: {ks})")
@@ -372,7 +405,13 @@ class TaskFamily:
                     break
                 else:  # prefer a strictly later position for a later update
                     k = rng.choice([i for i in ks if not updates or i > lo] or ks)
-                updates.append(TaskUpdate(k, text, "distractor" if distractor else "correction"))
+                shift = 0  # before the space (no draw: the instances of earlier versions stay as they were)
+                if landing != "before_space":
+                    shifts = landing_shifts(" ".join(words), k)  # the words before k are as they are written
+                    shift = rng.choice(shifts[rng.choice(sorted(shifts)) if landing == "any" else landing])
+                if updates and updates[-1].word_index == k:  # two at the same word: in the order they land
+                    shift = max(shift, updates[-1].shift)
+                updates.append(TaskUpdate(k, text, "distractor" if distractor else "correction", shift))
                 if not distractor:
                     edits.append((k, values[-1]))
                     words = self._render(p, edits)
@@ -390,28 +429,37 @@ class TaskFamily:
         """Word indices where the instance's first update could land instead (position sweep)."""
         return [k for k in range(len(inst.original_response.split(" "))) if self._moved(inst, k)]
 
-    def _moved(self, inst: Instance, k: int) -> Instance | None:
-        ks = [k] + [u.word_index for u in inst.updates[1:]]
-        if not 0 <= k < len(inst.original_response.split(" ")) or any(b < a for a, b in itertools.pairwise(ks)):
+    def _moved(self, inst: Instance, k: int, shift: int = 0) -> Instance | None:
+        landings = [(k, shift)] + [(u.word_index, u.shift) for u in inst.updates[1:]]
+        if not 0 <= k < len(inst.original_response.split(" ")) or any(b < a for a, b in itertools.pairwise(landings)):
             return None
-        updates = [replace(u, word_index=i) for u, i in zip(inst.updates, ks, strict=True)]
+        updates = [replace(u, word_index=i, shift=j) for u, (i, j) in zip(inst.updates, landings, strict=True)]
         try:
-            return self._build(inst.meta["params"], inst.meta["values"], updates)
+            moved = self._build(inst.meta["params"], inst.meta["values"], updates)
         except ValueError:
             return None
+        allowed = landing_shifts(moved.response, k)
+        return moved if shift in allowed.get(landing_kind(shift), []) else None
 
-    def with_update_at(self, inst: Instance, k: int) -> Instance:
-        """The same instance (same values and texts) with its first update moved to word k."""
+    def with_update_at(self, inst: Instance, k: int, shift: int = 0) -> Instance:
+        """The same instance (same values and texts) with its first update moved to word k, landing `shift`
+        characters from that word's boundary (`landing_shifts`)."""
         if not inst.updates:
             raise ValueError("instance has no update to move")
-        moved = self._moved(inst, k)
+        moved = self._moved(inst, k, shift)
         if moved is None:
-            raise ValueError(f"{self.name}: update cannot land at word {k}")
+            raise ValueError(f"{self.name}: update cannot land at word {k} (shift {shift})")
         return moved
 
     def sweep(self, inst: Instance) -> list[Instance]:
-        """The instance with its first update at every valid word boundary."""
-        return [self.with_update_at(inst, k) for k in self.word_indices(inst)]
+        """The instance with its first update landing at every character of the response where it can land
+        (before the space, after it, inside a word; every token of a byte-level tokenizer), in text order."""
+        out = []
+        for k in self.word_indices(inst):
+            at_word = self.with_update_at(inst, k)
+            shifts = sorted(j for js in landing_shifts(at_word.response, k).values() for j in js)
+            out += [at_word if j == 0 else self.with_update_at(inst, k, j) for j in shifts]
+        return out
 
     def oracle_continuation(self, inst: Instance) -> str:
         """Oracle text after the first update's boundary (whole response if there is no update)."""
@@ -496,6 +544,7 @@ class Spell(Repeat):
 
     name = "spell"
     phrasings = ("Spell {v} instead.", "Actually, spell {v}.", "Now spell {v}.", "Switch to spelling {v}.")
+    landings = ("before_space", "after_space")  # its words are single letters: nothing lands inside one
 
     def _params(self, rng, split):
         return {"w": pick(rng, "words", split)}

@@ -9,12 +9,14 @@ from data import (
     CATEGORIES,
     DISTRACTORS,
     FAMILIES,
+    LANDINGS,
     Instance,
     TaskUpdate,
     build_byte_tokenizer,
     build_dataset,
     in_split,
     instance_from_row,
+    landing_kind,
     split_pool,
 )
 from data.tasks import NAMES, TOPICS, WORDS
@@ -168,7 +170,11 @@ def test_determinism_and_sweep():
         a = fam.sample(random.Random(9), "train", canonical=False)
         assert a == fam.sample(random.Random(9), "train", canonical=False)
         swept = fam.sweep(a)
-        assert [s.updates[0].word_index for s in swept] == fam.word_indices(a)
+        assert [s.updates[0].word_index for s in swept if s.updates[0].shift == 0] == fam.word_indices(a)
+        landed = [len(s.segments()[0]) for s in swept]  # where each lands, in characters (byte-level: tokens)
+        assert landed == sorted(set(landed))  # every landing point once, in text order
+        for s in swept:  # wherever it lands, the correction applies from the same word: the oracle of that word
+            assert s.response == fam.with_update_at(a, s.updates[0].word_index).response
         assert a.updates[0].word_index in fam.word_indices(a) and 0 in fam.word_indices(a)
         for k in fam.word_indices(a)[:3]:  # same seed, other position: same underlying values
             b = fam.sample(random.Random(9), "train", canonical=False, word_index=k)
@@ -298,3 +304,37 @@ def test_held_out_backchannels_never_reach_training():
     assert all(kind == "distractor" for row in held_out for kind in row["update_kinds"])
     with pytest.raises(ValueError, match="held-out backchannels"):
         build_dataset("train", 7, seed=0, mix={"held_out_distractor": 1.0})
+
+
+@pytest.mark.parametrize("landing", ["after_space", "in_word"])
+def test_a_correction_after_the_space_or_inside_a_word_applies_from_the_next_word(landing):
+    """SPEC section 4: the word in progress is finished as it would have been, then the update applies; so the
+    oracle is the one for landing before the space that ends that word."""
+    for fam in FAMILIES.values():
+        if landing not in fam.landings:
+            assert fam.name == "spell"  # single letters: nothing lands inside a word
+            continue
+        inst = fam.sample(random.Random(5), "test", landing=landing)
+        update = inst.updates[0]
+        assert landing_kind(update.shift) == landing and update.word_index >= 1
+        before_space = fam.with_update_at(inst, update.word_index)
+        assert inst.response == before_space.response
+        head, tail = inst.segments()
+        boundary = len(before_space.segments()[0])
+        assert head == inst.original_response[: len(head)]  # what was written before it landed
+        if landing == "after_space":
+            assert len(head) == boundary + 1 and head.endswith(" ") and not tail.startswith(" ")
+        else:
+            assert len(head) < boundary and not head.endswith(" ") and not tail.startswith(" ")
+            assert " " not in inst.response[len(head) : boundary]  # inside the word that ends at the boundary
+    with pytest.raises(ValueError, match="landing"):
+        FAMILIES["count"].sample(random.Random(0), "test", landing="mid_word")
+
+
+def test_training_rows_land_at_every_kind_of_point():
+    rows = build_dataset("train", 300, 0, mix={"one": 0.5, "two": 0.5}, landing="any")
+    kinds = {landing_kind(shift) for row in rows for shift in row["update_shifts"]}
+    assert kinds == set(LANDINGS)
+    for row in rows:  # landings in text order, and the segments cut where they land
+        instance = instance_from_row(row)
+        assert "".join(row["segments"]) == row["response"] and row["segments"] == instance.segments()

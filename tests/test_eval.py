@@ -1,6 +1,7 @@
 """eval_duplex: statistics, the scoring plumbing (an oracle stands in for the model), identical instances across
 modes, and the report/CLI on a tiny random checkpoint."""
 
+import itertools
 import json
 import re
 from types import SimpleNamespace
@@ -11,7 +12,7 @@ from transformers import Qwen3ForCausalLM
 
 import eval_duplex
 from backbone_shapes import backbone_config
-from data import FAMILIES, build_byte_tokenizer, word_boundary
+from data import FAMILIES, LANDINGS, build_byte_tokenizer
 from data.collate import restart_response
 from data.prompts import PromptFormat
 from data.tasks import Instance, TaskUpdate
@@ -37,7 +38,7 @@ def oracle_table(eval_set: dict) -> dict:
         for rows in kinds.values():
             for row in rows:
                 response, texts = row["response"], row["update_texts"]
-                ats = [len(response[: word_boundary(response, k)].encode()) for k in row["update_word_indices"]]
+                ats = list(itertools.accumulate(len(s.encode()) for s in row["segments"][:-1]))  # where they land
                 put((row["prompt"], tuple(zip(ats, texts, strict=True))), response)
                 put((row["prompt"], ()), row["original_response"])
                 if len(texts) == 1:  # the restart baseline's prompt
@@ -117,6 +118,13 @@ def test_oracle_model_scores_perfectly(oracle_run):
         assert all(s["rate"] == 1.0 and s["n"] == 1 for s in per_family.values())
         curve = results["sweep"]["modes"][mode]
         assert sum(s["n"] for s in curve) > len(FAMILIES) and all(s["rate"] in (1.0, None) for s in curve)
+    for mode in ("workspace", "inband", "tdm"):  # wherever the update lands: after the space, inside a word
+        after_space = overall(results, mode, "revision_accuracy_after_space")
+        assert after_space["rate"] == 1.0 and after_space["n"] == len(FAMILIES)
+        assert overall(results, mode, "revision_accuracy_in_word")["n"] == len(FAMILIES) - 1  # spell: single letters
+        assert overall(results, mode, "revision_accuracy_in_word")["rate"] == 1.0
+        landings = results["sweep"]["landings"][mode]
+        assert all(landings[kind]["rate"] == 1.0 and landings[kind]["n"] > 0 for kind in LANDINGS), landings
     for mode in ("workspace", "inband", "tdm"):
         assert overall(results, mode, "two_update_accuracy")["rate"] == 1.0
         assert overall(results, mode, "three_update_accuracy")["rate"] == 1.0
