@@ -132,7 +132,8 @@ class DuplexArguments:
     )
     curve_per_family: int = field(default=4, metadata={"help": "instances per family and kind of those curves"})
     eval_sweep_per_family: int = field(
-        default=4, metadata={"help": "held-out instances per family whose correction is swept over every word"}
+        default=1,
+        metadata={"help": "held-out instances per family whose correction is swept over every point where it can land"},
     )
     skip_eval: bool = field(default=False, metadata={"help": "do not evaluate after training"})
 

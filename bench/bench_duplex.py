@@ -84,6 +84,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--adapter-layers", type=int, nargs="*", default=None, help="adapter layers (default: all)")
     parser.add_argument("--num-slots", type=int, default=None)
     parser.add_argument("--encoder-layers", type=int, default=None)
+    parser.add_argument("--workspace-update", default=None, help="in_context (the default), fifo or gated")
     parser.add_argument(
         "--threads",
         default="auto",
@@ -124,7 +125,12 @@ def main(argv: list[str] | None = None) -> dict:
 
 def duplex_options(args: argparse.Namespace) -> dict:
     """The duplex configuration given on the command line (the config's defaults for the rest)."""
-    given = {"adapter_layers": args.adapter_layers, "num_slots": args.num_slots, "encoder_layers": args.encoder_layers}
+    given = {
+        "adapter_layers": args.adapter_layers,
+        "num_slots": args.num_slots,
+        "encoder_layers": args.encoder_layers,
+        "workspace_update": args.workspace_update,
+    }
     return {key: value for key, value in given.items() if value is not None}
 
 

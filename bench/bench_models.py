@@ -10,7 +10,7 @@ from bench_report import log
 from transformers import AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
 
 from backbone_shapes import backbone_config
-from modeling_duplex import DuplexForCausalLM, WorkspaceAdapter, ZeroInitLinear
+from modeling_duplex import DuplexForCausalLM, ZeroInitLinear
 from scripts.convert_smollm2 import convert_smollm2
 
 # What the benchmark changes in the shapes of backbone_shapes.py. Its contexts (up to 2048 tokens by default) run past
@@ -74,9 +74,8 @@ def build_backbone(
 
 def build_duplex(backbone: PreTrainedModel, **duplex_kwargs) -> DuplexForCausalLM:
     """Duplex modules over `backbone` (shared, not copied), as after training: the zero-initialised output
-    projections get small random weights and every workspace gate is open (tanh g = 0.76, as the shipped tiny
-    model's), so the decode figures include the read itself. `inband_template="{text}"` lets the inband baseline run
-    on token ids."""
+    projections get small random weights and every gate is open (tanh g = 0.76), so the decode figures include the
+    read itself. `inband_template="{text}"` lets the inband baseline run on token ids."""
     with torch.device(backbone.device):
         model = DuplexForCausalLM.from_backbone(backbone, inband_template="{text}", **duplex_kwargs)
     generator = torch.Generator().manual_seed(1)
@@ -85,8 +84,9 @@ def build_duplex(backbone: PreTrainedModel, **duplex_kwargs) -> DuplexForCausalL
             if isinstance(module, ZeroInitLinear):
                 noise = torch.randn(module.weight.shape, generator=generator) * model.config.initializer_range
                 module.weight.copy_(noise.to(module.weight))
-            elif isinstance(module, WorkspaceAdapter):
-                module.gate.fill_(1.0)
+        for name, param in model.named_parameters():
+            if name.endswith(".gate"):  # every adapter's and, reading in context, the readout's
+                param.fill_(1.0)
     return model.eval()
 
 

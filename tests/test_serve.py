@@ -21,7 +21,7 @@ LOAD_TEST = Path(__file__).resolve().parents[1] / "bench" / "load_serve.py"
 
 PROMPT = "Name 5 tools.\n"
 CORRECTION = "Name animals instead."
-CORRECT_AFTER = 6  # post once "hammer," has streamed: the correction lands between words, where the model is trained
+CORRECT_AFTER = 2  # post once "ham" has streamed: the correction lands inside a word, as a user sends it
 LIMITS = Limits(max_new_tokens=300, max_prompt_chars=200, max_update_chars=50, max_sessions=8)
 
 
