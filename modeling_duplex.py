@@ -294,7 +294,7 @@ class InContextWorkspace(Workspace):
 
     def __init__(self, config: DuplexConfig):
         super().__init__(config)
-        self.gate = nn.Parameter(torch.zeros(()))
+        self.gate = nn.Parameter(torch.zeros(1))  # 1-D: FSDP2 shards no scalar parameters
 
     def is_active(self) -> bool:
         """A closed readout gate changes nothing, unless it is being trained."""

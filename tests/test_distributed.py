@@ -114,4 +114,4 @@ def test_the_fsdp_config_shards_a_trainable_duplex_model(tmp_path):
     rebuilt = ranks[0]["rebuilt"]  # gathered as accelerate does, rebuilt as train_duplex.py does before saving
     assert rebuilt["weights_equal"] and rebuilt["tied"] and rebuilt["landed"], rebuilt
     assert rebuilt["dtypes"] == ["torch.bfloat16", "torch.float32"]  # bf16 backbone, fp32 duplex modules
-    assert rebuilt["trainable"] == ["adapters", "update_encoder"]
+    assert rebuilt["trainable"] == ["adapters", "update_encoder", "workspace"]  # the workspace: its readout gate

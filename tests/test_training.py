@@ -120,12 +120,12 @@ def test_micro_run_revises_on_held_out_instances(tmp_path):
     )
     revision = {m: results["metrics"][m]["revision_accuracy"]["overall"]["rate"] for m in ("workspace", "ignore")}
     per_token = {m: v["post_update_token_accuracy"]["rate"] for m, v in results["teacher_forced"].items()}
-    assert per_token["workspace"] > per_token["ignore"], per_token  # measured: 99.8% against 89.3%
-    assert revision["workspace"] >= 0.5 > revision["ignore"] == 0.0, revision  # measured: 87.5% against 0.0%
+    assert per_token["workspace"] > per_token["ignore"], per_token
+    assert revision["workspace"] >= 0.5 > revision["ignore"] == 0.0, revision
     workspace = results["metrics"]["workspace"]
     decided = workspace["decision_accuracy"]["overall"]
-    assert decided["n"] == 32 and decided["rate"] >= 0.9, decided  # measured: 100%
-    assert workspace["held_out_distractor_stability"]["overall"]["rate"] >= 0.75, workspace  # measured: 8 of 8
+    assert decided["n"] == 48 and decided["rate"] >= 0.9, decided  # 6 kinds of 8 rows
+    assert workspace["held_out_distractor_stability"]["overall"]["rate"] >= 0.75, workspace
 
 
 def test_distillation_teaches_only_where_the_in_band_teacher_knows_more():
