@@ -4,7 +4,7 @@ zero-gated workspace adapters, so that corrections can arrive while the model is
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-WORKSPACE_UPDATES = ("fifo", "gated")  # how an update is written into the workspace (`workspace_update`)
+WORKSPACE_UPDATES = ("in_context", "fifo", "gated")  # how an update is written into the workspace (`workspace_update`)
 
 
 class DuplexConfig(PreTrainedConfig):
@@ -18,13 +18,20 @@ class DuplexConfig(PreTrainedConfig):
         backbone_name_or_path (`str`, *optional*):
             Hub id or local path of the pretrained backbone. Adapter-only checkpoints load the backbone from here.
         num_slots (`int`, defaults to 32):
-            Number of workspace slots (soft tokens of the backbone's hidden size). With `workspace_update="fifo"` this
-            bounds how much correction text is held at once; with `"gated"` it is the number of learned slots.
-        workspace_update (`str`, defaults to `"fifo"`):
-            How an update is written into the workspace. `"fifo"`: its encoded tokens go into the newest slots and
-            the oldest make room. `"gated"`: `num_slots` learned slots `W0` (from the first update on) are rewritten
-            by every update `e`: `W~ = CrossAttn(W, e, e)`, `delta = MLP(W~)`, `g = sigmoid(Linear([W; W~]))`,
-            `W_new = W + g * delta`. Either way the workspace is empty until the first update.
+            Number of workspace slots (soft tokens of the backbone's hidden size). With `workspace_update="in_context"`
+            it bounds the tokens of one correction (the newest are kept); with `"fifo"` how much correction text is
+            held at once; with `"gated"` it is the number of learned slots.
+        workspace_update (`str`, defaults to `"in_context"`):
+            How an update is written into the workspace. `"in_context"`: each correction's encoded tokens are placed
+            in the context where the correction landed, at the positions its text would take in-band, and the
+            frozen backbone reads them there, after the answer so far; each adapted layer mixes that reading with its
+            own under its gate, and a readout gate lets the correction's last slot predict the next token, so closed
+            gates are exactly the backbone and open gates with the identity encoder are exactly in-band. `"fifo"`:
+            the encoded tokens go into the newest of `num_slots` slots, the oldest make room, and the backbone reads
+            the slots apart from the context. `"gated"`: `num_slots` learned slots `W0` (from the first update on)
+            are rewritten by every update `e`: `W~ = CrossAttn(W, e, e)`, `delta = MLP(W~)`,
+            `g = sigmoid(Linear([W; W~]))`, `W_new = W + g * delta`. Every rule leaves the workspace empty until the
+            first update.
         encoder_layers (`int`, defaults to 4):
             Layers of the bidirectional update encoder (each starts as the identity).
         encoder_heads (`int`, *optional*):
@@ -48,7 +55,7 @@ class DuplexConfig(PreTrainedConfig):
     text_config: dict | PreTrainedConfig | None = None
     backbone_name_or_path: str | None = None
     num_slots: int = 32
-    workspace_update: str = "fifo"
+    workspace_update: str = "in_context"
     encoder_layers: int = 4
     encoder_heads: int | None = None
     encoder_intermediate_size: int | None = None

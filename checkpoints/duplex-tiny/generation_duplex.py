@@ -212,6 +212,61 @@ class WorkspaceVersions:
         same_version = slot_version[None, None, :] == version[:, :, None]  # (B, T, V*S)
         return (same_version & self.slot_mask.flatten(1)[:, None, :]).unsqueeze(1)
 
+    def placed_in_context(self, first_version: int = 1) -> ContextWorkspace:
+        """The versions from `first_version` on as slots placed in the context (`workspace_update="in_context"`:
+        each version holds one correction's slots): slots (B, M, D) entering the next forward pass, each read from
+        its version's start. Slots that no row fills (padding, backchannels) are dropped."""
+        slots = self.slots[:, first_version:].flatten(1, 2)  # (B, M, D)
+        starts = torch.where(self.slot_mask[:, first_version:], self.starts[:, first_version:, None], NEVER)
+        starts = starts.flatten(1)  # (B, M)
+        keep = (starts != NEVER).any(dim=0).nonzero()[:, 0]
+        return ContextWorkspace(starts.index_select(1, keep), slots.index_select(1, keep))
+
+
+@dataclass
+class ContextWorkspace:
+    """The workspace of `workspace_update="in_context"`, as a forward pass reads it: every written correction's
+    slots placed in the context where the correction landed, at the positions its text would take in-band.
+
+    Like a KV cache, generation keeps one across steps: the slots of a new correction enter one forward pass
+    (`new_slots`), which stores their per-layer keys and values (`store`); later steps read those. Teacher-forced
+    training builds one whose slots all enter the single pass."""
+
+    starts: torch.Tensor  # (B, M) long: sequence index from which each slot is read (NEVER: an unused column)
+    new_slots: torch.Tensor | None = None  # (B, M_new, D): the last M_new slots, entering in the next forward pass
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, kv_heads, M - M_new, hd)
+    values: dict[int, torch.Tensor] = field(default_factory=dict)
+    keep: bool = False  # store the new slots' keys/values for later steps (generation)
+
+    def __post_init__(self) -> None:
+        if self.new_slots is not None and self.new_slots.shape[1] == 0:
+            self.new_slots = None
+
+    @property
+    def num_new(self) -> int:
+        return 0 if self.new_slots is None else self.new_slots.shape[1]
+
+    def is_empty(self) -> bool:
+        return not bool((self.starts != NEVER).any())
+
+    def extend(self, entering: ContextWorkspace) -> ContextWorkspace:
+        """This workspace plus the slots of `entering` (whose keys/values the next forward pass computes)."""
+        if self.new_slots is not None:
+            raise RuntimeError("the previous slots have not entered a forward pass yet")
+        new_slots = entering.new_slots if entering.num_new else None
+        starts = torch.cat([self.starts, entering.starts], dim=1)
+        return ContextWorkspace(starts, new_slots, self.keys, self.values, self.keep)
+
+    def store(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Keep one layer's keys/values of every slot so far (B, kv_heads, M, hd), when generating."""
+        if self.keep:
+            self.keys[layer], self.values[layer] = keys, values
+
+    def entered(self) -> None:
+        """After the forward pass: the new slots are in (their keys/values are stored)."""
+        if self.keep:
+            self.new_slots = None
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The generation state
@@ -272,6 +327,8 @@ class DuplexGenerationState:
         self.stale_rows: set[int] = set()  # rows whose newest version changed since `current_kv` was computed
         self.landed_this_step: list[tuple[int, UpdateLanding]] = []  # (row, landing)
         self.inserted: tuple[torch.Tensor, torch.Tensor, int] | None = None  # inband: (mask, positions, chunk len)
+        self.context: ContextWorkspace | None = None  # in_context: the slots placed so far, with their keys/values
+        self.placed_versions = 1  # in_context: versions whose slots are in `context` (version 0 is empty)
 
     @property
     def has_updates(self) -> bool:
@@ -402,7 +459,8 @@ class DuplexGenerationState:
             due = rest
             rows = torch.tensor(sorted(this_round), device=device)
             slots, slot_mask, _ = self.versions.latest()
-            empty = (~slot_mask.any(dim=-1)).tolist()  # a row's first written update (a correction) brings its prompt
+            # a row's first written update (a correction) brings its prompt, where the workspace is apart from it
+            empty = (~slot_mask.any(dim=-1) & self.model.workspace.brings_prompt).tolist()
             tokens = [
                 workspace_update_tokens(self.prompt_ids[b], self._written_tokens(update), first=empty[b])
                 for b, update in sorted(this_round.items())
@@ -433,6 +491,9 @@ class DuplexGenerationState:
         model = self.model
         chunk = model_inputs["input_ids"]
         cache = model_inputs.get("past_key_values")
+        if model.config.workspace_update == "in_context":
+            self._place_in_context(model_inputs)
+            return
         if self.versions.starts.shape[1] == 1:
             model_inputs["workspace_kv"], model_inputs["workspace_mask"] = None, None
             return
@@ -459,6 +520,18 @@ class DuplexGenerationState:
         if not model_inputs["workspace_mask"].any():  # only backchannels so far: exactly the backbone
             model_inputs["workspace_kv"], model_inputs["workspace_mask"] = None, None
         self.current_kv = None
+
+    def _place_in_context(self, model_inputs: dict) -> None:
+        """`in_context`: the slots of versions written since the last step enter this forward pass, which keeps
+        their keys/values in `self.context` for the following steps. No correction yet: the plain backbone."""
+        entering = self.versions.placed_in_context(self.placed_versions)
+        self.placed_versions = self.versions.starts.shape[1]
+        if self.context is None:
+            self.context = entering
+            self.context.keep = True
+        elif entering.starts.shape[1]:
+            self.context = self.context.extend(entering)
+        model_inputs["context_workspace"] = None if self.context.is_empty() else self.context
 
     def _written_tokens(self, update: _PendingUpdate) -> list[int]:
         """The correction as text writes it (`config.inband_template`); raw token ids when there is no tokenizer."""
@@ -572,6 +645,7 @@ def _is_single_update(item) -> bool:
 __all__ = [
     "NO_UPDATE",
     "UPDATE_MODES",
+    "ContextWorkspace",
     "DuplexGenerateOutput",
     "DuplexGenerationState",
     "DuplexUpdate",

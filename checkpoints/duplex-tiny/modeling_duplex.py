@@ -32,7 +32,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # Qwen3's is the same
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotate_half  # Qwen3's are the same
 from transformers.utils import cached_file, logging
 
 try:
@@ -40,6 +40,7 @@ try:
     from .generation_duplex import (
         NEVER,
         NO_UPDATE,
+        ContextWorkspace,
         DuplexGenerateOutput,
         DuplexGenerationState,
         DuplexUpdate,
@@ -53,6 +54,7 @@ except ImportError:  # imported as a plain module from a checkout, not through t
     from generation_duplex import (
         NEVER,
         NO_UPDATE,
+        ContextWorkspace,
         DuplexGenerateOutput,
         DuplexGenerationState,
         DuplexUpdate,
@@ -196,6 +198,8 @@ class Workspace(nn.Module):
         self.hidden_size = config.text_config.hidden_size
         self.max_update_tokens: int | None = config.num_slots  # older tokens would be pushed out by the newest anyway
 
+    brings_prompt = True  # a row's first correction is written with its prompt (`workspace_update_tokens`)
+
     def initial(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """An empty workspace: slots (B, S, D) and slot mask (B, S)."""
         slots = torch.zeros(batch_size, self.num_slots, self.hidden_size, device=device, dtype=dtype)
@@ -279,7 +283,35 @@ class GatedWorkspace(Workspace):
         return new_slots, torch.ones_like(slot_mask, dtype=torch.bool)
 
 
-WORKSPACE_CLASSES: dict[str, type[Workspace]] = {"fifo": Workspace, "gated": GatedWorkspace}
+class InContextWorkspace(Workspace):
+    """Each correction's encoded tokens (the newest `num_slots`), as a version of their own
+    (`workspace_update="in_context"`): `DuplexForCausalLM` places every version in the context where its
+    correction landed (`ContextWorkspace`), so the prompt is not written (the context holds it). `gate` (zero at
+    initialisation) lets a landing's last slot predict in place of the token it follows (`ContextGeometry.read_out`).
+    """
+
+    brings_prompt = False
+
+    def __init__(self, config: DuplexConfig):
+        super().__init__(config)
+        self.gate = nn.Parameter(torch.zeros(1))  # 1-D: FSDP2 shards no scalar parameters
+
+    def is_active(self) -> bool:
+        """A closed readout gate changes nothing, unless it is being trained."""
+        return bool(self.gate.detach().any()) or (self.gate.requires_grad and torch.is_grad_enabled())
+
+    def forward(
+        self, slots: torch.Tensor, slot_mask: torch.Tensor, encoded: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoded update (B, L, D) alone, right-aligned in `num_slots` slots: (B, S, D), mask (B, S)."""
+        return super().forward(torch.zeros_like(slots), torch.zeros_like(slot_mask), encoded, attention_mask)
+
+
+WORKSPACE_CLASSES: dict[str, type[Workspace]] = {
+    "fifo": Workspace,
+    "gated": GatedWorkspace,
+    "in_context": InContextWorkspace,
+}
 
 
 class WorkspaceAdapter(nn.Module):
@@ -314,16 +346,9 @@ class WorkspaceAdapter(nn.Module):
         """hidden (B, T, D) -> (B, T, D); workspace key/value (B, kv_heads, M, hd), mask bool (B, 1, 1 or T, M)."""
         residual = hidden
         attn = layer.self_attn
-        normed = layer.input_layernorm(hidden)
-        batch, length, _ = normed.shape
-        shape = (batch, length, -1, attn.head_dim)
-        query, key = attn.q_proj(normed).view(shape), attn.k_proj(normed).view(shape)
-        if getattr(attn, "q_norm", None) is not None:  # Qwen3
-            query, key = attn.q_norm(query), attn.k_norm(key)
-        value = attn.v_proj(normed).view(shape).transpose(1, 2)
-        query, key = apply_rotary_pos_emb(
-            query.transpose(1, 2), key.transpose(1, 2), *position_embeddings
-        )  # (B,h,T,hd)
+        batch, length, _ = hidden.shape
+        query, key, value = attention_inputs(attn, layer.input_layernorm(hidden))
+        query, key = apply_rotary_pos_emb(query, key, *position_embeddings)  # (B, h, T, hd)
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, attn.layer_idx)
         context_mask = as_bool_mask(attention_mask, length, key.shape[2], hidden.device)
@@ -336,6 +361,154 @@ class WorkspaceAdapter(nn.Module):
         out = out_ctx + share * (out_ws - out_ctx)
         hidden = residual + attn.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
         return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+
+def attention_inputs(attn: nn.Module, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A frozen attention's query, key and value before rotary embedding: normed (B, T, D) -> (B, h, T, hd),
+    (B, kv_heads, T, hd), (B, kv_heads, T, hd), as `Qwen3Attention` / `LlamaAttention` compute them."""
+    shape = (*normed.shape[:2], -1, attn.head_dim)
+    query, key = attn.q_proj(normed).view(shape), attn.k_proj(normed).view(shape)
+    if getattr(attn, "q_norm", None) is not None:  # Qwen3
+        query, key = attn.q_norm(query), attn.k_norm(key)
+    return query.transpose(1, 2), key.transpose(1, 2), attn.v_proj(normed).view(shape).transpose(1, 2)
+
+
+def rotate(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotary embedding of x (B, h, L, hd) with the backbone's (cos, sin) (B, L, hd). Rotations compose: rotating a
+    key already rotated at position j by cos/sin of d gives the key at position j + d."""
+    cos, sin = (t[:, None].to(x.dtype) for t in rope)
+    return x * cos + rotate_half(x) * sin
+
+
+@dataclass
+class ContextGeometry:
+    """Where an in-context workspace's slots sit among the tokens of one forward pass: exactly where the same text
+    would sit in-band. A correction landing at sequence index p (the token whose logits predict the first new token
+    it conditions) follows token p; every later token moves behind it by the correction's length. The cached keys
+    keep the backbone's own positions; each is moved to its in-band position by a rotation (`rotate`), so nothing
+    cached is rewritten. The logits at p come from the correction's last slot (`readout`), as in-band they come
+    from the correction's last token."""
+
+    query_rope: tuple[torch.Tensor, torch.Tensor]  # the tokens' queries at their in-band positions (B, T)
+    key_shift_rope: tuple[torch.Tensor, torch.Tensor]  # context key j: rotation by the slots placed before it (B, K)
+    slot_rope: tuple[torch.Tensor, torch.Tensor] | None  # the entering slots' in-band positions (B, M_new)
+    token_reads: torch.Tensor  # (B, 1, T, M) bool: the slots each token reads (landed before it)
+    reads_any: torch.Tensor  # (B, 1, T, 1) bool
+    slot_reads: torch.Tensor | None  # (B, 1, M_new, K + M) bool: context up to the landing, earlier slots, itself
+    readout: torch.Tensor | None  # (B, T, M_new): token t's logits come from entering slot m (one-hot or none)
+
+    @classmethod
+    def build(
+        cls,
+        rotary_emb: nn.Module,
+        hidden: torch.Tensor,
+        workspace: ContextWorkspace,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        past_seen: int,
+    ) -> ContextGeometry:
+        """hidden (B, T, D) of the pass; position_ids (B|1, T) the backbone's RoPE positions of its tokens;
+        attention_mask the 2D (B, K) 0/1 mask over every key (None: no padding)."""
+        batch, length = hidden.shape[:2]
+        num_keys, device = past_seen + length, hidden.device
+        starts = workspace.starts  # (B, M) sequence index of each slot's landing (NEVER: unused)
+        valid = starts != NEVER
+        keys = torch.arange(num_keys, device=device)
+        placed_before = starts[:, None, :] < keys[None, :, None]  # (B, K, M): slot m lies before key j in-band
+        token_reads = placed_before[:, past_seen:]  # (B, T, M): a token reads what was placed before it
+        key_valid = torch.ones(batch, num_keys, dtype=torch.bool, device=device)
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+            key_valid = attention_mask[:, -num_keys:].bool()
+        padding = (key_valid.long().cumsum(-1) == 0).sum(-1, keepdim=True)  # (B, 1) left padding (RoPE counts after)
+        slot_rope = slot_reads = readout = None
+        if workspace.num_new:
+            new = slice(starts.shape[1] - workspace.num_new, None)
+            own_valid, own_start = valid[:, new], torch.where(valid, starts, 0)[:, new]  # (B, M_new)
+            rank = (valid.long().cumsum(-1) - valid.long())[:, new]  # valid slots before each (landings in order)
+            slot_rope = rotary_emb(hidden, torch.where(own_valid, own_start - padding + 1 + rank, 0))
+            reads_context = (keys[None, None, :] <= own_start[:, :, None]) & key_valid[:, None, :]  # (B, M_new, K)
+            order = torch.arange(starts.shape[1], device=device)
+            reads_slots = (order[None, :] <= order[new, None])[None] & valid[:, None, :]  # (B, M_new, M)
+            slot_reads = (torch.cat([reads_context, reads_slots], dim=-1) & own_valid[:, :, None]).unsqueeze(1)
+            # the last slot placed at a landing predicts what comes after it, for the token it follows
+            same_landing_later = (own_start[:, None, :] == own_start[:, :, None]) & own_valid[:, None, :]
+            same_landing_later &= order[None, new] > order[new, None]  # (B, M_new, M_new)
+            last = own_valid & ~same_landing_later.any(-1)  # (B, M_new)
+            queries = torch.arange(past_seen, num_keys, device=device)
+            readout = (own_start[:, None, :] == queries[None, :, None]) & last[:, None, :]  # (B, T, M_new)
+        return cls(
+            query_rope=rotary_emb(hidden, position_ids.expand(batch, -1) + token_reads.sum(-1)),
+            key_shift_rope=rotary_emb(hidden, placed_before.sum(-1)),
+            slot_rope=slot_rope,
+            token_reads=token_reads.unsqueeze(1),
+            reads_any=token_reads.any(-1)[:, None, :, None],
+            slot_reads=slot_reads,
+            readout=readout,
+        )
+
+    def read_out(self, hidden: torch.Tensor, slots: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """hidden (B, T, D) and the entering slots (B, M_new, D) after the last layer -> hidden where a landing's
+        last slot predicts in place of the token it follows: h + tanh(g) (h_slot - h) (g = 0: the backbone's)."""
+        if self.readout is None:
+            return hidden
+        chosen = self.readout.to(hidden.dtype)  # (B, T, M_new) one-hot rows
+        from_slot = chosen @ slots  # (B, T, D)
+        share = torch.tanh(gate).to(hidden.dtype) * chosen.sum(-1, keepdim=True)  # (B, T, 1)
+        return hidden + share * (from_slot - hidden)
+
+
+def read_in_context(
+    layer: nn.Module,
+    gate: torch.Tensor | None,
+    hidden: torch.Tensor,
+    slots: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    past_key_values,
+    workspace: ContextWorkspace,
+    geometry: ContextGeometry,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Decoder layer i with the in-context workspace: hidden (B, T, D) of the tokens, slots (B, M_new, D) entering
+    now (or None) -> both after the layer.
+
+    The tokens' attention is the backbone's own (o_ctx) mixed, per head, with the joint attention over the context
+    and the slots in their in-band geometry: out = o_ctx + tanh(g) * (o_joint - o_ctx), so closed gates are exactly
+    the backbone and open gates read the correction as in-band text would be read. The slots attend, like that
+    text, to the context up to their landing and to the slots before them; their keys/values join the workspace.
+    Mirrors `Qwen3DecoderLayer.forward` / `LlamaDecoderLayer.forward` of transformers 5.23."""
+    attn, index = layer.self_attn, layer.self_attn.layer_idx
+    batch, length, _ = hidden.shape
+    query, key, value = attention_inputs(attn, layer.input_layernorm(hidden))
+    query_ctx, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+    if past_key_values is not None:
+        key, value = past_key_values.update(key, value, index)  # (B, kv_heads, K, hd) at the backbone's positions
+    context_mask = as_bool_mask(attention_mask, length, key.shape[2], hidden.device)
+    context_mask = context_mask.expand(batch, 1, length, key.shape[2])
+    out_ctx, _ = attention_with_lse(query_ctx, key, value, context_mask, attn.scaling)
+
+    slot_key, slot_value = workspace.keys.get(index), workspace.values.get(index)  # (B, kv_heads, M_old, hd)
+    if slots is not None:
+        slot_query, new_key, new_value = attention_inputs(attn, layer.input_layernorm(slots))
+        slot_query, new_key = rotate(slot_query, geometry.slot_rope), rotate(new_key, geometry.slot_rope)
+        slot_key = new_key if slot_key is None else torch.cat([slot_key, new_key.to(slot_key.dtype)], dim=2)
+        slot_value = new_value if slot_value is None else torch.cat([slot_value, new_value.to(slot_value.dtype)], 2)
+        workspace.store(index, slot_key, slot_value)
+    joint_key = torch.cat([rotate(key, geometry.key_shift_rope), slot_key.to(key.dtype)], dim=2)
+    joint_value = torch.cat([value, slot_value.to(value.dtype)], dim=2)
+    joint_mask = torch.cat([context_mask, geometry.token_reads], dim=-1)
+    out_joint, _ = attention_with_lse(
+        rotate(query, geometry.query_rope), joint_key, joint_value, joint_mask, attn.scaling
+    )
+    share = hidden.new_zeros(()) if gate is None else torch.tanh(gate)[:, None, None]  # (h, 1, 1)
+    share = share.to(out_ctx.dtype) * geometry.reads_any  # (B, h, T, 1): nothing to read, the backbone's own
+    out = out_ctx + share * (out_joint - out_ctx)
+    hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+    hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    if slots is not None:
+        out_slots, _ = attention_with_lse(slot_query, joint_key, joint_value, geometry.slot_reads, attn.scaling)
+        slots = slots + attn.o_proj(out_slots.transpose(1, 2).reshape(batch, slots.shape[1], -1))
+        slots = slots + layer.mlp(layer.post_attention_layernorm(slots))
+    return hidden, slots
 
 
 def newest_tokens(ids: torch.Tensor, mask: torch.Tensor, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -436,7 +609,7 @@ class DuplexPreTrainedModel(PreTrainedModel):
             init.zeros_(module.weight)
             if module.bias is not None:
                 init.zeros_(module.bias)
-        elif isinstance(module, WorkspaceAdapter):
+        elif isinstance(module, (WorkspaceAdapter, InContextWorkspace)):
             init.zeros_(module.gate)
         elif isinstance(module, UpdateDecision):  # its own parameter; its sub-layers are matched as leaves
             init.zeros_(module.query)
@@ -713,6 +886,7 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
         update_is_correction: torch.Tensor | None = None,
         workspace_kv: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
         workspace_mask: torch.Tensor | None = None,
+        context_workspace: ContextWorkspace | None = None,
         output_hidden_states: bool | None = None,
         **kwargs,
     ) -> DuplexCausalLMOutputWithPast:
@@ -729,6 +903,9 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
             (`config.decision_loss_weight`); otherwise the model's own decisions are used.
         workspace_kv / workspace_mask (*optional*):
             Precomputed adapter keys/values and readable-slot mask; `generate` passes these instead of updates.
+        context_workspace (`ContextWorkspace`, *optional*):
+            With `workspace_update="in_context"`: the slots placed in the context so far; `generate` passes it
+            instead of updates.
         """
         if kwargs.pop("output_attentions", False):
             raise ValueError("DuplexForCausalLM does not support `output_attentions=True`")
@@ -742,17 +919,21 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
         past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
 
         decision_logits = None
-        if workspace_kv is None and update_positions is not None and update_positions.numel():
-            # teacher-forced: every workspace version this sequence goes through, each visible from its position on
+        teacher_forced = workspace_kv is None and context_workspace is None and update_positions is not None
+        if teacher_forced and update_positions.numel():
+            # every workspace version this sequence goes through, each visible from its position on
             versions, decision_logits = self.workspace_versions(
                 batch_size, update_input_ids, update_attention_mask, update_positions, update_is_correction
             )
-            padding = left_padding(attention_mask, batch_size, versions.starts.device)
-            rope_starts = versions.starts - padding[:, None]  # RoPE positions of the versions' starts
-            workspace_kv = self.project_workspace(versions.slots, versions.slot_mask, rope_starts)
-            chunk_positions = torch.arange(past_seen, past_seen + seq_len, device=inputs_embeds.device)
-            workspace_mask = versions.readable_slots(chunk_positions)
-            workspace_kv, workspace_mask = only_readable_slots(workspace_kv, workspace_mask)
+            if self.config.workspace_update == "in_context":  # every correction's slots, placed where it landed
+                context_workspace = versions.placed_in_context()
+            else:
+                padding = left_padding(attention_mask, batch_size, versions.starts.device)
+                rope_starts = versions.starts - padding[:, None]  # RoPE positions of the versions' starts
+                workspace_kv = self.project_workspace(versions.slots, versions.slot_mask, rope_starts)
+                chunk_positions = torch.arange(past_seen, past_seen + seq_len, device=inputs_embeds.device)
+                workspace_mask = versions.readable_slots(chunk_positions)
+                workspace_kv, workspace_mask = only_readable_slots(workspace_kv, workspace_mask)
 
         hidden_states, all_hidden = self._decode(
             inputs_embeds,
@@ -762,6 +943,7 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
             use_cache,
             workspace_kv,
             workspace_mask,
+            context_workspace,
             output_hidden_states,
             **kwargs,
         )
@@ -773,7 +955,7 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
             loss = self.loss_function(
                 logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
             )
-            if workspace_kv is None and torch.is_grad_enabled():  # a batch without updates: zero gradient, same graph
+            if torch.is_grad_enabled():  # a batch without (read) updates: zero gradient, same graph
                 loss = loss + sum(p.sum() for p in self.adapters.parameters()) * 0.0
             if decision_logits is not None and update_is_correction is not None:
                 loss = loss + self.config.decision_loss_weight * decision_loss(
@@ -796,11 +978,13 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
         use_cache,
         workspace_kv,
         workspace_mask,
+        context_workspace=None,
         output_hidden_states=False,
         **kwargs,
     ):
         """The backbone's decoder loop, as in `Qwen3Model.forward` / `LlamaModel.forward` of transformers 5.23,
-        with each adapter reading the workspace beside its layer. No workspace (`workspace_kv=None`): the backbone."""
+        with each adapter reading the workspace beside its layer. No workspace (`workspace_kv=None`,
+        `context_workspace=None`) or closed gates: the backbone."""
         backbone = self.model
         text_config = backbone.config
         if position_ids is None:
@@ -829,9 +1013,35 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
             for key, kv in zip(self.adapters.keys(), workspace_kv, strict=True):
                 if kv is not None:
                     open_adapters[int(key)] = (self.adapters[key], kv)
+        # in_context: the slots pass through every layer beside the tokens (the last one predicts at its landing)
+        context_layers, slots, geometry = -1, None, None
+        if context_workspace is not None and not context_workspace.is_empty():
+            is_open = self.workspace.is_active() or any(adapter.is_active() for adapter in self.adapters.values())
+            context_layers = text_config.num_hidden_layers - 1 if is_open else -1
+            if context_layers >= 0:
+                past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+                geometry = ContextGeometry.build(
+                    backbone.rotary_emb, hidden, context_workspace, position_ids, attention_mask, past_seen
+                )
+                if context_workspace.num_new:
+                    slots = context_workspace.new_slots.to(hidden.dtype)
         all_hidden = (hidden,) if output_hidden_states else None
         for i, layer in enumerate(backbone.layers[: text_config.num_hidden_layers]):
-            if i in open_adapters:
+            if i <= context_layers:
+                adapter = self.adapters[str(i)] if str(i) in self.adapters else None
+                read = partial(read_in_context, layer, None if adapter is None else adapter.gate)
+                if layer.gradient_checkpointing and layer.training:  # as the layer itself would be (no cache)
+                    read, past_key_values = partial(layer._gradient_checkpointing_func, read), None
+                hidden, slots = read(
+                    hidden,
+                    slots,
+                    masks[layer_types[i]],
+                    position_embeddings,
+                    past_key_values,
+                    context_workspace,
+                    geometry,
+                )
+            elif i in open_adapters:
                 adapter, (workspace_key, workspace_value) = open_adapters[i]
                 read = partial(adapter, layer)
                 if layer.gradient_checkpointing and layer.training:  # as the layer itself would be (no cache)
@@ -857,6 +1067,10 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
                 )
             if output_hidden_states:
                 all_hidden += (hidden,)
+        if slots is not None:
+            hidden = geometry.read_out(hidden, slots, self.workspace.gate)
+        if context_workspace is not None:  # (closed gates: nothing reads the slots, nor will in this generation)
+            context_workspace.entered()
         return backbone.norm(hidden), all_hidden
 
     # -- Generation ----------------------------------------------------------------------------------------------------
