@@ -2,15 +2,19 @@
 
 Data flow (one forward pass):
 
-    update tokens --embed_tokens--> UpdateEncoder --> Workspace (S slots) --> workspace versions (B, V, S, D)
-        (config.workspace_update: "fifo" keeps the newest S encoded tokens, "gated" rewrites S learned slots)
-    workspace versions --frozen backbone--> per-layer keys/values of the slots (project_workspace)
-    input_ids --embed_tokens--> [WorkspaceAdapter i: decoder layer i whose attention also reads the slots]* --> lm_head
+    update tokens --embed_tokens--> UpdateEncoder --> Workspace --> workspace versions (B, V, S, D)
+        (config.workspace_update: "in_context" keeps each correction's own encoded tokens, "fifo" the newest S
+        encoded tokens of the prompt and every correction, "gated" rewrites S learned slots)
+    in_context: every version's slots placed after the token where it landed, at in-band positions
+        (ContextWorkspace, ContextGeometry); the frozen backbone reads them in context, layer by layer, beside the
+        tokens (read_in_context), and the last slot of a landing predicts in place of that token
+    fifo / gated: versions --frozen backbone--> per-layer keys/values of the slots, read apart (project_workspace)
+    input_ids --embed_tokens--> [decoder layer i whose attention also reads the workspace, gated]* --> lm_head
 
-Every position sees exactly one workspace version: the one after all updates whose position is <= its own (the
-workspace is empty before the first update). Teacher-forced training and step-by-step generation share this rule
-(`WorkspaceVersions`) and the single `DuplexForCausalLM.apply_update`; the backbone's token sequence and KV cache
-are never rewritten.
+Every position sees the workspace the updates landed before it made (empty before the first update; in context:
+every correction so far, apart: the newest version). Teacher-forced training and step-by-step generation share
+this rule (`WorkspaceVersions`) and the single `DuplexForCausalLM.apply_update`; the backbone's token sequence and
+KV cache are never rewritten.
 """
 
 from __future__ import annotations
