@@ -237,25 +237,24 @@ class ContextWorkspace:
     keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, kv_heads, M - M_new, hd)
     values: dict[int, torch.Tensor] = field(default_factory=dict)
     keep: bool = False  # store the new slots' keys/values for later steps (generation)
+    reads: bool | None = None  # whether the model's gates read it: decided once (the gates stay put while generating)
+    empty: bool = field(init=False)  # no slot is read by any row (only backchannels so far): exactly the backbone
 
     def __post_init__(self) -> None:
         if self.new_slots is not None and self.new_slots.shape[1] == 0:
             self.new_slots = None
+        self.empty = not bool((self.starts != NEVER).any())  # once per change, not per decoding step
 
     @property
     def num_new(self) -> int:
         return 0 if self.new_slots is None else self.new_slots.shape[1]
 
-    def is_empty(self) -> bool:
-        return not bool((self.starts != NEVER).any())
-
     def extend(self, entering: ContextWorkspace) -> ContextWorkspace:
         """This workspace plus the slots of `entering` (whose keys/values the next forward pass computes)."""
         if self.new_slots is not None:
             raise RuntimeError("the previous slots have not entered a forward pass yet")
-        new_slots = entering.new_slots if entering.num_new else None
         starts = torch.cat([self.starts, entering.starts], dim=1)
-        return ContextWorkspace(starts, new_slots, self.keys, self.values, self.keep)
+        return ContextWorkspace(starts, entering.new_slots, self.keys, self.values, self.keep, self.reads)
 
     def store(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Keep one layer's keys/values of every slot so far (B, kv_heads, M, hd), when generating."""
@@ -524,14 +523,15 @@ class DuplexGenerationState:
     def _place_in_context(self, model_inputs: dict) -> None:
         """`in_context`: the slots of versions written since the last step enter this forward pass, which keeps
         their keys/values in `self.context` for the following steps. No correction yet: the plain backbone."""
-        entering = self.versions.placed_in_context(self.placed_versions)
-        self.placed_versions = self.versions.starts.shape[1]
-        if self.context is None:
-            self.context = entering
-            self.context.keep = True
-        elif entering.starts.shape[1]:
-            self.context = self.context.extend(entering)
-        model_inputs["context_workspace"] = None if self.context.is_empty() else self.context
+        if self.context is None or self.versions.starts.shape[1] > self.placed_versions:  # a correction was written
+            entering = self.versions.placed_in_context(self.placed_versions)
+            self.placed_versions = self.versions.starts.shape[1]
+            if self.context is None:
+                entering.keep = True
+                self.context = entering
+            else:
+                self.context = self.context.extend(entering)
+        model_inputs["context_workspace"] = None if self.context.empty else self.context
 
     def _written_tokens(self, update: _PendingUpdate) -> list[int]:
         """The correction as text writes it (`config.inband_template`); raw token ids when there is no tokenizer."""

@@ -78,6 +78,11 @@ ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def gate_is_open(gate: nn.Parameter) -> bool:
+    """A zero-initialised gate changes its output only when some entry is non-zero, or while it is being trained."""
+    return bool(gate.detach().any()) or (gate.requires_grad and torch.is_grad_enabled())
+
+
 class ZeroInitLinear(nn.Linear):
     """A Linear layer that `_init_weights` sets to zero (weight and bias): the output projections of the update
     encoder's blocks, so that each starts as the identity."""
@@ -302,7 +307,7 @@ class InContextWorkspace(Workspace):
 
     def is_active(self) -> bool:
         """A closed readout gate changes nothing, unless it is being trained."""
-        return bool(self.gate.detach().any()) or (self.gate.requires_grad and torch.is_grad_enabled())
+        return gate_is_open(self.gate)
 
     def forward(
         self, slots: torch.Tensor, slot_mask: torch.Tensor, encoded: torch.Tensor, attention_mask: torch.Tensor
@@ -334,7 +339,7 @@ class WorkspaceAdapter(nn.Module):
 
     def is_active(self) -> bool:
         """Closed gates (all zero) leave the layer exactly as it is, unless they are being trained."""
-        return bool(self.gate.detach().any()) or (self.gate.requires_grad and torch.is_grad_enabled())
+        return gate_is_open(self.gate)
 
     def forward(
         self,
@@ -1018,20 +1023,22 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
                 if kv is not None:
                     open_adapters[int(key)] = (self.adapters[key], kv)
         # in_context: the slots pass through every layer beside the tokens (the last one predicts at its landing)
-        context_layers, slots, geometry = -1, None, None
-        if context_workspace is not None and not context_workspace.is_empty():
-            is_open = self.workspace.is_active() or any(adapter.is_active() for adapter in self.adapters.values())
-            context_layers = text_config.num_hidden_layers - 1 if is_open else -1
-            if context_layers >= 0:
-                past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
-                geometry = ContextGeometry.build(
-                    backbone.rotary_emb, hidden, context_workspace, position_ids, attention_mask, past_seen
-                )
-                if context_workspace.num_new:
-                    slots = context_workspace.new_slots.to(hidden.dtype)
+        reads_context, slots, geometry = False, None, None
+        if context_workspace is not None and not context_workspace.empty:
+            if context_workspace.reads is None:  # once per generation (per pass when teacher-forced)
+                gates = [self.workspace, *self.adapters.values()]
+                context_workspace.reads = any(module.is_active() for module in gates)
+            reads_context = context_workspace.reads
+        if reads_context:
+            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            geometry = ContextGeometry.build(
+                backbone.rotary_emb, hidden, context_workspace, position_ids, attention_mask, past_seen
+            )
+            if context_workspace.num_new:
+                slots = context_workspace.new_slots.to(hidden.dtype)
         all_hidden = (hidden,) if output_hidden_states else None
         for i, layer in enumerate(backbone.layers[: text_config.num_hidden_layers]):
-            if i <= context_layers:
+            if reads_context:
                 adapter = self.adapters[str(i)] if str(i) in self.adapters else None
                 read = partial(read_in_context, layer, None if adapter is None else adapter.gate)
                 if layer.gradient_checkpointing and layer.training:  # as the layer itself would be (no cache)
