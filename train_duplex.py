@@ -41,7 +41,7 @@ from transformers import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from backbone_shapes import backbone_config
-from data import FAMILIES, build_byte_tokenizer, build_dataset
+from data import FAMILIES, LANDINGS, build_byte_tokenizer, build_dataset
 from data.collate import IGNORE_INDEX, DuplexCollator, tokenize_row
 from data.prompts import PromptFormat
 from generation_duplex import NO_UPDATE, pack_updates, update_position
@@ -82,6 +82,13 @@ class DuplexArguments:
     phase0_family_weights: str | None = field(
         default=None,
         metadata={"help": "phase 0's data mixture, e.g. 'add=4,case=2' (families not named weigh 1)"},
+    )
+    phase0_landing_weights: str | None = field(
+        default=None,
+        metadata={
+            "help": "where phase 0's in-band corrections land, e.g. 'in_word=4,after_space=2' (kinds not named "
+            "weigh 1; default: every kind the same)"
+        },
     )
     phase0_bf16: bool = field(
         default=True, metadata={"help": "phase 0 under bf16 autocast (fp32 master weights); --phase0_bf16 False: fp32"}
@@ -698,15 +705,15 @@ def cache_on(model: PreTrainedModel) -> Iterator[PreTrainedModel]:
             config.use_cache = flag
 
 
-def parse_family_weights(text: str | None) -> dict[str, float] | None:
-    """'add=4,case=2' -> {"add": 4.0, "case": 2.0}; None stays None (every family weighs the same)."""
+def parse_weights(text: str | None, known: Sequence[str], flag: str) -> dict[str, float] | None:
+    """'add=4,case=2' -> {"add": 4.0, "case": 2.0} over the `known` names; None stays None (all weigh the same)."""
     if not text:
         return None
     weights = {}
     for item in text.split(","):
         name, sep, value = item.partition("=")
-        if not sep or name.strip() not in FAMILIES:
-            raise ValueError(f"--phase0_family_weights: expected family=weight with a known family, got {item!r}")
+        if not sep or name.strip() not in known:
+            raise ValueError(f"{flag}: expected name=weight with a name of {list(known)}, got {item!r}")
         weights[name.strip()] = float(value)
     return weights
 
@@ -726,13 +733,14 @@ def pretrain_tiny_backbone(args: DuplexArguments, training_args: TrainingArgumen
             "tiny", vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
         )
         backbone = Qwen3ForCausalLM(config)
-    weights = parse_family_weights(args.phase0_family_weights)
+    weights = parse_weights(args.phase0_family_weights, list(FAMILIES), "--phase0_family_weights")
+    landing = parse_weights(args.phase0_landing_weights, LANDINGS, "--phase0_landing_weights") or "any"
     plain = tokenized(args, training_args.seed + 100, args.train_size, tokenizer, "plain", family_weights=weights)
     restart = tokenized(
         args, training_args.seed + 101, args.train_size // 2, tokenizer, "restart", family_weights=weights
     )
     inband = tokenized(  # corrections spliced in wherever they land: before the space, after it, inside a word
-        args, training_args.seed + 102, args.train_size, tokenizer, "inband", family_weights=weights, landing="any"
+        args, training_args.seed + 102, args.train_size, tokenizer, "inband", family_weights=weights, landing=landing
     )
     corpus = datasets.concatenate_datasets([plain, restart, inband]).shuffle(seed=training_args.seed)
     curves = HeldOutCurves(

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import datasets
 
-from .tasks import FAMILIES, HELD_OUT_DISTRACTORS, Instance, TaskUpdate, get_family
+from .tasks import FAMILIES, HELD_OUT_DISTRACTORS, LANDINGS, Instance, TaskFamily, TaskUpdate, get_family
 
 # Kinds of instance in a mix: (number of updates, distractor?, where the updates land: None = `build_dataset`'s
 # `landing`). "held_out_distractor": a backchannel that no training row uses (HELD_OUT_DISTRACTORS), for the
@@ -91,6 +91,14 @@ def dataset_from_instances(instances: Iterable[Instance]) -> datasets.Dataset:
     return datasets.Dataset.from_list(rows, features=FEATURES)
 
 
+def draw_landing(landing: str | Mapping[str, float], family: TaskFamily, rng: random.Random) -> str:
+    """`landing` as `TaskFamily.sample` takes it: a name stays; weights draw one of the family's landing kinds."""
+    if isinstance(landing, str):
+        return landing
+    kinds = list(family.landings)
+    return rng.choices(kinds, [landing.get(kind, 1.0) for kind in kinds])[0]
+
+
 def build_dataset(
     split: str,
     n: int,
@@ -99,13 +107,14 @@ def build_dataset(
     mix: dict[str, float] | None = None,
     canonical_prob: float = 0.5,
     family_weights: dict[str, float] | None = None,
-    landing: str = "before_space",
+    landing: str | Mapping[str, float] = "before_space",
 ) -> datasets.Dataset:
     """`n` instances, families round-robin (or drawn with `family_weights`, default 1 each: more data where a family
     lags), kinds drawn from `mix` (keys of MIX_KINDS). Train uses canonical phrasings with probability
     `canonical_prob`; the held-out splits always do. `landing`: where updates land unless the kind says
-    (`TaskFamily.sample`; "any" draws every kind of landing point). A kind that lands where a family's answers
-    have no such point (inside a word of a spelling) gets no rows of that family."""
+    (`TaskFamily.sample`; "any" draws every kind of landing point; a mapping such as {"in_word": 4} draws a kind per
+    instance with those weights, kinds not named weighing 1, among the kinds the family has). A kind that lands where
+    a family's answers have no such point (inside a word of a spelling) gets no rows of that family."""
     names = list(families or FAMILIES)
     fams = [get_family(f) for f in names]
     unknown_families = set(family_weights or {}) - set(names)
@@ -120,6 +129,11 @@ def build_dataset(
     instances = []
     family_rng = random.Random(f"duplex:{split}:{seed}:families")  # the round-robin draws stay as they were
     family_odds = [(family_weights or {}).get(name, 1.0) for name in names]
+    if not isinstance(landing, str):
+        unknown_landings = set(landing) - set(LANDINGS)
+        if unknown_landings:
+            raise ValueError(f"`landing` weighs unknown landing kinds {sorted(unknown_landings)}; known: {LANDINGS}")
+    landing_rng = random.Random(f"duplex:{split}:{seed}:landings")  # drawn apart: the other draws stay as they were
     for i in range(n):
         kind = rng.choices(kinds, weights)[0]
         n_updates, distractor, kind_landing = MIX_KINDS[kind]
@@ -138,7 +152,7 @@ def build_dataset(
                 distractor=distractor,
                 canonical=canonical,
                 backchannels=backchannels,
-                landing=kind_landing or landing,
+                landing=kind_landing or draw_landing(landing, family, landing_rng),
             )
         )
     return dataset_from_instances(instances)

@@ -260,6 +260,16 @@ def test_family_weights_set_the_mixture():
         build_dataset("train", 7, seed=1, families=["list"], family_weights={"add": 2.0})
 
 
+def test_landing_weights_set_where_updates_land():
+    rows = build_dataset("train", 400, seed=1, mix={"one": 1.0}, landing={"in_word": 8.0})
+    kinds = [landing_kind(r["update_shifts"][0]) for r in rows if r["update_word_indices"][0] > 0]
+    assert kinds.count("in_word") > 3 * max(kinds.count("before_space"), kinds.count("after_space"))
+    spelled = [landing_kind(r["update_shifts"][0]) for r in rows if r["family"] == "spell"]
+    assert spelled and "in_word" not in spelled  # a spelling has no point inside a word: its kinds are drawn
+    with pytest.raises(ValueError, match="landing"):
+        build_dataset("train", 7, seed=1, landing={"mid_word": 2.0})
+
+
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_change_offsets_mark_where_each_correction_first_changes_the_answer(name):
     """A correction's change offset is the first character where the answer differs from the answer without it
