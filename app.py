@@ -8,10 +8,12 @@ One prompt runs four ways at once, each in its own pane:
   Duplex (workspace)  the correction is written into the latent workspace; decoding goes on from the same KV cache
   in-band             the correction's tokens are spliced into the live context (same model, same cache)
   restart             the half-duplex baseline: the frozen backbone stops, is re-prompted with
-                      "{instruction}\\n{correction}\\n" and writes its answer from scratch
+                      "{instruction}\\n{correction}\\n" and writes its answer from scratch (the duplex model with an
+                      empty workspace, which is exactly its backbone)
   ignored             the same model with the correction dropped: what it would have written without it
 Each correction is marked in the text where it landed, with its measured latency (from sending it to the first token
-conditioned on it); the restart pane shows the time it takes to re-prefill and the tokens it throws away.
+conditioned on it); the restart pane shows the time it takes to re-prefill and the tokens it throws away. The panes
+are rows of one batched decoding loop (`engine_duplex.DuplexEngine`): a restart joins it mid-flight.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from typing import Any
 import gradio as gr
 import torch
 
-from serve_duplex import DEFAULT_MODEL, LiveGeneration, SessionFinished, load_model
+from engine_duplex import DuplexEngine, EngineSession, SessionFinished
+from serve_duplex import DEFAULT_MODEL, load_model
 
 PANES = ("workspace", "inband", "restart", "ignore")
 TITLES = {
@@ -135,48 +138,41 @@ def render_marker(mark: dict) -> str:
 
 
 class DemoRun:
-    """The same prompt through the duplex model in three update modes plus the restart baseline on its backbone, all
-    streaming at once; `correct` sends a correction to all four, `pump` folds their events into the panes."""
+    """The same prompt through the duplex model in three update modes plus the restart baseline, all streaming at
+    once as rows of one engine; `correct` sends a correction to all four, `pump` folds their events into the panes."""
 
     def __init__(self, model, tokenizer, prompt: str, max_new_tokens: int, pace_s: float):
         self.model, self.tokenizer = model, tokenizer
         self.instruction = prompt.strip()
-        self.max_new_tokens, self.pace_s = max_new_tokens, pace_s
+        self.max_new_tokens = max_new_tokens
+        self.engine = DuplexEngine(model, tokenizer, max_batch_size=8, pace_s=pace_s)
         self.events: queue.Queue = queue.Queue()
         self.panes = {name: Pane() for name in PANES}
-        self.live = {
-            mode: self._generation(model, self.instruction + "\n", ("live", mode), update_mode=mode)
-            for mode in ("workspace", "inband", "ignore")
-        }
+        self.live: dict[str, EngineSession] = {}
         self.corrections: list[str] = []
-        backbone = model.get_base_model()
-        first = self._generation(backbone, self.instruction + "\n", ("restart", 0))
-        self.restarts: list[tuple[LiveGeneration, dict | None]] = [(first, None)]  # (run, its marker), newest last
+        self.restarts: list[tuple[EngineSession, dict | None]] = []  # (run, its marker), newest last
         self.lock = threading.Lock()
         self.shown_restart = 0  # the restart run the pane shows (the pump's own view: a newer run may be starting)
 
-    def _generation(self, model, prompt: str, tag: tuple, **kwargs) -> LiveGeneration:
-        return LiveGeneration(
-            model,
-            self.tokenizer,
-            prompt,
-            emit=partial(self._emit, tag),
-            max_new_tokens=self.max_new_tokens,
-            pace_s=self.pace_s,
-            **kwargs,
+    def _generation(self, prompt: str, tag: tuple, update_mode: str) -> EngineSession:
+        return self.engine.submit(
+            prompt, emit=partial(self._emit, tag), max_new_tokens=self.max_new_tokens, update_mode=update_mode
         )
 
     def _emit(self, tag: tuple, event: dict) -> None:
         self.events.put((tag, event))
 
-    def _restart(self, prompt: str, marker: dict) -> None:
-        run = self._generation(self.model.get_base_model(), prompt, ("restart", len(self.restarts)))
+    def _restart(self, prompt: str, marker: dict | None) -> None:
+        """A new restart run; no correction reaches it (the duplex model with an empty workspace is its backbone)."""
+        run = self._generation(prompt, ("restart", len(self.restarts)), update_mode="ignore")
         self.restarts.append((run, marker))
-        run.start()
 
     def start(self) -> DemoRun:
-        for generation in [*self.live.values(), self.restarts[0][0]]:
-            generation.start()
+        self.engine.start()
+        with self.lock:
+            for mode in ("workspace", "inband", "ignore"):
+                self.live[mode] = self._generation(self.instruction + "\n", ("live", mode), update_mode=mode)
+            self._restart(self.instruction + "\n", None)
         return self
 
     def correct(self, text: str) -> bool:
@@ -207,8 +203,10 @@ class DemoRun:
         return True
 
     def cancel(self) -> None:
+        """Stop every run and the engine (the page closed, or Start was pressed again)."""
         for generation in [*self.live.values(), *(run for run, _ in self.restarts)]:
             generation.cancel()
+        self.engine.close()
 
     @property
     def finished(self) -> bool:
@@ -372,13 +370,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: a GPU if there is one)")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="the slider's maximum")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads per generation (four run at once)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, args.device, args.dtype)
     demo = build_demo(model, tokenizer, args.max_new_tokens)
     demo.queue(default_concurrency_limit=None).launch(server_name=args.host, server_port=args.port, css=CSS)

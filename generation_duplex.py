@@ -126,6 +126,17 @@ def update_position(prompt_length: int, at: int) -> int:
     return prompt_length - 1 + at
 
 
+def newest_column(model_inputs: dict) -> int:
+    """Sequence index of a forward pass's last token (its logits pick the next token): `update_position` for the
+    updates that land before that pass, counting every column of the cache (in-band insertions included)."""
+    mask = model_inputs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        return mask.shape[1] - 1
+    cache = model_inputs.get("past_key_values")
+    past = cache.get_seq_length() if cache is not None else 0
+    return past + model_inputs["input_ids"].shape[1] - 1
+
+
 def workspace_update_tokens(prompt_ids: Sequence[int], correction_ids: Sequence[int], first: bool) -> list[int]:
     """What the update encoder reads for one update: the correction as it would be written in-band, preceded by the
     prompt it corrects when it is the row's first. The workspace then holds the prompt and the corrections in order,
@@ -163,6 +174,23 @@ def left_padding(attention_mask: torch.Tensor | None, batch_size: int, device: t
 
 
 NEVER = torch.iinfo(torch.long).max  # start of a version that a row never reaches
+
+
+def column_positions(attention_mask: torch.Tensor | None, columns: torch.Tensor) -> torch.Tensor:
+    """RoPE positions of sequence indices: attention_mask (B, K) 0/1 and columns (B, N) -> (B, N), the real tokens
+    before each column (padding takes none, wherever it lies: left padding, or the gap an in-band splice of another
+    row of the batch leaves). NEVER stays NEVER."""
+    if attention_mask is None or isinstance(attention_mask, dict):
+        return columns
+    valid_before = torch.nn.functional.pad(attention_mask.long().cumsum(-1), (1, 0))  # (B, K + 1)
+    columns = columns.to(valid_before.device)
+    found = valid_before.gather(1, columns.clamp(0, valid_before.shape[1] - 1))
+    return torch.where(columns == NEVER, NEVER, found)
+
+
+def _shift_columns(starts: torch.Tensor, shift: int) -> torch.Tensor:
+    """Sequence indices moved by `shift` columns (NEVER stays NEVER)."""
+    return torch.where(starts == NEVER, NEVER, starts + shift)
 
 
 @dataclass
@@ -211,6 +239,34 @@ class WorkspaceVersions:
         slot_version = torch.arange(num_versions, device=positions.device).repeat_interleave(num_slots)  # (V*S,)
         same_version = slot_version[None, None, :] == version[:, :, None]  # (B, T, V*S)
         return (same_version & self.slot_mask.flatten(1)[:, None, :]).unsqueeze(1)
+
+    def select(self, rows: torch.Tensor) -> WorkspaceVersions:
+        """Only the batch rows `rows` (B',)."""
+        return WorkspaceVersions(self.slots[rows], self.slot_mask[rows], self.starts[rows])
+
+    def shift(self, columns: int) -> WorkspaceVersions:
+        """The same versions after `columns` columns were added (> 0) or removed (< 0) on the left of the sequence."""
+        return WorkspaceVersions(self.slots, self.slot_mask, _shift_columns(self.starts, columns))
+
+    def concat(self, other: WorkspaceVersions) -> WorkspaceVersions:
+        """The rows of both, over the same columns; the one with fewer versions gets versions that never start."""
+        width = max(self.starts.shape[1], other.starts.shape[1])
+
+        def padded(v: WorkspaceVersions) -> WorkspaceVersions:
+            extra = width - v.starts.shape[1]
+            if not extra:
+                return v
+            batch, _, num_slots, hidden = v.slots.shape
+            return WorkspaceVersions(
+                torch.cat([v.slots, v.slots.new_zeros(batch, extra, num_slots, hidden)], dim=1),
+                torch.cat([v.slot_mask, v.slot_mask.new_zeros(batch, extra, num_slots)], dim=1),
+                torch.cat([v.starts, v.starts.new_full((batch, extra), NEVER)], dim=1),
+            )
+
+        a, b = padded(self), padded(other)
+        return WorkspaceVersions(
+            torch.cat([a.slots, b.slots]), torch.cat([a.slot_mask, b.slot_mask]), torch.cat([a.starts, b.starts])
+        )
 
     def placed_in_context(self, first_version: int = 1) -> ContextWorkspace:
         """The versions from `first_version` on as slots placed in the context (`workspace_update="in_context"`:
@@ -266,6 +322,40 @@ class ContextWorkspace:
         if self.keep:
             self.new_slots = None
 
+    def select(self, rows: torch.Tensor) -> ContextWorkspace:
+        """Only the batch rows `rows` (between forward passes)."""
+        keys = {layer: k[rows] for layer, k in self.keys.items()}
+        values = {layer: v[rows] for layer, v in self.values.items()}
+        return ContextWorkspace(self.starts[rows], None, keys, values, self.keep, self.reads)
+
+    def shift(self, columns: int) -> ContextWorkspace:
+        """The same slots after `columns` columns were added (> 0) or removed (< 0) on the left of the sequence."""
+        return ContextWorkspace(
+            _shift_columns(self.starts, columns), None, self.keys, self.values, self.keep, self.reads
+        )
+
+    def concat(self, other: ContextWorkspace) -> ContextWorkspace:
+        """The rows of both, over the same columns (between forward passes); unused slot columns pad the narrower."""
+        width = max(self.starts.shape[1], other.starts.shape[1])
+        starts = torch.cat([_pad_dim(self.starts, 1, width, NEVER), _pad_dim(other.starts, 1, width, NEVER)])
+        merged = []
+        for mine, theirs in ((self.keys, other.keys), (self.values, other.values)):
+            layers = {}
+            for layer, like in {**theirs, **mine}.items():  # a side without slots yet has no keys/values
+                a = mine.get(layer, like.new_zeros(self.starts.shape[0], *like.shape[1:2], 0, like.shape[3]))
+                b = theirs.get(layer, like.new_zeros(other.starts.shape[0], *like.shape[1:2], 0, like.shape[3]))
+                layers[layer] = torch.cat([_pad_dim(a, 2, width), _pad_dim(b, 2, width)])
+            merged.append(layers)
+        reads = self.reads if self.reads is not None else other.reads
+        return ContextWorkspace(starts, None, merged[0], merged[1], self.keep or other.keep, reads)
+
+
+def _pad_dim(tensor: torch.Tensor, dim: int, size: int, fill: int = 0) -> torch.Tensor:
+    """`tensor` padded with `fill` at the end of dimension `dim` up to `size`."""
+    extra = list(tensor.shape)
+    extra[dim] = size - tensor.shape[dim]
+    return torch.cat([tensor, tensor.new_full(extra, fill)], dim=dim)
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The generation state
@@ -291,36 +381,39 @@ class _PendingUpdate:
 class DuplexGenerationState:
     """Per-`generate` state: pending updates, the workspace versions of every row and the adapters' cached K/V.
 
-    Lives in generate's model kwargs (a mutable object, like the KV cache), so it persists across steps.
+    Lives in generate's model kwargs (a mutable object, like the KV cache), so it persists across steps. A serving
+    loop drives the same state directly (`start`, `step`, `after_forward`) and changes its rows between steps
+    (`select_rows`, `shift_columns`, `concat`), so every row's updates land by the same rules as in `generate`.
+    `update_mode` may differ per row (a list of modes).
     """
 
     model: torch.nn.Module  # the DuplexForCausalLM that generates
     batch_size: int
     updates: object = None
-    update_mode: str = "workspace"
+    update_mode: str | Sequence[str] = "workspace"
     tokenizer: object = None
     pending: list[list[_PendingUpdate]] = field(default_factory=list)
     landings: list[list[UpdateLanding]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.update_mode not in UPDATE_MODES:
-            raise ValueError(f"`update_mode` must be one of {UPDATE_MODES}, got {self.update_mode!r}")
+        modes = [self.update_mode] * self.batch_size if isinstance(self.update_mode, str) else list(self.update_mode)
+        for mode in modes:
+            if mode not in UPDATE_MODES:
+                raise ValueError(f"`update_mode` must be one of {UPDATE_MODES}, got {mode!r}")
+        if len(modes) != self.batch_size:
+            raise ValueError(f"`update_mode` has {len(modes)} rows but the batch has {self.batch_size}")
+        self.modes = modes
         self.stream = self.updates if isinstance(self.updates, UpdateStream) else None
         scheduled = None if self.stream is not None else self.updates
         self.pending = self._normalize(scheduled)
-        if self.has_updates and self.update_mode == "inband" and self.tokenizer is None:
+        if self.has_updates and "inband" in modes and self.tokenizer is None:
             if self.model.config.inband_template != "{text}":
                 raise ValueError("`update_mode='inband'` needs `tokenizer=` to encode `config.inband_template`")
-        # each mode lands its due updates in its own way, before the forward pass that first sees them
-        self.land = {
-            "workspace": self._land_in_workspace,
-            "ignore": self._drop,
-            "inband": self._splice_inband,
-        }[self.update_mode]
         if self.stream is not None:  # from here on, `put` refuses what this call cannot land
             self.stream.open(self.batch_size, has_tokenizer=self.tokenizer is not None)
         self.landings = [[] for _ in range(self.batch_size)]
-        self.prompt_length: int | None = None
+        self.prompt_length: int | None = None  # `generate`: the prompt's columns (the padded batch's)
+        self.generated: list[int] = [0] * self.batch_size  # per row: new tokens before the current step
         self.versions: WorkspaceVersions | None = None
         self.current_kv: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None  # adapters' K/V, newest versions
         self.stale_rows: set[int] = set()  # rows whose newest version changed since `current_kv` was computed
@@ -348,7 +441,7 @@ class DuplexGenerationState:
             if unsupported(value):
                 raise ValueError(f"`{name}={value!r}` is not supported together with `updates`")
         use_cache = kwargs.get("use_cache", getattr(generation_config, "use_cache", True))
-        if self.update_mode == "inband" and use_cache is False:
+        if "inband" in self.modes and use_cache is False:
             raise ValueError("`update_mode='inband'` needs `use_cache=True`: the correction is spliced into the cache")
 
     def _normalize(self, updates) -> list[list[_PendingUpdate]]:
@@ -393,25 +486,23 @@ class DuplexGenerationState:
             raise ValueError("`updates`: update token ids are empty")
         return [int(t) for t in token_ids], None
 
+    def put(self, row: int, payload: str | Sequence[int], arrived: float | None = None) -> None:
+        """Queue a live update for `row`: it lands before the row's next token (a serving loop's corrections)."""
+        token_ids, text = self._tokenize(payload)
+        self.pending[row].append(_PendingUpdate(None, token_ids, text, arrived or time.perf_counter()))
+
     # -- the generation loop -------------------------------------------------------------------------------------------
 
     def prepare_step(self, input_ids: torch.Tensor, model_inputs: dict) -> None:
-        """Before each forward: poll the stream, land due updates, and hand the adapters their workspace K/V."""
+        """`generate`'s hook before each forward: the first call starts the rows from the prompt; then `step`, every
+        row having generated the tokens that `input_ids` holds beyond the prompt."""
         if self.prompt_length is None:
             mask = model_inputs.get("attention_mask")
-            self._start(input_ids, mask if isinstance(mask, torch.Tensor) else None)
-        generated = input_ids.shape[1] - self.prompt_length
-        if self.stream is not None:
-            for payload, row, arrived in self.stream.drain():
-                token_ids, text = self._tokenize(payload)
-                rows = range(self.batch_size) if row is None else [row]
-                for b in rows:
-                    self.pending[b].append(_PendingUpdate(None, token_ids, text, arrived))
-        self.land(self._due_updates(generated), generated, model_inputs)
-        self._set_workspace_inputs(model_inputs)
+            self.start(input_ids, mask if isinstance(mask, torch.Tensor) else None)
+        self.step([input_ids.shape[1] - self.prompt_length] * self.batch_size, model_inputs)
 
-    def _start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
-        """First step: remember the prompt length; the workspace starts empty."""
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        """Before the first forward: remember each row's prompt; the workspace starts empty."""
         if input_ids.shape[0] != self.batch_size:
             raise ValueError(
                 f"generate expanded the batch from {self.batch_size} to {input_ids.shape[0]} rows "
@@ -420,32 +511,54 @@ class DuplexGenerationState:
         self.prompt_length = input_ids.shape[1]
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         self.prompt_ids = [row[keep.bool()].tolist() for row, keep in zip(input_ids, mask, strict=True)]
-        self.left_padding = left_padding(mask, self.batch_size, mask.device)  # (B,)
         self.versions = WorkspaceVersions.empty(*self.model.empty_workspace(self.batch_size))
 
-    def _due_updates(self, generated: int) -> list[tuple[int, _PendingUpdate]]:
+    def step(self, generated: Sequence[int], model_inputs: dict) -> None:
+        """Before each forward, each row having generated `generated[row]` tokens: poll the stream, land the due
+        updates of every row by its mode, and hand the model its workspace inputs. In-band rows splice first; the
+        others' updates land at the sequence index of their newest token (`update_position`)."""
+        self.generated = list(generated)
+        if self.stream is not None:
+            for payload, row, arrived in self.stream.drain():
+                token_ids, text = self._tokenize(payload)
+                for b in range(self.batch_size) if row is None else [row]:
+                    self.pending[b].append(_PendingUpdate(None, token_ids, text, arrived))
+        due = self._due_updates()
+        spliced = [(b, update) for b, update in due if self.modes[b] == "inband"]
+        if spliced:  # may lengthen the pass: every row's newest token moves to the new last column
+            self._splice_inband(spliced, model_inputs)
+        dropped = [(b, update) for b, update in due if self.modes[b] == "ignore"]
+        if dropped:
+            self._drop(dropped)
+        written = [(b, update) for b, update in due if self.modes[b] == "workspace"]
+        if written:
+            self._land_in_workspace(written, newest_column(model_inputs))
+        self._set_workspace_inputs(model_inputs)
+
+    def _due_updates(self) -> list[tuple[int, _PendingUpdate]]:
         due, now = [], time.perf_counter()
         for b, row in enumerate(self.pending):
-            while row and (row[0].at is None or row[0].at <= generated):
+            while row and (row[0].at is None or row[0].at <= self.generated[b]):
                 update = row.pop(0)
                 update.arrived_time = update.arrived_time or now  # a scheduled update arrives when it falls due
                 due.append((b, update))
         return due
 
-    def _record(self, row: int, update: _PendingUpdate, at: int, applied: bool, kind: str | None = None) -> None:
+    def _record(self, row: int, update: _PendingUpdate, applied: bool, kind: str | None = None) -> None:
+        at = self.generated[row]
         landing = UpdateLanding(at, update.at, update.text, update.token_ids, applied, update.arrived_time, kind=kind)
         self.landings[row].append(landing)
         self.landed_this_step.append((row, landing))
 
-    def _drop(self, due: list[tuple[int, _PendingUpdate]], generated: int, model_inputs: dict) -> None:
+    def _drop(self, due: list[tuple[int, _PendingUpdate]]) -> None:
         """`ignore` (the ablation): due updates are reported as arrived and not applied; nothing changes."""
         for b, update in due:
-            self._record(b, update, generated, applied=False)
+            self._record(b, update, applied=False)
 
-    def _land_in_workspace(self, due: list[tuple[int, _PendingUpdate]], generated: int, model_inputs: dict) -> None:
+    def _land_in_workspace(self, due: list[tuple[int, _PendingUpdate]], position: int) -> None:
         """`workspace`: apply due updates through `model.apply_update`, in rounds of at most one update per row;
-        only the rows with an update are encoded (and later re-read)."""
-        position = update_position(self.prompt_length, generated)
+        only the rows with an update are encoded (and later re-read). `position`: the sequence index whose logits
+        are the first conditioned on them (`update_position`)."""
         device = self.versions.starts.device
         while due:
             this_round: dict[int, _PendingUpdate] = {}
@@ -481,7 +594,7 @@ class DuplexGenerationState:
             self.stale_rows.update(b for b, correction in corrections.items() if correction)
             for b, update in this_round.items():
                 kind = "correction" if corrections[b] else "backchannel"
-                self._record(b, update, generated, applied=True, kind=kind)
+                self._record(b, update, applied=True, kind=kind)
 
     def _set_workspace_inputs(self, model_inputs: dict) -> None:
         """Single-token steps read each row's newest version (its K/V computed once per change of that row); longer
@@ -496,9 +609,10 @@ class DuplexGenerationState:
         if self.versions.starts.shape[1] == 1:
             model_inputs["workspace_kv"], model_inputs["workspace_mask"] = None, None
             return
+        mask = model_inputs.get("attention_mask")
         if chunk.shape[1] == 1 and cache is not None:
             slots, slot_mask, start = self.versions.latest()
-            start = start - self.left_padding.to(start.device)
+            start = column_positions(mask, start[:, None])[:, 0]  # RoPE positions of the versions' starts
             if self.current_kv is None:  # first read: every row (the empty ones cost nothing)
                 self.current_kv = model.project_workspace(slots[:, None], slot_mask[:, None], start[:, None])
             elif self.stale_rows:
@@ -513,7 +627,7 @@ class DuplexGenerationState:
             return
         past_seen = cache.get_seq_length() if cache is not None else 0
         positions = torch.arange(past_seen, past_seen + chunk.shape[1], device=chunk.device)
-        versions, rope_starts = self.versions, self.versions.starts - self.left_padding.to(chunk.device)[:, None]
+        versions, rope_starts = self.versions, column_positions(mask, self.versions.starts)
         model_inputs["workspace_kv"] = model.project_workspace(versions.slots, versions.slot_mask, rope_starts)
         model_inputs["workspace_mask"] = self.versions.readable_slots(positions)
         if not model_inputs["workspace_mask"].any():  # only backchannels so far: exactly the backbone
@@ -547,16 +661,14 @@ class DuplexGenerationState:
         encode = lambda s: self.tokenizer(s, add_special_tokens=False)["input_ids"] if s else []  # noqa: E731
         return encode(before) + update.token_ids + encode(after)
 
-    def _splice_inband(self, due: list[tuple[int, _PendingUpdate]], generated: int, model_inputs: dict) -> None:
+    def _splice_inband(self, due: list[tuple[int, _PendingUpdate]], model_inputs: dict) -> None:
         """`inband` (the baseline): the correction's tokens follow the current input chunk of their row, in the same
         cache. Rows are laid out [masked padding | usual chunk | inserted tokens], so every row's last position is
         real."""
-        if not due:
-            return
         inserts: list[list[int]] = [[] for _ in range(self.batch_size)]
         for b, update in due:
             inserts[b] += self._inband_tokens(update)
-            self._record(b, update, generated, applied=True)
+            self._record(b, update, applied=True)
         chunk = model_inputs["input_ids"]  # (B, T)
         device, length = chunk.device, chunk.shape[1]
         position_ids = model_inputs.get("position_ids")
@@ -586,24 +698,66 @@ class DuplexGenerationState:
         model_inputs["position_ids"] = chunk_positions
         self.inserted = (model_inputs["attention_mask"], chunk_positions, length)
 
-    def after_forward(self, model_kwargs: dict) -> None:
+    def after_forward(self, model_kwargs: dict) -> list[tuple[int, UpdateLanding]]:
         """After each forward: time-stamp the updates it used (and tell the stream's `on_landing`); persist in-band
-        insertions in mask and positions."""
+        insertions in mask and positions. Returns the (row, landing) pairs that took effect in it."""
         device = self.versions.starts.device
         if self.landed_this_step and device.type == "cuda":
             torch.cuda.synchronize(device)  # the time the conditioned token exists, not was queued
         now = time.perf_counter()
-        for row, landing in self.landed_this_step:
+        landed, self.landed_this_step = self.landed_this_step, []
+        for row, landing in landed:
             landing.landed_time = now
             if self.stream is not None and self.stream.on_landing is not None:
                 self.stream.on_landing(row, landing)
-        self.landed_this_step = []
         if self.inserted is not None:
             full_mask, chunk_positions, length = self.inserted
             model_kwargs["attention_mask"] = full_mask
             if (pos := model_kwargs.get("position_ids")) is not None:
                 model_kwargs["position_ids"] = torch.cat([pos[:, : pos.shape[1] - length], chunk_positions], dim=1)
             self.inserted = None
+        return landed
+
+    # -- changing the rows between steps (a serving loop whose sessions join and leave) --------------------------------
+
+    def select_rows(self, rows: Sequence[int]) -> None:
+        """Keep only the batch rows `rows`, in that order (sessions that finished leave)."""
+        index = torch.tensor(list(rows), dtype=torch.long, device=self.versions.starts.device)
+        for name in ("modes", "generated", "prompt_ids", "pending", "landings"):
+            setattr(self, name, [getattr(self, name)[b] for b in rows])
+        self.versions = self.versions.select(index)
+        if self.context is not None:
+            self.context = self.context.select(index)
+        if self.current_kv is not None:
+            self.current_kv = [None if kv is None else (kv[0][index], kv[1][index]) for kv in self.current_kv]
+        new_row = {old: new for new, old in enumerate(rows)}
+        self.stale_rows = {new_row[b] for b in self.stale_rows if b in new_row}
+        self.batch_size = len(rows)
+
+    def shift_columns(self, columns: int) -> None:
+        """`columns` columns were added (> 0: left padding) or removed (< 0) on the left of every row's sequence."""
+        self.versions = self.versions.shift(columns)
+        if self.context is not None:
+            self.context = self.context.shift(columns)
+
+    def concat(self, other: DuplexGenerationState) -> None:
+        """Append the rows of `other` (same model, same number of columns): sessions that were prefilled apart join."""
+        for name in ("modes", "generated", "prompt_ids", "pending", "landings"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.versions = self.versions.concat(other.versions)
+        if self.context is not None:  # in_context: every row has stepped, so both sides have one
+            self.context = self.context.concat(other.context)
+        self.placed_versions = self.versions.starts.shape[1]
+        self.current_kv, self.stale_rows = None, set()  # read again for every row at the next step
+        self.batch_size += other.batch_size
+
+    def take_landings(self, row: int) -> list[UpdateLanding]:
+        """Row `row`'s landings, plus its updates that never landed (`at` None), when its generation ends."""
+        never = [UpdateLanding(None, u.at, u.text, u.token_ids, False, u.arrived_time) for u in self.pending[row]]
+        self.pending[row] = []
+        return self.landings[row] + never
+
+    # -- the end of generate -------------------------------------------------------------------------------------------
 
     def close(self) -> None:
         """When `generate` returns or raises: a live stream stops checking `put`s against this call, and what it
@@ -652,6 +806,7 @@ __all__ = [
     "UpdateLanding",
     "UpdateStream",
     "WorkspaceVersions",
+    "column_positions",
     "left_padding",
     "pack_updates",
     "update_position",

@@ -428,13 +428,14 @@ class ContextGeometry:
         key_valid = torch.ones(batch, num_keys, dtype=torch.bool, device=device)
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
             key_valid = attention_mask[:, -num_keys:].bool()
-        padding = (key_valid.long().cumsum(-1) == 0).sum(-1, keepdim=True)  # (B, 1) left padding (RoPE counts after)
+        valid_through = key_valid.long().cumsum(-1)  # (B, K): real tokens up to each key (RoPE skips padding)
         slot_rope = slot_reads = readout = None
         if workspace.num_new:
             new = slice(starts.shape[1] - workspace.num_new, None)
             own_valid, own_start = valid[:, new], torch.where(valid, starts, 0)[:, new]  # (B, M_new)
             rank = (valid.long().cumsum(-1) - valid.long())[:, new]  # valid slots before each (landings in order)
-            slot_rope = rotary_emb(hidden, torch.where(own_valid, own_start - padding + 1 + rank, 0))
+            own_position = valid_through.gather(1, own_start) + rank  # right after the token it follows, in order
+            slot_rope = rotary_emb(hidden, torch.where(own_valid, own_position, 0))
             reads_context = (keys[None, None, :] <= own_start[:, :, None]) & key_valid[:, None, :]  # (B, M_new, K)
             order = torch.arange(starts.shape[1], device=device)
             reads_slots = (order[None, :] <= order[new, None])[None] & valid[:, None, :]  # (B, M_new, M)

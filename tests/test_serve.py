@@ -11,7 +11,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 import uvicorn
 from conftest import free_port
 
@@ -27,10 +26,7 @@ LIMITS = Limits(max_new_tokens=300, max_prompt_chars=200, max_update_chars=50, m
 
 @pytest.fixture(scope="module")
 def shipped():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the server's CLI does: one thread per session
-    yield load_model(DEFAULT_MODEL, device="cpu")
-    torch.set_num_threads(threads)
+    return load_model(DEFAULT_MODEL, device="cpu")
 
 
 def serve(app) -> Iterator[str]:
@@ -59,7 +55,7 @@ def server(shipped) -> Iterator[tuple[str, object]]:
 @pytest.fixture(scope="module")
 def long_server(shipped) -> Iterator[tuple[str, object]]:
     """The same, made to write all of `max_new_tokens` (the tiny model's answers are short): for stopping mid-way."""
-    app = create_app(*shipped, limits=LIMITS, generate_kwargs={"min_new_tokens": LIMITS.max_new_tokens})
+    app = create_app(*shipped, limits=LIMITS, session_options={"min_new_tokens": LIMITS.max_new_tokens})
     for base in serve(app):
         yield base, app
 
@@ -171,12 +167,12 @@ def test_a_client_that_disconnects_frees_its_session(long_server):
             session_id = next(stream)["session"]
             generation = app.state.sessions.get(session_id)
             assert next(stream)["index"] == 0
-    generation.join(30)
-    assert not generation.thread.is_alive()
+    assert generation.wait(30), "the session did not end"
     assert generation.cancelled.is_set() and generation.tokens < LIMITS.max_new_tokens
     deadline = time.monotonic() + 10
     while httpx.get(f"{base}/health").json()["sessions"] and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert app.state.engine.live_sessions == 0  # its row left the batch
     assert app.state.sessions.get(session_id) is None
     reply = httpx.post(f"{base}/v1/sessions/{session_id}/updates", json={"text": CORRECTION})
     assert reply.status_code == 404
@@ -260,7 +256,7 @@ def test_load_test_reports_every_figure_and_loses_nothing(server, capsys):
 
 @pytest.mark.slow
 def test_sessions_over_the_limit_are_refused_not_queued(shipped):
-    app = create_app(*shipped, limits=Limits(max_sessions=1), generate_kwargs={"min_new_tokens": 200})
+    app = create_app(*shipped, limits=Limits(max_sessions=1), session_options={"min_new_tokens": 200})
     for base in serve(app):
         with httpx.Client(base_url=base, timeout=60) as client:
             body = {"prompt": PROMPT, "max_new_tokens": 200}
