@@ -1,15 +1,17 @@
 """Load test of the streaming server: concurrent sessions, each correcting its answer twice while it streams.
 
     python bench/load_serve.py                                   # starts serve_duplex.py on 127.0.0.1 itself
-    python bench/load_serve.py --sessions 16 --duration 60
+    python bench/load_serve.py --sessions 1 8 32 --duration 30   # one load after the other, side by side
     python bench/load_serve.py --url http://127.0.0.1:8000       # a server that is already running
 
-`--sessions` clients run at once for `--duration` seconds; each starts a generation, posts its first correction once
-token `--first-at` has streamed, its second once the first has landed and two more tokens have streamed, reads the
-stream to its end, and starts over. Reported (p50 / p95 over all sessions and corrections):
+For each count of `--sessions`, that many clients run at once for `--duration` seconds; each starts a generation,
+posts its first correction once token `--first-at` has streamed, its second once the first has landed and two more
+tokens have streamed, reads the stream to its end, and starts over. Reported (p50 / p95 over all sessions and
+corrections):
   time to first token   request sent -> first token event received
   correction latency    correction POST sent -> its landing event received (as a client sees it)
-  tokens/s              per session (tokens after the first / time since the first) and in total
+  tokens/s              per session (tokens after the first / time since the first) and in total, and the total
+                        as a multiple of the first load's (run one session first to get "x one session")
 Checked: every session's landings are exactly the corrections it sent (isolation: each client's texts are its own),
 and every accepted correction is reported in its session's done event (nothing lost). Exit status 1 if either fails.
 """
@@ -139,14 +141,14 @@ def percentiles(values: list[float], scale: float = 1.0) -> str:
     return f"p50 {statistics.median(ordered) * scale:.1f} / p95 {p95 * scale:.1f}"
 
 
-def report(results: list[SessionResult], wall_s: float, args) -> dict:
+def report(results: list[SessionResult], wall_s: float, sessions: int, args) -> dict:
     counts = check(results)
     ttft = [r.ttft_s for r in results if r.ttft_s is not None]
     latency = [s for r in results for s in r.latencies_s]
     rates = [(r.tokens - 1) / r.decode_s for r in results if r.decode_s > 0 and r.tokens > 1]
     total_tokens = sum(r.tokens for r in results)
     print(
-        f"{args.sessions} concurrent sessions for {args.duration:.0f} s ({wall_s:.1f} s wall), "
+        f"{sessions} concurrent sessions for {args.duration:.0f} s ({wall_s:.1f} s wall), "
         f"{counts['sessions']} sessions done"
     )
     print(f"time to first token      ms  {percentiles(ttft, 1000)}")
@@ -185,18 +187,37 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("serve_duplex.py did not answer within 240 s")
 
 
-async def run(base: str, args) -> dict:
+async def run(base: str, sessions: int, args) -> dict:
     started = time.perf_counter()
     deadline = started + args.duration
-    per_client = await asyncio.gather(*(client_loop(base, i, deadline, args) for i in range(args.sessions)))
-    return report([r for results in per_client for r in results], time.perf_counter() - started, args)
+    per_client = await asyncio.gather(*(client_loop(base, i, deadline, args) for i in range(sessions)))
+    return report([r for results in per_client for r in results], time.perf_counter() - started, sessions, args)
+
+
+def summary_table(loads: dict[int, dict]) -> str:
+    """One markdown row per load: latencies, throughput and its multiple of the first load's, what went wrong."""
+    rows = [
+        "| sessions | time to first token p50 / p95 (ms) | correction latency p50 / p95 (ms) | tok/s per session p50 "
+        "| total tok/s | x first load | lost / foreign / errors |",
+        "|---:|---|---|---:|---:|---:|---|",
+    ]
+    first = next(iter(loads.values()))["total_tok_s"]
+    for sessions, r in loads.items():
+        c = r["counts"]
+        ttft, latency = percentiles(r["ttft_s"], 1000), percentiles(r["latency_s"], 1000)
+        per_session = statistics.median(r["tok_s"]) if r["tok_s"] else float("nan")
+        rows.append(
+            f"| {sessions} | {ttft} | {latency} | {per_session:.1f} | {r['total_tok_s']:.1f} | "
+            f"{r['total_tok_s'] / first:.2f}x | {c['lost']} / {c['foreign']} / {c['errors']} |"
+        )
+    return "\n".join(rows)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default=None, help="a running server (default: start serve_duplex.py)")
     parser.add_argument("--model", default=str(ROOT / "checkpoints" / "duplex-tiny"))
-    parser.add_argument("--sessions", type=int, default=8, help="concurrent clients")
+    parser.add_argument("--sessions", type=int, nargs="+", default=[8], help="concurrent clients, one load per count")
     parser.add_argument("--duration", type=float, default=30.0, help="seconds during which new sessions start")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--first-at", type=int, default=2, help="token index after which the first correction goes")
@@ -207,15 +228,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     process, base = (None, args.url) if args.url else start_server(args)
+    loads = {}
     try:
-        results = asyncio.run(run(base, args))
+        for sessions in args.sessions:
+            loads[sessions] = asyncio.run(run(base, sessions, args))
+            print()
     finally:
         if process is not None:
             process.terminate()
             process.wait(30)
-    counts = results["counts"]
-    results["ok"] = counts["lost"] == 0 and counts["foreign"] == 0 and counts["errors"] == 0 and counts["sent"] > 0
-    return results
+    print(summary_table(loads))
+    ok = all(
+        r["counts"]["lost"] == 0 and r["counts"]["foreign"] == 0 and r["counts"]["errors"] == 0 and r["counts"]["sent"]
+        for r in loads.values()
+    )
+    return {"loads": loads, "ok": ok}
 
 
 if __name__ == "__main__":

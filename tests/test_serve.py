@@ -244,13 +244,14 @@ def test_load_test_reports_every_figure_and_loses_nothing(server, capsys):
     load_serve = importlib.util.module_from_spec(spec)
     sys.modules["load_serve"] = load_serve  # its dataclasses look their module up there
     spec.loader.exec_module(load_serve)
-    results = load_serve.main(["--url", server[0], "--sessions", "3", "--duration", "2", "--max-new-tokens", "48"])
-    assert results["ok"], results["counts"]
+    outcome = load_serve.main(["--url", server[0], "--sessions", "1", "3", "--duration", "2", "--max-new-tokens", "48"])
+    results = outcome["loads"][3]
+    assert outcome["ok"], results["counts"]
     counts = results["counts"]
     assert counts["sent"] == 2 * counts["sessions"] == counts["landed"] + counts["late"] and counts["lost"] == 0
     assert results["ttft_s"] and results["latency_s"] and results["tok_s"] and results["total_tok_s"] > 0
     printed = capsys.readouterr().out
-    for figure in ("time to first token", "correction latency", "tokens/s per session", "0 lost"):
+    for figure in ("time to first token", "correction latency", "tokens/s per session", "0 lost", "| 3 |"):
         assert figure in printed
 
 
