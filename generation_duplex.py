@@ -294,6 +294,8 @@ class ContextWorkspace:
     values: dict[int, torch.Tensor] = field(default_factory=dict)
     keep: bool = False  # store the new slots' keys/values for later steps (generation)
     reads: bool | None = None  # whether the model's gates read it: decided once (the gates stay put while generating)
+    rotated_keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> the context's keys at their
+    # in-band positions (B, kv_heads, K, hd); a later landing moves only later keys, so these stay valid
     empty: bool = field(init=False)  # no slot is read by any row (only backchannels so far): exactly the backbone
 
     def __post_init__(self) -> None:
@@ -305,12 +307,24 @@ class ContextWorkspace:
     def num_new(self) -> int:
         return 0 if self.new_slots is None else self.new_slots.shape[1]
 
+    @property
+    def rotated_columns(self) -> int:
+        """How many of the context's columns have their keys moved to in-band positions already (`rotated_keys`)."""
+        return next((keys.shape[2] for keys in self.rotated_keys.values()), 0)
+
+    def store_rotated(self, layer: int, keys: torch.Tensor) -> None:
+        """Keep one layer's moved context keys for the following steps, when generating."""
+        if self.keep:
+            self.rotated_keys[layer] = keys
+
     def extend(self, entering: ContextWorkspace) -> ContextWorkspace:
         """This workspace plus the slots of `entering` (whose keys/values the next forward pass computes)."""
         if self.new_slots is not None:
             raise RuntimeError("the previous slots have not entered a forward pass yet")
         starts = torch.cat([self.starts, entering.starts], dim=1)
-        return ContextWorkspace(starts, entering.new_slots, self.keys, self.values, self.keep, self.reads)
+        return ContextWorkspace(
+            starts, entering.new_slots, self.keys, self.values, self.keep, self.reads, self.rotated_keys
+        )
 
     def store(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Keep one layer's keys/values of every slot so far (B, kv_heads, M, hd), when generating."""
@@ -326,16 +340,19 @@ class ContextWorkspace:
         """Only the batch rows `rows` (between forward passes)."""
         keys = {layer: k[rows] for layer, k in self.keys.items()}
         values = {layer: v[rows] for layer, v in self.values.items()}
-        return ContextWorkspace(self.starts[rows], None, keys, values, self.keep, self.reads)
+        rotated = {layer: k[rows] for layer, k in self.rotated_keys.items()}
+        return ContextWorkspace(self.starts[rows], None, keys, values, self.keep, self.reads, rotated)
 
     def shift(self, columns: int) -> ContextWorkspace:
-        """The same slots after `columns` columns were added (> 0) or removed (< 0) on the left of the sequence."""
+        """The same slots after `columns` columns were added (> 0) or removed (< 0) on the left of the sequence (the
+        moved context keys are dropped: the next step moves them again)."""
         return ContextWorkspace(
             _shift_columns(self.starts, columns), None, self.keys, self.values, self.keep, self.reads
         )
 
     def concat(self, other: ContextWorkspace) -> ContextWorkspace:
-        """The rows of both, over the same columns (between forward passes); unused slot columns pad the narrower."""
+        """The rows of both, over the same columns (between forward passes); unused slot columns pad the narrower
+        (the moved context keys are dropped: the next step moves them again)."""
         width = max(self.starts.shape[1], other.starts.shape[1])
         starts = torch.cat([_pad_dim(self.starts, 1, width, NEVER), _pad_dim(other.starts, 1, width, NEVER)])
         merged = []

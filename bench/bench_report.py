@@ -7,11 +7,11 @@ import math
 import sys
 from pathlib import Path
 
-# The performance targets. Decode speed only applies to backbones of at least 100M parameters: on smaller ones the
-# per-step bookkeeping of generation, not the model, sets the pace.
-SPEED_TARGET = 0.9  # decode speed with the duplex modules >= 0.9x the bare backbone's
-RESTART_TARGET = 10.0  # correction latency at a 1024-token context: restart / workspace >= 10x
-INBAND_TARGET = 1.5  # correction latency at every context: workspace / inband <= 1.5x
+# The performance targets (the specification's). Decode speed only applies to backbones of at least 100M
+# parameters: on smaller ones the per-step bookkeeping of generation, not the model, sets the pace.
+SPEED_TARGET = 0.97  # decode speed with corrections in the workspace >= 0.97x the bare backbone's
+RESTART_TARGETS = {1024: 10.0, 4096: 40.0}  # correction latency at a context of L tokens: restart / workspace
+INBAND_TARGET = 1.0  # correction latency at every context: workspace / inband <= 1.0x
 SPEED_TARGET_MIN_PARAMS = 100e6
 
 
@@ -40,36 +40,40 @@ def targets(results: dict) -> list[dict]:
     size_note = "" if big else ", applies to backbones >= 100M params"
     rows = []
     for key, clock in (("decode_tok_s", "wall time"), ("cpu_time_tok_s", "CPU time")):
-        speed = ratio(decode["duplex"], decode["bare"], key)
+        speed = ratio(decode["duplex+updates"], decode["bare"], key)
         if speed is None:
             continue
         rows.append(
             {
-                "figure": f"decode speed, duplex / bare ({clock})" + size_note,
+                "figure": f"decode speed with corrections, duplex / bare ({clock})" + size_note,
                 "target": f">= {SPEED_TARGET}x",
                 "measured": f"{speed:.3f}x",
                 "met": speed >= SPEED_TARGET if big else None,
             }
         )
-    paired = results["paired_steps"]["duplex"]["paired_ratio"]
-    rows.append(
-        {
-            "figure": "decode speed, duplex / bare (paired single-token steps)" + size_note,
-            "target": f">= {SPEED_TARGET}x",
-            "measured": f"{paired:.3f}x",
-            "met": paired >= SPEED_TARGET if big else None,
-        }
-    )
-    near_1k = min(latency, key=lambda length: abs(int(length) - 1024))
-    restart_over_workspace = latency[near_1k]["restart_over_workspace"]
-    rows.append(
-        {
-            "figure": f"correction latency, restart / workspace at {near_1k} tokens",
-            "target": f">= {RESTART_TARGET:g}x at 1024",
-            "measured": f"{restart_over_workspace:.2f}x",
-            "met": restart_over_workspace >= RESTART_TARGET if int(near_1k) == 1024 else None,
-        }
-    )
+    for length, row in latency.items():
+        speed = row.get("decode_speed_after_correction")
+        if speed is not None:
+            rows.append(
+                {
+                    "figure": f"decode speed after a correction at {length} tokens, workspace / inband" + size_note,
+                    "target": f">= {SPEED_TARGET}x",
+                    "measured": f"{speed:.3f}x",
+                    "met": speed >= SPEED_TARGET if big else None,
+                }
+            )
+    for length, target in RESTART_TARGETS.items():
+        if str(length) not in latency and length not in latency:
+            continue
+        row = latency[str(length)] if str(length) in latency else latency[length]
+        rows.append(
+            {
+                "figure": f"correction latency, restart / workspace at {length} tokens",
+                "target": f">= {target:g}x",
+                "measured": f"{row['restart_over_workspace']:.2f}x",
+                "met": row["restart_over_workspace"] >= target,
+            }
+        )
     worst = max(row["workspace_over_inband"] for row in latency.values())
     rows.append(
         {
@@ -122,15 +126,16 @@ def markdown(results: dict) -> str:
         f"### Correction latency ({meta['correction_len']}-token correction landing after a context of L tokens, "
         f"median of {meta['repeats']})",
         "",
-        "| context L | workspace ms | inband ms | restart ms | plain decode step ms | restart / workspace | "
-        "workspace / inband |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| context L | workspace ms | inband ms | restart ms | restart / workspace | workspace / inband | "
+        "decode step after it, workspace / inband ms | decode speed, workspace / inband |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for length, row in latency.items():
         lines.append(
             f"| {length} | {fmt(row['workspace_ms'], 2)} | {fmt(row['inband_ms'], 2)} | {fmt(row['restart_ms'], 2)} | "
-            f"{fmt(row['decode_step_ms'], 2)} | {fmt(row['restart_over_workspace'], 2)}x | "
-            f"{fmt(row['workspace_over_inband'], 2)}x |"
+            f"{fmt(row['restart_over_workspace'], 2)}x | {fmt(row['workspace_over_inband'], 2)}x | "
+            f"{fmt(row['decode_step_ms'], 2)} / {fmt(row.get('inband_decode_step_ms'), 2)} | "
+            f"{fmt(row.get('decode_speed_after_correction'), 3)}x |"
         )
     memory, params = results["memory"], results["params"]
     unit = "CUDA max_memory_allocated" if meta["device"].startswith("cuda") else "RSS high-water"

@@ -241,16 +241,16 @@ def bench_paired_steps(models: dict[str, PreTrainedModel], prompt: torch.Tensor,
 
 
 def landing_latency(run: TimedGeneration, at: int, device: torch.device) -> tuple[float, float]:
-    """(seconds from the update's arrival to its landing, median seconds of the run's other decode steps), for a run
-    with one update at new token `at`. On CUDA the landing record is stamped before the kernels finish, so the
+    """(seconds from the update's arrival to its landing, median seconds of the run's decode steps after it), for a
+    run with one update at new token `at`. On CUDA the landing record is stamped before the kernels finish, so the
     synchronised step clock gives the landing time instead."""
     row_landings = run.output.update_landings[0]  # the batch's only row
     landing = row_landings[0]  # its only update
     if landing.at != at or landing.landed_time is None or landing.arrived_time is None:
         raise RuntimeError(f"the update did not land at {at}: {landing}")
     landed = run.clock.times[at] if device.type == "cuda" else landing.landed_time
-    other_steps = [step for i, step in enumerate(step_seconds(run.clock), start=1) if i != at]
-    return landed - landing.arrived_time, median(other_steps)
+    after = [step for i, step in enumerate(step_seconds(run.clock), start=1) if i > at]
+    return landed - landing.arrived_time, median(after)
 
 
 def restart_once(base: PreTrainedModel, context: torch.Tensor) -> float:
@@ -283,6 +283,7 @@ class CorrectionLatency:
     correction: list[int]
     update_at: int
     special: dict
+    steps_after: int = 8  # decoding steps timed after the correction (reading it, or the text spliced in)
 
     @classmethod
     def with_random_correction(
@@ -295,7 +296,7 @@ class CorrectionLatency:
 
     def runner(self, length: int, mode: str) -> LatencyRun:
         """One timed correction after a `length`-token context (the same seeded context on every call) -> (latency
-        in s, median plain decode step in s of the same generate, None for restart)."""
+        in s, median decode step in s after the correction in the same generate, None for restart)."""
         device = self.model.device
         vocab = self.model.config.text_config.vocab_size
         at = min(self.update_at, length // 2)
@@ -306,8 +307,9 @@ class CorrectionLatency:
             return lambda: (restart_once(self.base, context), None)
 
         def run() -> tuple[float, float]:
+            new_tokens = at + 1 + self.steps_after
             timed = generate_timed(
-                self.model, prompt, at + 1, self.special, updates=[(at, self.correction)], update_mode=mode
+                self.model, prompt, new_tokens, self.special, updates=[(at, self.correction)], update_mode=mode
             )
             return landing_latency(timed, at, device)
 
@@ -323,16 +325,18 @@ def bench_latency(latency: CorrectionLatency, contexts: list[int], repeats: int)
             latency.runner(min(contexts), mode)()
         for length in contexts:
             runs: dict[str, list[float]] = {m: [] for m in MODES}
-            steps: list[float] = []
+            steps: dict[str, list[float]] = {"workspace": [], "inband": []}
             runners = {m: latency.runner(length, m) for m in MODES}
             for r in range(repeats):
                 for mode in rotated(list(MODES), r):
                     seconds, step = runners[mode]()
                     runs[mode].append(seconds)
-                    if mode == "workspace":
-                        steps.append(step)
+                    if step is not None:
+                        steps[mode].append(step)
             row = {f"{m}_ms": 1000 * median(runs[m]) for m in MODES}
-            row["decode_step_ms"] = 1000 * median(steps)
+            row["decode_step_ms"] = 1000 * median(steps["workspace"])  # the steps after the correction landed
+            row["inband_decode_step_ms"] = 1000 * median(steps["inband"])  # the backbone alone, same context
+            row["decode_speed_after_correction"] = row["inband_decode_step_ms"] / row["decode_step_ms"]
             row["restart_over_workspace"] = row["restart_ms"] / row["workspace_ms"]
             row["workspace_over_inband"] = row["workspace_ms"] / row["inband_ms"]
             row["runs_ms"] = {m: [1000 * v for v in runs[m]] for m in MODES}
@@ -340,7 +344,8 @@ def bench_latency(latency: CorrectionLatency, contexts: list[int], repeats: int)
             log(
                 f"[latency] context {length}: "
                 + ", ".join(f"{m} {row[f'{m}_ms']:.1f} ms" for m in MODES)
-                + f" (decode step {row['decode_step_ms']:.1f} ms)"
+                + f" (decode step after it: workspace {row['decode_step_ms']:.1f} ms, "
+                f"inband {row['inband_decode_step_ms']:.1f} ms)"
             )
     return results
 

@@ -32,6 +32,7 @@ def test_bench_micro_reports_every_figure(tmp_path: Path) -> None:
     for row in saved["latency"].values():
         for mode in bench.MODES:
             assert row[f"{mode}_ms"] > 0
+        assert row["decode_step_ms"] > 0 and row["decode_speed_after_correction"] > 0
     assert saved["params"]["trainable"] > 0 and saved["params"]["frozen"] > 0
     assert saved["params"]["adapter_weights_mb"] > 0
     assert all(row["decode_tok_s"] > 0 for row in saved["placement"])
