@@ -295,7 +295,8 @@ class ContextWorkspace:
     keep: bool = False  # store the new slots' keys/values for later steps (generation)
     reads: bool | None = None  # whether the model's gates read it: decided once (the gates stay put while generating)
     rotated_keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> the context's keys at their
-    # in-band positions (B, kv_heads, K, hd); a later landing moves only later keys, so these stay valid
+    # in-band positions (B, kv_heads, >= rotated_columns, hd), room to grow; a later landing moves only later keys
+    rotated_columns: int = 0  # how many columns of `rotated_keys` hold moved keys
     empty: bool = field(init=False)  # no slot is read by any row (only backchannels so far): exactly the backbone
 
     def __post_init__(self) -> None:
@@ -307,15 +308,22 @@ class ContextWorkspace:
     def num_new(self) -> int:
         return 0 if self.new_slots is None else self.new_slots.shape[1]
 
-    @property
-    def rotated_columns(self) -> int:
-        """How many of the context's columns have their keys moved to in-band positions already (`rotated_keys`)."""
-        return next((keys.shape[2] for keys in self.rotated_keys.values()), 0)
-
-    def store_rotated(self, layer: int, keys: torch.Tensor) -> None:
-        """Keep one layer's moved context keys for the following steps, when generating."""
-        if self.keep:
-            self.rotated_keys[layer] = keys
+    def move_keys(self, layer: int, moved: torch.Tensor, start: int) -> torch.Tensor:
+        """The context's keys at their in-band positions: those of columns before `start`, moved in earlier passes
+        and kept, then `moved` (B, kv_heads, n, hd) -> (B, kv_heads, start + n, hd). Generation keeps them in a
+        buffer that grows by doubling, so a decoding step copies only its own keys."""
+        if not self.keep:
+            return moved
+        end = start + moved.shape[2]
+        buffer = self.rotated_keys.get(layer)
+        if buffer is None or buffer.shape[2] < end:
+            grown = moved.new_empty(*moved.shape[:2], max(end, 2 * start), moved.shape[3])
+            if buffer is not None:
+                grown[:, :, :start] = buffer[:, :, :start]
+            buffer = self.rotated_keys[layer] = grown
+        buffer[:, :, start:end] = moved
+        self.rotated_columns = end
+        return buffer[:, :, :end]
 
     def extend(self, entering: ContextWorkspace) -> ContextWorkspace:
         """This workspace plus the slots of `entering` (whose keys/values the next forward pass computes)."""
@@ -323,7 +331,14 @@ class ContextWorkspace:
             raise RuntimeError("the previous slots have not entered a forward pass yet")
         starts = torch.cat([self.starts, entering.starts], dim=1)
         return ContextWorkspace(
-            starts, entering.new_slots, self.keys, self.values, self.keep, self.reads, self.rotated_keys
+            starts,
+            entering.new_slots,
+            self.keys,
+            self.values,
+            self.keep,
+            self.reads,
+            self.rotated_keys,
+            self.rotated_columns,
         )
 
     def store(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -341,7 +356,9 @@ class ContextWorkspace:
         keys = {layer: k[rows] for layer, k in self.keys.items()}
         values = {layer: v[rows] for layer, v in self.values.items()}
         rotated = {layer: k[rows] for layer, k in self.rotated_keys.items()}
-        return ContextWorkspace(self.starts[rows], None, keys, values, self.keep, self.reads, rotated)
+        return ContextWorkspace(
+            self.starts[rows], None, keys, values, self.keep, self.reads, rotated, self.rotated_columns
+        )
 
     def shift(self, columns: int) -> ContextWorkspace:
         """The same slots after `columns` columns were added (> 0) or removed (< 0) on the left of the sequence (the

@@ -496,10 +496,8 @@ def read_in_context(
         key, value = past_key_values.update(key, value, index)  # (B, kv_heads, K, hd) at the backbone's positions
     context_mask = as_bool_mask(attention_mask, length, key.shape[2], hidden.device)
     # the context's keys at their in-band positions: those of earlier steps were moved once and kept
-    rotated = workspace.rotated_keys.get(index)
     moved = rotate(key[:, :, geometry.rotated_from :], geometry.key_shift_rope)
-    rotated = moved if rotated is None else torch.cat([rotated, moved.to(rotated.dtype)], dim=2)
-    workspace.store_rotated(index, rotated)
+    rotated = workspace.move_keys(index, moved, geometry.rotated_from)  # (B, kv_heads, K, hd)
 
     slot_key, slot_value = workspace.keys.get(index), workspace.values.get(index)  # (B, kv_heads, M_old, hd)
     if slots is not None:
