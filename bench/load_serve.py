@@ -172,6 +172,8 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
     """`python serve_duplex.py` on a free port of 127.0.0.1; returns it once /health answers."""
     port = free_port()
     command = [sys.executable, str(ROOT / "serve_duplex.py"), "--port", str(port), "--model", args.model]
+    if args.server_threads:
+        command += ["--threads", str(args.server_threads)]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 240
@@ -217,6 +219,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default=None, help="a running server (default: start serve_duplex.py)")
     parser.add_argument("--model", default=str(ROOT / "checkpoints" / "duplex-tiny"))
+    parser.add_argument("--server-threads", type=int, default=None, help="the server's --threads (default: its own)")
     parser.add_argument("--sessions", type=int, nargs="+", default=[8], help="concurrent clients, one load per count")
     parser.add_argument("--duration", type=float, default=30.0, help="seconds during which new sessions start")
     parser.add_argument("--max-new-tokens", type=int, default=64)

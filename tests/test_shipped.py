@@ -38,3 +38,10 @@ def test_shipped_checkpoint_takes_a_correction_out_of_the_box(tmp_path):
     tools = set(out["plain"].split(", "))
     assert len(tools) >= 4, out  # the backbone's own answer: tools
     assert not tools & set(out["corrected"].split(", ")), out
+
+
+def test_shipped_remote_code_is_the_repository_code():
+    """`trust_remote_code` runs the checkpoint's own copies of the model files: they must be the repository's."""
+    for name in ("configuration_duplex.py", "modeling_duplex.py", "generation_duplex.py"):
+        shipped = CHECKPOINTS / "duplex-tiny" / name
+        assert shipped.read_text() == (ROOT / name).read_text(), f"{shipped} differs from {name}: copy it over"

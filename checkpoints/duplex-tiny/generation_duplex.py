@@ -240,6 +240,21 @@ class WorkspaceVersions:
         same_version = slot_version[None, None, :] == version[:, :, None]  # (B, T, V*S)
         return (same_version & self.slot_mask.flatten(1)[:, None, :]).unsqueeze(1)
 
+    def newest_only(self) -> WorkspaceVersions:
+        """The empty version and each row's newest (NEVER where a row has none): all that a position from the
+        newest start on reads. Between decoding steps every later position is such a position, so generation keeps
+        just these instead of a version per update ever made."""
+        if self.starts.shape[1] <= 2:
+            return self
+        newest = self.newest_version(torch.full_like(self.starts[:, :1], NEVER - 1))[:, 0]  # (B,)
+        rows = torch.arange(self.starts.shape[0], device=self.starts.device)
+        start = torch.where(newest > 0, self.starts[rows, newest], NEVER)
+        return WorkspaceVersions(
+            torch.stack([self.slots[:, 0], self.slots[rows, newest]], dim=1),
+            torch.stack([self.slot_mask[:, 0], self.slot_mask[rows, newest]], dim=1),
+            torch.stack([self.starts[:, 0], start], dim=1),
+        )
+
     def select(self, rows: torch.Tensor) -> WorkspaceVersions:
         """Only the batch rows `rows` (B',)."""
         return WorkspaceVersions(self.slots[rows], self.slot_mask[rows], self.starts[rows])
@@ -294,6 +309,9 @@ class ContextWorkspace:
     values: dict[int, torch.Tensor] = field(default_factory=dict)
     keep: bool = False  # store the new slots' keys/values for later steps (generation)
     reads: bool | None = None  # whether the model's gates read it: decided once (the gates stay put while generating)
+    rotated_keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> the context's keys at their
+    # in-band positions (B, kv_heads, >= rotated_columns, hd), room to grow; a later landing moves only later keys
+    rotated_columns: int = 0  # how many columns of `rotated_keys` hold moved keys
     empty: bool = field(init=False)  # no slot is read by any row (only backchannels so far): exactly the backbone
 
     def __post_init__(self) -> None:
@@ -305,12 +323,39 @@ class ContextWorkspace:
     def num_new(self) -> int:
         return 0 if self.new_slots is None else self.new_slots.shape[1]
 
+    def move_keys(self, layer: int, moved: torch.Tensor, start: int) -> torch.Tensor:
+        """The context's keys at their in-band positions: those of columns before `start`, moved in earlier passes
+        and kept, then `moved` (B, kv_heads, n, hd) -> (B, kv_heads, start + n, hd). Generation keeps them in a
+        buffer that grows by doubling, so a decoding step copies only its own keys."""
+        if not self.keep:
+            return moved
+        end = start + moved.shape[2]
+        buffer = self.rotated_keys.get(layer)
+        if buffer is None or buffer.shape[2] < end:
+            grown = moved.new_empty(*moved.shape[:2], max(end, 2 * start), moved.shape[3])
+            if buffer is not None:
+                grown[:, :, :start] = buffer[:, :, :start]
+            buffer = self.rotated_keys[layer] = grown
+        buffer[:, :, start:end] = moved
+        self.rotated_columns = end
+        return buffer[:, :, :end]
+
     def extend(self, entering: ContextWorkspace) -> ContextWorkspace:
         """This workspace plus the slots of `entering` (whose keys/values the next forward pass computes)."""
         if self.new_slots is not None:
             raise RuntimeError("the previous slots have not entered a forward pass yet")
-        starts = torch.cat([self.starts, entering.starts], dim=1)
-        return ContextWorkspace(starts, entering.new_slots, self.keys, self.values, self.keep, self.reads)
+        packed = self.packed()
+        starts = torch.cat([packed.starts, entering.starts], dim=1)
+        return ContextWorkspace(
+            starts,
+            entering.new_slots,
+            packed.keys,
+            packed.values,
+            self.keep,
+            self.reads,
+            self.rotated_keys,
+            self.rotated_columns,
+        )
 
     def store(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Keep one layer's keys/values of every slot so far (B, kv_heads, M, hd), when generating."""
@@ -322,20 +367,42 @@ class ContextWorkspace:
         if self.keep:
             self.new_slots = None
 
+    def packed(self) -> ContextWorkspace:
+        """The same slots in fewer columns (between forward passes): each row's slots move left, in their order,
+        and columns no row uses are dropped. Rows take corrections at different times, and each correction adds its
+        slots as columns of every row: without this, the columns of a long-lived batch would only grow."""
+        used = self.starts != NEVER  # (B, M)
+        width = int(used.sum(-1).max()) if used.numel() else 0
+        if width == self.starts.shape[1]:
+            return self
+        order = torch.sort((~used).long(), dim=1, stable=True).indices[:, :width]  # used columns first, in order
+        keys = {layer: _gather_columns(k, order) for layer, k in self.keys.items()}
+        values = {layer: _gather_columns(v, order) for layer, v in self.values.items()}
+        starts = self.starts.gather(1, order)
+        return ContextWorkspace(
+            starts, None, keys, values, self.keep, self.reads, self.rotated_keys, self.rotated_columns
+        )
+
     def select(self, rows: torch.Tensor) -> ContextWorkspace:
-        """Only the batch rows `rows` (between forward passes)."""
+        """Only the batch rows `rows` (between forward passes), packed (`packed`)."""
         keys = {layer: k[rows] for layer, k in self.keys.items()}
         values = {layer: v[rows] for layer, v in self.values.items()}
-        return ContextWorkspace(self.starts[rows], None, keys, values, self.keep, self.reads)
+        rotated = {layer: k[rows] for layer, k in self.rotated_keys.items()}
+        selected = ContextWorkspace(
+            self.starts[rows], None, keys, values, self.keep, self.reads, rotated, self.rotated_columns
+        )
+        return selected.packed()
 
     def shift(self, columns: int) -> ContextWorkspace:
-        """The same slots after `columns` columns were added (> 0) or removed (< 0) on the left of the sequence."""
+        """The same slots after `columns` columns were added (> 0) or removed (< 0) on the left of the sequence (the
+        moved context keys are dropped: the next step moves them again)."""
         return ContextWorkspace(
             _shift_columns(self.starts, columns), None, self.keys, self.values, self.keep, self.reads
         )
 
     def concat(self, other: ContextWorkspace) -> ContextWorkspace:
-        """The rows of both, over the same columns (between forward passes); unused slot columns pad the narrower."""
+        """The rows of both, over the same columns (between forward passes); unused slot columns pad the narrower
+        (the moved context keys are dropped: the next step moves them again)."""
         width = max(self.starts.shape[1], other.starts.shape[1])
         starts = torch.cat([_pad_dim(self.starts, 1, width, NEVER), _pad_dim(other.starts, 1, width, NEVER)])
         merged = []
@@ -348,6 +415,12 @@ class ContextWorkspace:
             merged.append(layers)
         reads = self.reads if self.reads is not None else other.reads
         return ContextWorkspace(starts, None, merged[0], merged[1], self.keep or other.keep, reads)
+
+
+def _gather_columns(tensor: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """(B, heads, M, hd) -> (B, heads, M', hd): per row, the slot columns `columns` (B, M')."""
+    index = columns[:, None, :, None].expand(tensor.shape[0], tensor.shape[1], -1, tensor.shape[3])
+    return tensor.gather(2, index)
 
 
 def _pad_dim(tensor: torch.Tensor, dim: int, size: int, fill: int = 0) -> torch.Tensor:
@@ -518,6 +591,10 @@ class DuplexGenerationState:
         updates of every row by its mode, and hand the model its workspace inputs. In-band rows splice first; the
         others' updates land at the sequence index of their newest token (`update_position`)."""
         self.generated = list(generated)
+        cached = model_inputs.get("past_key_values") is not None  # (without a cache, each pass reads everything)
+        if cached and self.versions.starts.shape[1] > 2:  # every version is placed, and every landing behind us
+            self.versions = self.versions.newest_only()
+            self.placed_versions = self.versions.starts.shape[1]
         if self.stream is not None:
             for payload, row, arrived in self.stream.drain():
                 token_ids, text = self._tokenize(payload)

@@ -399,7 +399,8 @@ class ContextGeometry:
     from the correction's last token."""
 
     query_rope: tuple[torch.Tensor, torch.Tensor]  # the tokens' queries at their in-band positions (B, T)
-    key_shift_rope: tuple[torch.Tensor, torch.Tensor]  # context key j: rotation by the slots placed before it (B, K)
+    key_shift_rope: tuple[torch.Tensor, torch.Tensor]  # key j >= rotated_from: rotation by the slots placed before it
+    rotated_from: int  # the keys before this column were moved in earlier passes (`ContextWorkspace.rotated_keys`)
     slot_rope: tuple[torch.Tensor, torch.Tensor] | None  # the entering slots' in-band positions (B, M_new)
     token_reads: torch.Tensor  # (B, 1, T, M) bool: the slots each token reads (landed before it)
     reads_any: torch.Tensor  # (B, 1, T, 1) bool
@@ -448,7 +449,8 @@ class ContextGeometry:
             readout = (own_start[:, None, :] == queries[None, :, None]) & last[:, None, :]  # (B, T, M_new)
         return cls(
             query_rope=rotary_emb(hidden, position_ids.expand(batch, -1) + token_reads.sum(-1)),
-            key_shift_rope=rotary_emb(hidden, placed_before.sum(-1)),
+            key_shift_rope=rotary_emb(hidden, placed_before[:, workspace.rotated_columns :].sum(-1)),
+            rotated_from=workspace.rotated_columns,
             slot_rope=slot_rope,
             token_reads=token_reads.unsqueeze(1),
             reads_any=token_reads.any(-1)[:, None, :, None],
@@ -493,8 +495,9 @@ def read_in_context(
     if past_key_values is not None:
         key, value = past_key_values.update(key, value, index)  # (B, kv_heads, K, hd) at the backbone's positions
     context_mask = as_bool_mask(attention_mask, length, key.shape[2], hidden.device)
-    context_mask = context_mask.expand(batch, 1, length, key.shape[2])
-    out_ctx, _ = attention_with_lse(query_ctx, key, value, context_mask, attn.scaling)
+    # the context's keys at their in-band positions: those of earlier steps were moved once and kept
+    moved = rotate(key[:, :, geometry.rotated_from :], geometry.key_shift_rope)
+    rotated = workspace.move_keys(index, moved, geometry.rotated_from)  # (B, kv_heads, K, hd)
 
     slot_key, slot_value = workspace.keys.get(index), workspace.values.get(index)  # (B, kv_heads, M_old, hd)
     if slots is not None:
@@ -503,19 +506,33 @@ def read_in_context(
         slot_key = new_key if slot_key is None else torch.cat([slot_key, new_key.to(slot_key.dtype)], dim=2)
         slot_value = new_value if slot_value is None else torch.cat([slot_value, new_value.to(slot_value.dtype)], 2)
         workspace.store(index, slot_key, slot_value)
-    joint_key = torch.cat([rotate(key, geometry.key_shift_rope), slot_key.to(key.dtype)], dim=2)
-    joint_value = torch.cat([value, slot_value.to(value.dtype)], dim=2)
-    joint_mask = torch.cat([context_mask, geometry.token_reads], dim=-1)
-    out_joint, _ = attention_with_lse(
-        rotate(query, geometry.query_rope), joint_key, joint_value, joint_mask, attn.scaling
+    slot_key, slot_value = slot_key.to(key.dtype), slot_value.to(value.dtype)
+    num_context = key.shape[2]
+
+    # the tokens: the backbone's own attention weights p_ctx, and the joint ones over context and slots; the mixed
+    # output o_ctx + s (o_joint - o_ctx) is one product with the values: (p_ctx + s (p_joint - p_ctx)) V + s p_slots V_s
+    p_ctx = masked_softmax(grouped_scores(query_ctx, key, attn.scaling), context_mask)
+    query_joint = rotate(query, geometry.query_rope)
+    joint_scores = torch.cat(
+        [grouped_scores(query_joint, rotated, attn.scaling), grouped_scores(query_joint, slot_key, attn.scaling)], -1
+    )
+    p_joint = masked_softmax(
+        joint_scores, torch.cat([context_mask.expand(batch, 1, length, -1), geometry.token_reads], -1)
     )
     share = hidden.new_zeros(()) if gate is None else torch.tanh(gate)[:, None, None]  # (h, 1, 1)
-    share = share.to(out_ctx.dtype) * geometry.reads_any  # (B, h, T, 1): nothing to read, the backbone's own
-    out = out_ctx + share * (out_joint - out_ctx)
+    share = share.to(p_ctx.dtype) * geometry.reads_any  # (B, h, T, 1): nothing to read, the backbone's own
+    p_context = p_ctx + share * (p_joint[..., :num_context] - p_ctx)
+    out = grouped_values(p_context, value) + grouped_values(share * p_joint[..., num_context:], slot_value)
     hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
     hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-    if slots is not None:
-        out_slots, _ = attention_with_lse(slot_query, joint_key, joint_value, geometry.slot_reads, attn.scaling)
+    if slots is not None:  # the entering slots read the context up to their landing, the slots before, themselves
+        scores = torch.cat(
+            [grouped_scores(slot_query, rotated, attn.scaling), grouped_scores(slot_query, slot_key, attn.scaling)], -1
+        )
+        weights = masked_softmax(scores, geometry.slot_reads)
+        out_slots = grouped_values(weights[..., :num_context], value) + grouped_values(
+            weights[..., num_context:], slot_value
+        )
         slots = slots + attn.o_proj(out_slots.transpose(1, 2).reshape(batch, slots.shape[1], -1))
         slots = slots + layer.mlp(layer.post_attention_layernorm(slots))
     return hidden, slots
@@ -570,18 +587,37 @@ def as_bool_mask(mask: torch.Tensor | None, query_length: int, key_length: int, 
     return mask[..., -key_length:] == 0
 
 
+def grouped_scores(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Attention scores with grouped key/value heads, without copying the keys per query head: query (B, h, T, hd),
+    key (B, kv_heads, K, hd) -> (B, h, T, K) (query head i reads key head i // (h / kv_heads))."""
+    batch, heads, length, head_dim = query.shape
+    grouped = query.reshape(batch, key.shape[1], -1, head_dim)  # (B, kv_heads, groups * T, hd)
+    return (torch.matmul(grouped, key.transpose(-1, -2)) * scaling).view(batch, heads, length, -1)
+
+
+def grouped_values(weights: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """weights (B, h, T, K) over value (B, kv_heads, K, hd) -> (B, h, T, hd), grouped as in `grouped_scores`."""
+    batch, heads, length, keys = weights.shape
+    grouped = weights.reshape(batch, value.shape[1], -1, keys)
+    return torch.matmul(grouped, value).view(batch, heads, length, -1)
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension of the visible scores (bool mask broadcastable to scores); rows with nothing
+    visible get all-zero weights."""
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1).nan_to_num(0.0)
+
+
 def attention_with_lse(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention and its log-sum-exp: query (B, h, T, hd), key/value (B, kv_heads, K, hd), bool mask
     broadcastable to (B, h, T, K) -> out (B, h, T, hd) (zeros where nothing is visible), lse (B, h, T, 1)."""
-    groups = query.shape[1] // key.shape[1]
-    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
-    scores = scores.masked_fill(~mask, float("-inf"))
+    scores = grouped_scores(query, key, scaling).masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # -inf where nothing is visible
     weights = torch.exp(scores - lse.clamp_min(torch.finfo(scores.dtype).min)).nan_to_num(0.0)
-    return torch.matmul(weights, value), lse
+    return grouped_values(weights, value), lse
 
 
 # ----------------------------------------------------------------------------------------------------------------------
