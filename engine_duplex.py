@@ -192,6 +192,7 @@ class DuplexEngine:
         self._waiting: queue.SimpleQueue[EngineSession] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._closed = threading.Event()
+        self._submit_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="duplex-engine", daemon=True)
         self._reset_batch()
 
@@ -202,10 +203,12 @@ class DuplexEngine:
         return self
 
     def close(self, timeout: float | None = 10.0) -> None:
-        """Stop the loop (live sessions end as cancelled)."""
-        self._closed.set()
+        """Stop the loop (live and waiting sessions end as cancelled)."""
+        with self._submit_lock:
+            self._closed.set()
         self.wake()
-        self._thread.join(timeout)
+        if self._thread.ident is not None:  # started
+            self._thread.join(timeout)
 
     def submit(
         self,
@@ -224,10 +227,11 @@ class DuplexEngine:
             raise ValueError(f"`max_new_tokens` must be positive, got {max_new_tokens}")
         if update_mode not in ("workspace", "ignore", "inband"):
             raise ValueError(f"`update_mode` must be workspace, ignore or inband, got {update_mode!r}")
-        if self._closed.is_set():
-            raise RuntimeError("the engine is closed")
         session = EngineSession(self, prompt, emit, max_new_tokens, update_mode, do_sample, min_new_tokens)
-        self._waiting.put(session)
+        with self._submit_lock:  # against `close`: a session is either refused or ended by the loop
+            if self._closed.is_set():
+                raise RuntimeError("the engine is closed")
+            self._waiting.put(session)
         self.wake()
         return session
 
@@ -264,10 +268,18 @@ class DuplexEngine:
                 self._wake.wait(0.5)
             elif self.pace_s > 0:
                 self._wake.wait(self.pace_s)  # a correction or a newcomer cuts the pause short
-        for row, session in enumerate(self.rows):
+        for row, session in enumerate(self.rows):  # closed: live and waiting sessions end as cancelled
             session.cancelled.set()
             self._finish(session, self.state, row)
         self._reset_batch()
+        while True:
+            try:
+                with self._submit_lock:
+                    session = self._waiting.get_nowait()
+            except queue.Empty:
+                break
+            session.cancelled.set()
+            self._finish(session)
 
     def _admit(self) -> None:
         """Prefill the sessions waiting for a row together, then splice them into the batch."""
