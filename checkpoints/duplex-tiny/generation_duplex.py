@@ -3,7 +3,8 @@ workspace versions, and the per-`generate` state that lands them between decodin
 
 `modeling_duplex.DuplexForCausalLM` owns the modules and `apply_update`; this file owns the bookkeeping that
 teacher-forced `forward` and `generate` share (`pack_updates`, `update_position`, `WorkspaceVersions`) and the
-generation state that `generate` threads through transformers' own decoding loop.
+generation state that `generate` threads through transformers' own decoding loop. A serving loop that batches live
+sessions (`engine_duplex.py` in the repository) drives the same state, so its rows land updates by the same rules.
 """
 
 from __future__ import annotations
