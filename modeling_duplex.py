@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -406,6 +406,7 @@ class ContextGeometry:
     reads_any: torch.Tensor  # (B, 1, T, 1) bool
     slot_reads: torch.Tensor | None  # (B, 1, M_new, K + M) bool: context up to the landing, earlier slots, itself
     readout: torch.Tensor | None  # (B, T, M_new): token t's logits come from entering slot m (one-hot or none)
+    _masks: tuple | None = field(default=None, repr=False)  # (attention mask, context mask, joint mask): `masks`
 
     @classmethod
     def build(
@@ -458,6 +459,17 @@ class ContextGeometry:
             readout=readout,
         )
 
+    def masks(self, attention_mask: torch.Tensor | None, num_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tokens' context mask (B, 1, T, K) from the layer's prepared attention mask, and their joint mask
+        (B, 1, T, K + M): that context, then the slots they read. Built once per pass for the layers that share a
+        mask."""
+        if self._masks is None or self._masks[0] is not attention_mask:
+            batch, _, length, _ = self.token_reads.shape
+            context = as_bool_mask(attention_mask, length, num_keys, self.token_reads.device)
+            context = context.expand(batch, 1, length, num_keys)
+            self._masks = (attention_mask, context, torch.cat([context, self.token_reads], dim=-1))
+        return self._masks[1], self._masks[2]
+
     def read_out(self, hidden: torch.Tensor, slots: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """hidden (B, T, D) and the entering slots (B, M_new, D) after the last layer -> hidden where a landing's
         last slot predicts in place of the token it follows: h + tanh(g) (h_slot - h) (g = 0: the backbone's)."""
@@ -494,7 +506,7 @@ def read_in_context(
     query_ctx, key = apply_rotary_pos_emb(query, key, *position_embeddings)
     if past_key_values is not None:
         key, value = past_key_values.update(key, value, index)  # (B, kv_heads, K, hd) at the backbone's positions
-    context_mask = as_bool_mask(attention_mask, length, key.shape[2], hidden.device)
+    context_mask, joint_mask = geometry.masks(attention_mask, key.shape[2])
     # the context's keys at their in-band positions: those of earlier steps were moved once and kept
     moved = rotate(key[:, :, geometry.rotated_from :], geometry.key_shift_rope)
     rotated = workspace.move_keys(index, moved, geometry.rotated_from)  # (B, kv_heads, K, hd)
@@ -516,9 +528,7 @@ def read_in_context(
     joint_scores = torch.cat(
         [grouped_scores(query_joint, rotated, attn.scaling), grouped_scores(query_joint, slot_key, attn.scaling)], -1
     )
-    p_joint = masked_softmax(
-        joint_scores, torch.cat([context_mask.expand(batch, 1, length, -1), geometry.token_reads], -1)
-    )
+    p_joint = masked_softmax(joint_scores, joint_mask)
     share = hidden.new_zeros(()) if gate is None else torch.tanh(gate)[:, None, None]  # (h, 1, 1)
     share = share.to(p_ctx.dtype) * geometry.reads_any  # (B, h, T, 1): nothing to read, the backbone's own
     p_context = p_ctx + share * (p_joint[..., :num_context] - p_ctx)
@@ -603,10 +613,9 @@ def grouped_values(weights: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 
 
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dimension of the visible scores (bool mask broadcastable to scores); rows with nothing
-    visible get all-zero weights."""
-    scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    """Softmax over the last dimension of the visible scores (bool mask broadcastable to scores). A row with nothing
+    visible (a padding position, which nothing reads) gets uniform weights rather than NaN."""
+    return torch.softmax(scores.masked_fill(~mask, torch.finfo(scores.dtype).min), dim=-1)
 
 
 def attention_with_lse(
