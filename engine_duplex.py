@@ -240,16 +240,12 @@ class DuplexEngine:
 
     @property
     def live_sessions(self) -> int:
-        return len(self.rows)
+        return len(self.batch.rows) if self.batch is not None else 0
 
     # -- the decoding loop ---------------------------------------------------------------------------------------------
 
     def _reset_batch(self) -> None:
-        self.rows: list[EngineSession] = []  # batch order
-        self.cache: DynamicCache | None = None
-        self.mask: torch.Tensor | None = None  # (B, C) 0/1 over every column in the cache
-        self.next_ids: torch.Tensor | None = None  # (B, 1): each row's newest token, not yet in the cache
-        self.state = None  # the rows' DuplexGenerationState (None for a plain causal LM)
+        self.batch: _Batch | None = None  # the live rows (None: no session is decoding)
         self._admitting: list[EngineSession] = []  # newcomers being prefilled
 
     def _run(self) -> None:
@@ -258,19 +254,21 @@ class DuplexEngine:
             try:
                 with torch.inference_mode():
                     self._admit()
-                    if self.rows:
+                    if self.batch is not None:
                         self._step()
             except Exception as error:  # every live session hears of it; the loop goes on for later ones
-                for session in [*self.rows, *self._admitting]:
+                live = self.batch.rows if self.batch is not None else []
+                for session in [*live, *self._admitting]:
                     self._end(session, {"error": f"generation failed: {type(error).__name__}: {error}"})
                 self._reset_batch()
-            if not self.rows:
+            if self.batch is None:
                 self._wake.wait(0.5)
             elif self.pace_s > 0:
                 self._wake.wait(self.pace_s)  # a correction or a newcomer cuts the pause short
-        for row, session in enumerate(self.rows):  # closed: live and waiting sessions end as cancelled
-            session.cancelled.set()
-            self._finish(session, self.state, row)
+        if self.batch is not None:  # closed: live and waiting sessions end as cancelled
+            for row, session in enumerate(self.batch.rows):
+                session.cancelled.set()
+                self._finish(session, self.batch.state, row)
         self._reset_batch()
         while True:
             try:
@@ -284,7 +282,7 @@ class DuplexEngine:
     def _admit(self) -> None:
         """Prefill the sessions waiting for a row together, then splice them into the batch."""
         newcomers = []
-        while len(self.rows) + len(newcomers) < self.max_batch_size:
+        while self.live_sessions + len(newcomers) < self.max_batch_size:
             try:
                 session = self._waiting.get_nowait()
             except queue.Empty:
@@ -309,18 +307,20 @@ class DuplexEngine:
         inputs = {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions}
         group = _Batch(newcomers, DynamicCache(config=self.model.config.get_text_config()), mask, None, state)
         self._forward(group, inputs)
-        self._merge(group)
+        if self._leave(group):
+            self._merge(group)
         self._admitting = []
 
     def _step(self) -> None:
-        """One decoding step of every live row."""
-        batch = _Batch(self.rows, self.cache, self.mask, self.next_ids, self.state)
-        mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
-        positions = self.mask.sum(-1, keepdim=True)  # (B, 1): the real tokens before each row's new one
-        inputs = {"input_ids": self.next_ids, "attention_mask": mask, "position_ids": positions}
-        self._forward(batch, inputs)
-        self.rows, self.cache, self.mask, self.next_ids, self.state = batch.astuple()
-        self._drop_finished()
+        """One decoding step of every live row; the rows that ended leave, and the columns no row uses any more."""
+        batch = self.batch
+        mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
+        positions = batch.mask.sum(-1, keepdim=True)  # (B, 1): the real tokens before each row's new one
+        self._forward(batch, {"input_ids": batch.next_ids, "attention_mask": mask, "position_ids": positions})
+        if not self._leave(batch):
+            self._reset_batch()
+        elif len(batch.rows) < mask.shape[0]:
+            batch.trim_left()
 
     def _forward(self, batch: _Batch, inputs: dict) -> None:
         """Land the rows' due corrections, run the model over the step's tokens, pick and announce each row's next
@@ -361,48 +361,37 @@ class DuplexEngine:
 
     def _merge(self, group: _Batch) -> None:
         """Splice a prefilled group into the batch: the shorter side is padded on the left to the same columns."""
-        finished = self._finished_rows(group.rows)
-        if finished:
-            keep = [row for row in range(len(group.rows)) if row not in finished]
-            for row in finished:
-                self._finish(group.rows[row], group.state, row)
-            if not keep:
-                return
-            group.select(keep)
-        if not self.rows:
-            self.rows, self.cache, self.mask, self.next_ids, self.state = group.astuple()
+        if self.batch is None:
+            self.batch = group
             return
-        batch = _Batch(self.rows, self.cache, self.mask, self.next_ids, self.state)
-        width = max(batch.mask.shape[1], group.mask.shape[1])
-        batch.pad_left(width - batch.mask.shape[1])
+        width = max(self.batch.mask.shape[1], group.mask.shape[1])
+        self.batch.pad_left(width - self.batch.mask.shape[1])
         group.pad_left(width - group.mask.shape[1])
-        batch.concat(group)
-        self.rows, self.cache, self.mask, self.next_ids, self.state = batch.astuple()
+        self.batch.concat(group)
 
-    def _finished_rows(self, rows: Sequence[EngineSession]) -> list[int]:
-        out = []
-        for row, session in enumerate(rows):
-            if session.cancelled.is_set() or session.tokens >= session.max_new_tokens:
-                out.append(row)
-            elif session.last_token in self.eos_ids:
-                out.append(row)
-        return out
+    def _leave(self, batch: _Batch) -> bool:
+        """The sessions of `batch` that ended (EOS, length, cancelled) get their done event and leave it; False when
+        none is left."""
+        ended = [
+            row
+            for row, session in enumerate(batch.rows)
+            if session.cancelled.is_set()
+            or session.tokens >= session.max_new_tokens
+            or session.last_token in self.eos_ids
+        ]
+        if not ended:
+            return True
+        for row in ended:
+            self._finish(batch.rows[row], batch.state, row)
+        keep = [row for row in range(len(batch.rows)) if row not in ended]
+        if keep:
+            batch.select(keep)
+        return bool(keep)
 
-    def _drop_finished(self) -> None:
-        """Sessions that ended leave the batch; columns no row uses any more are cut from the left."""
-        finished = self._finished_rows(self.rows)
-        if not finished:
-            return
-        for row in finished:
-            self._finish(self.rows[row], self.state, row)
-        keep = [row for row in range(len(self.rows)) if row not in finished]
-        if not keep:
-            self._reset_batch()
-            return
-        batch = _Batch(self.rows, self.cache, self.mask, self.next_ids, self.state)
-        batch.select(keep)
-        batch.trim_left()
-        self.rows, self.cache, self.mask, self.next_ids, self.state = batch.astuple()
+    def _ended(self, session: EngineSession) -> bool:
+        return (
+            session.cancelled.is_set() or session.tokens >= session.max_new_tokens or session.last_token in self.eos_ids
+        )
 
     def _finish(self, session: EngineSession, state=None, row: int | None = None) -> None:
         """The done event of a session (row `row` of `state`, or not admitted yet), with every correction it
@@ -449,9 +438,6 @@ class _Batch:
     mask: torch.Tensor  # (B, C)
     next_ids: torch.Tensor | None  # (B, 1)
     state: Any
-
-    def astuple(self) -> tuple:
-        return self.rows, self.cache, self.mask, self.next_ids, self.state
 
     def _layers(self):
         return [layer for layer in self.cache.layers if getattr(layer, "keys", None) is not None]

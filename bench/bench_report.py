@@ -39,33 +39,23 @@ def targets(results: dict) -> list[dict]:
     big = meta["backbone_params"] >= SPEED_TARGET_MIN_PARAMS
     size_note = "" if big else ", applies to backbones >= 100M params"
     rows = []
+
+    def speed_row(figure: str, speed: float) -> dict:
+        met = speed >= SPEED_TARGET if big else None
+        return {"figure": figure + size_note, "target": f">= {SPEED_TARGET}x", "measured": f"{speed:.3f}x", "met": met}
+
     for key, clock in (("decode_tok_s", "wall time"), ("cpu_time_tok_s", "CPU time")):
         speed = ratio(decode["duplex+updates"], decode["bare"], key)
-        if speed is None:
-            continue
-        rows.append(
-            {
-                "figure": f"decode speed with corrections, duplex / bare ({clock})" + size_note,
-                "target": f">= {SPEED_TARGET}x",
-                "measured": f"{speed:.3f}x",
-                "met": speed >= SPEED_TARGET if big else None,
-            }
-        )
-    for length, row in latency.items():
-        speed = row.get("decode_speed_after_correction")
         if speed is not None:
-            rows.append(
-                {
-                    "figure": f"decode speed after a correction at {length} tokens, workspace / inband" + size_note,
-                    "target": f">= {SPEED_TARGET}x",
-                    "measured": f"{speed:.3f}x",
-                    "met": speed >= SPEED_TARGET if big else None,
-                }
-            )
+            rows.append(speed_row(f"decode speed with corrections, duplex / bare ({clock})", speed))
+    for length, row in latency.items():
+        if row.get("decode_speed_after_correction") is not None:
+            figure = f"decode speed after a correction at {length} tokens, workspace / inband"
+            rows.append(speed_row(figure, row["decode_speed_after_correction"]))
     for length, target in RESTART_TARGETS.items():
-        if str(length) not in latency and length not in latency:
+        row = latency.get(length, latency.get(str(length)))  # int keys in memory, str once read back from JSON
+        if row is None:
             continue
-        row = latency[str(length)] if str(length) in latency else latency[length]
         rows.append(
             {
                 "figure": f"correction latency, restart / workspace at {length} tokens",
