@@ -187,7 +187,6 @@ def make_stepper(model: PreTrainedModel, prompt: torch.Tensor) -> Callable[[], f
     same context) -> its wall seconds. A DuplexForCausalLM reads its workspace K/V, computed once, as in generate."""
     device = prompt.device
     workspace: dict = {}
-    context = None
     if isinstance(model, DuplexForCausalLM):
         correction = prompt[0, :16].tolist()  # a workspace holding one correction-sized update
         if model.config.workspace_update == "in_context":  # placed after the prompt's last token, as generate does
@@ -215,8 +214,6 @@ def make_stepper(model: PreTrainedModel, prompt: torch.Tensor) -> Callable[[], f
         logits[:, -1].argmax(-1).tolist()  # the host waits for the token, as generate does
         elapsed = time.perf_counter() - start
         cache.crop(-1)
-        if context is not None:  # and the moved key of the cropped column
-            context.rotated_columns -= 1
         return elapsed
 
     return step
