@@ -541,15 +541,18 @@ def read_in_context(
     text, to the context up to their landing and to the slots before them; their keys/values join the workspace.
     Mirrors `Qwen3DecoderLayer.forward` / `LlamaDecoderLayer.forward` of transformers 5.23."""
     attn, index = layer.self_attn, layer.self_attn.layer_idx
-    batch, length, _ = hidden.shape
-    query, key, value = attention_inputs(attn, layer.input_layernorm(hidden))
-    query, key = apply_rotary_pos_emb(query, key, *position_embeddings)  # the backbone's positions
+    length = hidden.shape[1]
+    # the tokens and the entering slots take the layer's projections together: one pass over its weights
+    stream = hidden if slots is None else torch.cat([hidden, slots], dim=1)  # (B, T + M_new, D)
+    query, key, value = attention_inputs(attn, layer.input_layernorm(stream))
+    slot_query, new_key, new_value = query[:, :, length:], key[:, :, length:], value[:, :, length:]
+    query, key = apply_rotary_pos_emb(query[:, :, :length], key[:, :, :length], *position_embeddings)
+    value = value[:, :, :length]
     if past_key_values is not None:
-        key, value = past_key_values.update(key, value, index)  # (B, kv_heads, K, hd)
+        key, value = past_key_values.update(key, value, index)  # (B, kv_heads, K, hd) at the backbone's positions
 
     slot_key, slot_value = workspace.keys.get(index), workspace.values.get(index)  # (B, kv_heads, M_old, hd)
     if slots is not None:
-        slot_query, new_key, new_value = attention_inputs(attn, layer.input_layernorm(slots))
         own_rope = tuple(t[:, :, 0] for t in geometry.slot_level_rope)  # level 0: the slots' in-band positions
         new_key = rotate(new_key, own_rope)
         slot_key = new_key if slot_key is None else torch.cat([slot_key, new_key.to(slot_key.dtype)], dim=2)
@@ -570,8 +573,6 @@ def read_in_context(
     share = share.to(weights.dtype) * geometry.reads_any  # (B, h, T, 1): nothing to read, the backbone's own
     mixed = torch.lerp(weights[:, :, :, 0], weights[:, :, :, 1], share)  # (B, h, T, K + M)
     out = grouped_values(mixed[..., :num_context], value) + grouped_values(mixed[..., num_context:], slot_value)
-    hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
-    hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
     if slots is not None:  # the entering slots read the context up to their landing, the slots before, themselves
         copies = rotate_levels(slot_query, geometry.slot_level_rope)  # (B, h, M_new, V, hd); level 0: in-band
         context_scores = level_scores(copies, key, geometry.slot_levels, attn.scaling)[:, :, :, 0]  # (B,h,M_new,K)
@@ -580,9 +581,10 @@ def read_in_context(
         out_slots = grouped_values(weights[..., :num_context], value) + grouped_values(
             weights[..., num_context:], slot_value
         )
-        slots = slots + attn.o_proj(out_slots.transpose(1, 2).reshape(batch, slots.shape[1], -1))
-        slots = slots + layer.mlp(layer.post_attention_layernorm(slots))
-    return hidden, slots
+        out = torch.cat([out, out_slots], dim=2)  # (B, h, T + M_new, hd)
+    stream = stream + attn.o_proj(out.transpose(1, 2).reshape(*stream.shape[:2], -1))
+    stream = stream + layer.mlp(layer.post_attention_layernorm(stream))
+    return stream[:, :length], None if slots is None else stream[:, length:]
 
 
 def newest_tokens(ids: torch.Tensor, mask: torch.Tensor, limit: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -74,8 +74,9 @@ def build_backbone(
 
 def build_duplex(backbone: PreTrainedModel, **duplex_kwargs) -> DuplexForCausalLM:
     """Duplex modules over `backbone` (shared, not copied), as after training: the zero-initialised output
-    projections get small random weights and every gate is open (tanh g = 0.76), so the decode figures include the
-    read itself. `inband_template="{text}"` lets the inband baseline run on token ids."""
+    projections get small random weights, every gate is open (tanh g = 0.76) and every update is decided a
+    correction, so the decode figures include the read itself. `inband_template="{text}"` lets the inband baseline
+    run on token ids."""
     with torch.device(backbone.device):
         model = DuplexForCausalLM.from_backbone(backbone, inband_template="{text}", **duplex_kwargs)
     generator = torch.Generator().manual_seed(1)
@@ -87,6 +88,7 @@ def build_duplex(backbone: PreTrainedModel, **duplex_kwargs) -> DuplexForCausalL
         for name, param in model.named_parameters():
             if name.endswith(".gate"):  # every adapter's and, reading in context, the readout's
                 param.fill_(1.0)
+        model.update_encoder.decision.classifier.bias.fill_(10.0)  # a random sign would drop some updates
     return model.eval()
 
 
