@@ -57,7 +57,8 @@ from bench_timing import (  # noqa: E402
 
 from backbone_shapes import SHAPES  # noqa: E402
 
-VARIANTS = ("bare", "duplex", "duplex+updates")  # what decodes: the backbone alone, with duplex, with updates too
+# what decodes: the backbone alone, with duplex, with corrections in the workspace, the same corrections in-band
+VARIANTS = ("bare", "duplex", "duplex+updates", "inband+updates")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -167,6 +168,14 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
         "duplex+updates": lambda n: generate_timed(
             model, prompt, n, special, updates=[(at, ids) for at, ids in updates if at < n] or None
         ),
+        "inband+updates": lambda n: generate_timed(
+            model,
+            prompt,
+            n,
+            special,
+            updates=[(at, ids) for at, ids in updates if at < n] or None,
+            update_mode="inband",
+        ),
     }
     with timer("decode", phases):
         decode = bench_decode(runners, args.new_tokens, args.repeats, "decode", device)
@@ -248,6 +257,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
     }
     results["decode_ratio"] = ratio(decode["duplex"], decode["bare"], "decode_tok_s")
     results["decode_ratio_with_updates"] = ratio(decode["duplex+updates"], decode["bare"], "decode_tok_s")
+    results["step_ratio_with_updates"] = ratio(decode["bare"], decode["duplex+updates"], "median_step_ms")
     results["decode_ratio_cpu_time"] = ratio(decode["duplex"], decode["bare"], "cpu_time_tok_s")
     results["paired_step_ratio"] = paired["duplex"]["paired_ratio"]
     results["targets"] = targets(results)
