@@ -545,9 +545,10 @@ def read_in_context(
     # the tokens and the entering slots take the layer's projections together: one pass over its weights
     stream = hidden if slots is None else torch.cat([hidden, slots], dim=1)  # (B, T + M_new, D)
     query, key, value = attention_inputs(attn, layer.input_layernorm(stream))
-    slot_query, new_key, new_value = query[:, :, length:], key[:, :, length:], value[:, :, length:]
-    query, key = apply_rotary_pos_emb(query[:, :, :length], key[:, :, :length], *position_embeddings)
-    value = value[:, :, :length]
+    if slots is not None:
+        slot_query, new_key, new_value = query[:, :, length:], key[:, :, length:], value[:, :, length:]
+        query, key, value = query[:, :, :length], key[:, :, :length], value[:, :, :length]
+    query, key = apply_rotary_pos_emb(query, key, *position_embeddings)  # the backbone's positions
     if past_key_values is not None:
         key, value = past_key_values.update(key, value, index)  # (B, kv_heads, K, hd) at the backbone's positions
 
