@@ -310,9 +310,6 @@ class ContextWorkspace:
     values: dict[int, torch.Tensor] = field(default_factory=dict)
     keep: bool = False  # store the new slots' keys/values for later steps (generation)
     reads: bool | None = None  # whether the model's gates read it: decided once (the gates stay put while generating)
-    rotated_keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> the context's keys at their
-    # in-band positions (B, kv_heads, >= rotated_columns, hd), room to grow; a later landing moves only later keys
-    rotated_columns: int = 0  # how many columns of `rotated_keys` hold moved keys
     empty: bool = field(init=False)  # no slot is read by any row (only backchannels so far): exactly the backbone
 
     def __post_init__(self) -> None:
@@ -324,39 +321,13 @@ class ContextWorkspace:
     def num_new(self) -> int:
         return 0 if self.new_slots is None else self.new_slots.shape[1]
 
-    def move_keys(self, layer: int, moved: torch.Tensor, start: int) -> torch.Tensor:
-        """The context's keys at their in-band positions: those of columns before `start`, moved in earlier passes
-        and kept, then `moved` (B, kv_heads, n, hd) -> (B, kv_heads, start + n, hd). Generation keeps them in a
-        buffer that grows by doubling, so a decoding step copies only its own keys."""
-        if not self.keep:
-            return moved
-        end = start + moved.shape[2]
-        buffer = self.rotated_keys.get(layer)
-        if buffer is None or buffer.shape[2] < end:
-            grown = moved.new_empty(*moved.shape[:2], max(end, 2 * start), moved.shape[3])
-            if buffer is not None:
-                grown[:, :, :start] = buffer[:, :, :start]
-            buffer = self.rotated_keys[layer] = grown
-        buffer[:, :, start:end] = moved
-        self.rotated_columns = end
-        return buffer[:, :, :end]
-
     def extend(self, entering: ContextWorkspace) -> ContextWorkspace:
         """This workspace plus the slots of `entering` (whose keys/values the next forward pass computes)."""
         if self.new_slots is not None:
             raise RuntimeError("the previous slots have not entered a forward pass yet")
         packed = self.packed()
         starts = torch.cat([packed.starts, entering.starts], dim=1)
-        return ContextWorkspace(
-            starts,
-            entering.new_slots,
-            packed.keys,
-            packed.values,
-            self.keep,
-            self.reads,
-            self.rotated_keys,
-            self.rotated_columns,
-        )
+        return ContextWorkspace(starts, entering.new_slots, packed.keys, packed.values, self.keep, self.reads)
 
     def store(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Keep one layer's keys/values of every slot so far (B, kv_heads, M, hd), when generating."""
@@ -380,30 +351,22 @@ class ContextWorkspace:
         keys = {layer: _gather_columns(k, order) for layer, k in self.keys.items()}
         values = {layer: _gather_columns(v, order) for layer, v in self.values.items()}
         starts = self.starts.gather(1, order)
-        return ContextWorkspace(
-            starts, None, keys, values, self.keep, self.reads, self.rotated_keys, self.rotated_columns
-        )
+        return ContextWorkspace(starts, None, keys, values, self.keep, self.reads)
 
     def select(self, rows: torch.Tensor) -> ContextWorkspace:
         """Only the batch rows `rows` (between forward passes), packed (`packed`)."""
         keys = {layer: k[rows] for layer, k in self.keys.items()}
         values = {layer: v[rows] for layer, v in self.values.items()}
-        rotated = {layer: k[rows] for layer, k in self.rotated_keys.items()}
-        selected = ContextWorkspace(
-            self.starts[rows], None, keys, values, self.keep, self.reads, rotated, self.rotated_columns
-        )
-        return selected.packed()
+        return ContextWorkspace(self.starts[rows], None, keys, values, self.keep, self.reads).packed()
 
     def shift(self, columns: int) -> ContextWorkspace:
-        """The same slots after `columns` columns were added (> 0) or removed (< 0) on the left of the sequence (the
-        moved context keys are dropped: the next step moves them again)."""
+        """The same slots after `columns` columns were added (> 0) or removed (< 0) on the left of the sequence."""
         return ContextWorkspace(
             _shift_columns(self.starts, columns), None, self.keys, self.values, self.keep, self.reads
         )
 
     def concat(self, other: ContextWorkspace) -> ContextWorkspace:
-        """The rows of both, over the same columns (between forward passes); unused slot columns pad the narrower
-        (the moved context keys are dropped: the next step moves them again)."""
+        """The rows of both, over the same columns (between forward passes); unused slot columns pad the narrower."""
         width = max(self.starts.shape[1], other.starts.shape[1])
         starts = torch.cat([_pad_dim(self.starts, 1, width, NEVER), _pad_dim(other.starts, 1, width, NEVER)])
         merged = []

@@ -384,29 +384,39 @@ def attention_inputs(attn: nn.Module, normed: torch.Tensor) -> tuple[torch.Tenso
 
 def rotate(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Rotary embedding of x (B, h, L, hd) with the backbone's (cos, sin) (B, L, hd). Rotations compose: rotating a
-    key already rotated at position j by cos/sin of d gives the key at position j + d."""
+    query already rotated at position i by cos/sin of d gives the query at position i + d."""
     cos, sin = (t[:, None].to(x.dtype) for t in rope)
     return x * cos + rotate_half(x) * sin
+
+
+def rotate_levels(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """x (B, h, L, hd) rotated by each of several rotations (cos, sin) (B, L, V, hd) -> (B, h, L, V, hd)."""
+    cos, sin = (t[:, None].to(x.dtype) for t in rope)
+    return x[..., None, :] * cos + rotate_half(x)[..., None, :] * sin
 
 
 @dataclass
 class ContextGeometry:
     """Where an in-context workspace's slots sit among the tokens of one forward pass: exactly where the same text
     would sit in-band. A correction landing at sequence index p (the token whose logits predict the first new token
-    it conditions) follows token p; every later token moves behind it by the correction's length. The cached keys
-    keep the backbone's own positions; each is moved to its in-band position by a rotation (`rotate`), so nothing
-    cached is rewritten. The logits at p come from the correction's last slot (`readout`), as in-band they come
-    from the correction's last token."""
+    it conditions) follows token p; every later token moves behind it by the correction's length. The logits at p
+    come from the correction's last slot (`readout`), as in-band they come from the correction's last token.
 
-    query_rope: tuple[torch.Tensor, torch.Tensor]  # the tokens' queries at their in-band positions (B, T)
-    key_shift_rope: tuple[torch.Tensor, torch.Tensor]  # key j >= rotated_from: rotation by the slots placed before it
-    rotated_from: int  # the keys before this column were moved in earlier passes (`ContextWorkspace.rotated_keys`)
-    slot_rope: tuple[torch.Tensor, torch.Tensor] | None  # the entering slots' in-band positions (B, M_new)
+    Nothing cached is moved: the keys keep the backbone's own positions, and the queries are rotated instead. The
+    in-band distance from key j to a reader differs from the backbone's by the slots placed between them, and the
+    keys fall into a few *levels* (level l: the keys after the l-th landing point, c_l slots placed before each).
+    So each reader gets one rotated copy of its query per level, and one product with the keys scores them all;
+    each key's score is taken from its level's copy (`token_scores`)."""
+
+    level_rope: tuple[torch.Tensor, torch.Tensor]  # (B, T, V, hd): token t's query moved by (slots before t) - c_l
+    token_levels: torch.Tensor  # (B, 1, T, 2, K) long: the level whose copy scores key j, backbone's own then joint
+    slot_level_rope: tuple[torch.Tensor, torch.Tensor] | None  # (B, M_new, V, hd): entering slot m at P_m - c_l
+    slot_levels: torch.Tensor | None  # (B, 1, M_new, 1, K) long: the level of key j
     token_reads: torch.Tensor  # (B, 1, T, M) bool: the slots each token reads (landed before it)
     reads_any: torch.Tensor  # (B, 1, T, 1) bool
     slot_reads: torch.Tensor | None  # (B, 1, M_new, K + M) bool: context up to the landing, earlier slots, itself
     readout: torch.Tensor | None  # (B, T, M_new): token t's logits come from entering slot m (one-hot or none)
-    _masks: tuple | None = field(default=None, repr=False)  # (attention mask, context mask, joint mask): `masks`
+    _masks: tuple | None = field(default=None, repr=False)  # (attention mask, its bias): `token_bias`
 
     @classmethod
     def build(
@@ -427,17 +437,31 @@ class ContextGeometry:
         keys = torch.arange(num_keys, device=device)
         placed_before = starts[:, None, :] < keys[None, :, None]  # (B, K, M): slot m lies before key j in-band
         token_reads = placed_before[:, past_seen:]  # (B, T, M): a token reads what was placed before it
+        # the keys' levels: slots placed before each key (nondecreasing along the sequence), numbered 0, 1, ...
+        shift = placed_before.sum(-1)  # (B, K)
+        level = torch.cat([shift.new_zeros(batch, 1), (shift[:, 1:] != shift[:, :-1]).long()], 1).cumsum(-1)
+        num_levels = int(level[:, -1].max()) + 1
+        level_shift = shift.new_zeros(batch, num_levels).scatter_reduce(1, level, shift, "amax")  # (B, V): c_l
+        token_shift = shift[:, past_seen:]  # (B, T)
+        positions = (token_shift[:, :, None] - level_shift[:, None, :]).flatten(1)  # (B, T * V)
+        level_rope = tuple(t.unflatten(1, (length, num_levels)) for t in rotary_emb(hidden, positions))
+        own = level[:, past_seen:, None].expand(batch, length, num_keys)  # a token's own level: delta 0
+        token_levels = torch.stack([own, level[:, None, :].expand(batch, length, num_keys)], dim=2).unsqueeze(1)
+
         key_valid = torch.ones(batch, num_keys, dtype=torch.bool, device=device)
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
             key_valid = attention_mask[:, -num_keys:].bool()
-        valid_through = key_valid.long().cumsum(-1)  # (B, K): real tokens up to each key (RoPE skips padding)
-        slot_rope = slot_reads = readout = None
+        slot_level_rope = slot_levels = slot_reads = readout = None
         if workspace.num_new:
             new = slice(starts.shape[1] - workspace.num_new, None)
             own_valid, own_start = valid[:, new], torch.where(valid, starts, 0)[:, new]  # (B, M_new)
             rank = (valid.long().cumsum(-1) - valid.long())[:, new]  # valid slots before each (landings in order)
-            own_position = valid_through.gather(1, own_start) + rank  # right after the token it follows, in order
-            slot_rope = rotary_emb(hidden, torch.where(own_valid, own_position, 0))
+            # right after the token it follows (RoPE skips padding), in order
+            own_position = key_valid.long().cumsum(-1).gather(1, own_start) + rank
+            own_position = torch.where(own_valid, own_position, 0)
+            positions = (own_position[:, :, None] - level_shift[:, None, :]).flatten(1)  # (B, M_new * V)
+            slot_level_rope = tuple(t.unflatten(1, (-1, num_levels)) for t in rotary_emb(hidden, positions))
+            slot_levels = level[:, None, None, None, :].expand(-1, -1, workspace.num_new, -1, -1)
             reads_context = (keys[None, None, :] <= own_start[:, :, None]) & key_valid[:, None, :]  # (B, M_new, K)
             order = torch.arange(starts.shape[1], device=device)
             reads_slots = (order[None, :] <= order[new, None])[None] & valid[:, None, :]  # (B, M_new, M)
@@ -449,26 +473,30 @@ class ContextGeometry:
             queries = torch.arange(past_seen, num_keys, device=device)
             readout = (own_start[:, None, :] == queries[None, :, None]) & last[:, None, :]  # (B, T, M_new)
         return cls(
-            query_rope=rotary_emb(hidden, position_ids.expand(batch, -1) + token_reads.sum(-1)),
-            key_shift_rope=rotary_emb(hidden, placed_before[:, workspace.rotated_columns :].sum(-1)),
-            rotated_from=workspace.rotated_columns,
-            slot_rope=slot_rope,
+            level_rope=level_rope,
+            token_levels=token_levels,
+            slot_level_rope=slot_level_rope,
+            slot_levels=slot_levels,
             token_reads=token_reads.unsqueeze(1),
             reads_any=token_reads.any(-1)[:, None, :, None],
             slot_reads=slot_reads,
             readout=readout,
         )
 
-    def masks(self, attention_mask: torch.Tensor | None, num_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The tokens' context mask (B, 1, T, K) from the layer's prepared attention mask, and their joint mask
-        (B, 1, T, K + M): that context, then the slots they read. Built once per pass for the layers that share a
-        mask."""
-        if self._masks is None or self._masks[0] is not attention_mask:
-            batch, _, length, _ = self.token_reads.shape
+    def token_bias(self, attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """The tokens' two masks over the context and the slots, as additive biases (B, 1, T, 2, K + M): the
+        backbone's own (the context only), then the joint one (the context and the slots they read). Built once per
+        pass for the layers that share a mask (adding a bias is several times faster than `masked_fill`)."""
+        if self._masks is None or self._masks[0] is not attention_mask or self._masks[1].dtype != dtype:
+            batch, _, length, _, num_keys = self.token_levels.shape
             context = as_bool_mask(attention_mask, length, num_keys, self.token_reads.device)
             context = context.expand(batch, 1, length, num_keys)
-            self._masks = (attention_mask, context, torch.cat([context, self.token_reads], dim=-1))
-        return self._masks[1], self._masks[2]
+            own = torch.cat([context, torch.zeros_like(self.token_reads)], dim=-1)
+            joint = torch.cat([context, self.token_reads], dim=-1)
+            visible = torch.stack([own, joint], dim=3)
+            bias = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+            self._masks = (attention_mask, bias.masked_fill_(~visible, torch.finfo(dtype).min))
+        return self._masks[1]
 
     def read_out(self, hidden: torch.Tensor, slots: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """hidden (B, T, D) and the entering slots (B, M_new, D) after the last layer -> hidden where a landing's
@@ -479,6 +507,18 @@ class ContextGeometry:
         from_slot = chosen @ slots  # (B, T, D)
         share = torch.tanh(gate).to(hidden.dtype) * chosen.sum(-1, keepdim=True)  # (B, T, 1)
         return hidden + share * (from_slot - hidden)
+
+
+def level_scores(copies: torch.Tensor, key: torch.Tensor, levels: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Scores over cached keys (B, kv_heads, K, hd), each key read at its level: one product of the queries' rotated
+    copies (B, h, T, V, hd) with the keys, then for every (query, key) the copy that `levels` (B, 1, T, n, K)
+    names -> (B, h, T, n, K)."""
+    length, num_levels = copies.shape[2:4]
+    scores = grouped_scores(copies.flatten(2, 3), key, scaling).unflatten(2, (length, num_levels))  # (B,h,T,V,K)
+    picked = scores[:, :, :, :1]  # levels only grow along the keys: a few selections beat a gather
+    for level in range(1, num_levels):
+        picked = torch.where(levels >= level, scores[:, :, :, level : level + 1], picked)
+    return picked.expand(-1, -1, -1, levels.shape[3], -1)
 
 
 def read_in_context(
@@ -501,51 +541,51 @@ def read_in_context(
     text, to the context up to their landing and to the slots before them; their keys/values join the workspace.
     Mirrors `Qwen3DecoderLayer.forward` / `LlamaDecoderLayer.forward` of transformers 5.23."""
     attn, index = layer.self_attn, layer.self_attn.layer_idx
-    batch, length, _ = hidden.shape
-    query, key, value = attention_inputs(attn, layer.input_layernorm(hidden))
-    query_ctx, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+    length = hidden.shape[1]
+    # the tokens and the entering slots take the layer's projections together: one pass over its weights
+    stream = hidden if slots is None else torch.cat([hidden, slots], dim=1)  # (B, T + M_new, D)
+    query, key, value = attention_inputs(attn, layer.input_layernorm(stream))
+    if slots is not None:
+        slot_query, new_key, new_value = query[:, :, length:], key[:, :, length:], value[:, :, length:]
+        query, key, value = query[:, :, :length], key[:, :, :length], value[:, :, :length]
+    query, key = apply_rotary_pos_emb(query, key, *position_embeddings)  # the backbone's positions
     if past_key_values is not None:
         key, value = past_key_values.update(key, value, index)  # (B, kv_heads, K, hd) at the backbone's positions
-    context_mask, joint_mask = geometry.masks(attention_mask, key.shape[2])
-    # the context's keys at their in-band positions: those of earlier steps were moved once and kept
-    moved = rotate(key[:, :, geometry.rotated_from :], geometry.key_shift_rope)
-    rotated = workspace.move_keys(index, moved, geometry.rotated_from)  # (B, kv_heads, K, hd)
 
     slot_key, slot_value = workspace.keys.get(index), workspace.values.get(index)  # (B, kv_heads, M_old, hd)
     if slots is not None:
-        slot_query, new_key, new_value = attention_inputs(attn, layer.input_layernorm(slots))
-        slot_query, new_key = rotate(slot_query, geometry.slot_rope), rotate(new_key, geometry.slot_rope)
+        own_rope = tuple(t[:, :, 0] for t in geometry.slot_level_rope)  # level 0: the slots' in-band positions
+        new_key = rotate(new_key, own_rope)
         slot_key = new_key if slot_key is None else torch.cat([slot_key, new_key.to(slot_key.dtype)], dim=2)
         slot_value = new_value if slot_value is None else torch.cat([slot_value, new_value.to(slot_value.dtype)], 2)
         workspace.store(index, slot_key, slot_value)
     slot_key, slot_value = slot_key.to(key.dtype), slot_value.to(value.dtype)
     num_context = key.shape[2]
 
-    # the tokens: the backbone's own attention weights p_ctx, and the joint ones over context and slots; the mixed
-    # output o_ctx + s (o_joint - o_ctx) is one product with the values: (p_ctx + s (p_joint - p_ctx)) V + s p_slots V_s
-    p_ctx = masked_softmax(grouped_scores(query_ctx, key, attn.scaling), context_mask)
-    query_joint = rotate(query, geometry.query_rope)
-    joint_scores = torch.cat(
-        [grouped_scores(query_joint, rotated, attn.scaling), grouped_scores(query_joint, slot_key, attn.scaling)], -1
-    )
-    p_joint = masked_softmax(joint_scores, joint_mask)
+    # the tokens: scores over the context, each key read by the backbone's own query and by the in-band one (level
+    # 0's copy is the query at its in-band position, which also reads the slots); one softmax for both, and the
+    # mixed weights p_ctx + s (p_joint - p_ctx) take one product with the values
+    copies = rotate_levels(query, geometry.level_rope)  # (B, h, T, V, hd)
+    scores = level_scores(copies, key, geometry.token_levels, attn.scaling)  # (B, h, T, 2, K)
+    slot_scores = grouped_scores(copies[:, :, :, 0], slot_key, attn.scaling)[:, :, :, None]  # (B, h, T, 1, M)
+    scores = torch.cat([scores, slot_scores.expand(-1, -1, -1, 2, -1)], dim=-1)
+    weights = torch.softmax(scores + geometry.token_bias(attention_mask, scores.dtype), -1)  # (B, h, T, 2, K + M)
     share = hidden.new_zeros(()) if gate is None else torch.tanh(gate)[:, None, None]  # (h, 1, 1)
-    share = share.to(p_ctx.dtype) * geometry.reads_any  # (B, h, T, 1): nothing to read, the backbone's own
-    p_context = p_ctx + share * (p_joint[..., :num_context] - p_ctx)
-    out = grouped_values(p_context, value) + grouped_values(share * p_joint[..., num_context:], slot_value)
-    hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
-    hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    share = share.to(weights.dtype) * geometry.reads_any  # (B, h, T, 1): nothing to read, the backbone's own
+    mixed = torch.lerp(weights[:, :, :, 0], weights[:, :, :, 1], share)  # (B, h, T, K + M)
+    out = grouped_values(mixed[..., :num_context], value) + grouped_values(mixed[..., num_context:], slot_value)
     if slots is not None:  # the entering slots read the context up to their landing, the slots before, themselves
-        scores = torch.cat(
-            [grouped_scores(slot_query, rotated, attn.scaling), grouped_scores(slot_query, slot_key, attn.scaling)], -1
-        )
+        copies = rotate_levels(slot_query, geometry.slot_level_rope)  # (B, h, M_new, V, hd); level 0: in-band
+        context_scores = level_scores(copies, key, geometry.slot_levels, attn.scaling)[:, :, :, 0]  # (B,h,M_new,K)
+        scores = torch.cat([context_scores, grouped_scores(copies[:, :, :, 0], slot_key, attn.scaling)], -1)
         weights = masked_softmax(scores, geometry.slot_reads)
         out_slots = grouped_values(weights[..., :num_context], value) + grouped_values(
             weights[..., num_context:], slot_value
         )
-        slots = slots + attn.o_proj(out_slots.transpose(1, 2).reshape(batch, slots.shape[1], -1))
-        slots = slots + layer.mlp(layer.post_attention_layernorm(slots))
-    return hidden, slots
+        out = torch.cat([out, out_slots], dim=2)  # (B, h, T + M_new, hd)
+    stream = stream + attn.o_proj(out.transpose(1, 2).reshape(*stream.shape[:2], -1))
+    stream = stream + layer.mlp(layer.post_attention_layernorm(stream))
+    return stream[:, :length], None if slots is None else stream[:, length:]
 
 
 def newest_tokens(ids: torch.Tensor, mask: torch.Tensor, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
