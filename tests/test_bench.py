@@ -39,3 +39,28 @@ def test_bench_micro_reports_every_figure(tmp_path: Path) -> None:
     assert Path(results["files"]["markdown"]).read_text().startswith("## Duplex benchmark")
     if results["files"]["plot"] is not None:
         assert Path(results["files"]["plot"]).stat().st_size > 0
+
+
+def test_bench_model_reads_every_update(tmp_path: Path) -> None:
+    """The benchmark times corrections being read: its trained-looking model must decide every update a correction
+    (a backchannel writes nothing, so a step after it would read nothing and time only the backbone)."""
+    load_bench()  # puts bench/ on sys.path
+    import torch
+    from bench_models import build_backbone, build_duplex, random_ids, update_schedule
+
+    backbone = build_backbone("micro", torch.device("cpu"), torch.float32, False, tmp_path)
+    model = build_duplex(backbone)
+    vocab = backbone.config.vocab_size
+    prompt = random_ids(8, vocab, 0, torch.device("cpu"))
+    updates = update_schedule(8, 3, 4, vocab)
+    out = model.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=8,
+        min_new_tokens=8,
+        do_sample=False,
+        updates=updates,
+        return_dict_in_generate=True,
+        pad_token_id=backbone.config.pad_token_id,
+    )
+    assert [landing.kind for landing in out.update_landings[0]] == ["correction"] * len(updates)
