@@ -311,15 +311,22 @@ def create_app(
     return app
 
 
+def _ends(event: Event) -> bool:
+    """Whether `event` is a session's last."""
+    return "done" in event or "error" in event
+
+
 async def _stream_session(session_id: str, session: EngineSession, events: asyncio.Queue, sessions):
     """The session's SSE body: its id, then the engine's events up to done. However it ends (done, or the client
     disconnecting and the body being cancelled), generation stops and the session is freed."""
     try:
         yield sse({"session": session_id})
         while True:
-            event = await events.get()
-            yield sse(event)
-            if "done" in event or "error" in event:
+            batch = [await events.get()]
+            while not events.empty() and not _ends(batch[-1]):  # what queued meanwhile goes out in one write
+                batch.append(events.get_nowait())
+            yield b"".join(sse(event) for event in batch)
+            if _ends(batch[-1]):
                 return
     finally:
         session.cancel()
