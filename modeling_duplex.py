@@ -406,12 +406,13 @@ class ContextGeometry:
     in-band distance from key j to a reader differs from the backbone's by the slots placed between them, and the
     keys fall into a few *levels* (level l: the keys after the l-th landing point, c_l slots placed before each).
     So each reader gets one rotated copy of its query per level, and one product with the keys scores them all;
-    each key's score is taken from its level's copy (`token_scores`)."""
+    each key's score is taken from its level's copy (`level_scores`)."""
 
     level_rope: tuple[torch.Tensor, torch.Tensor]  # (B, T, V, hd): token t's query moved by (slots before t) - c_l
-    token_levels: torch.Tensor  # (B, 1, T, 2, K) long: the level whose copy scores key j, backbone's own then joint
+    token_levels: torch.Tensor  # (V - 1, B, 1, T, 2, K) bool: whether the copy that scores key j (the backbone's own
+    # then the joint one) is at level l + 1 or above; built once per pass for every layer
     slot_level_rope: tuple[torch.Tensor, torch.Tensor] | None  # (B, M_new, V, hd): entering slot m at P_m - c_l
-    slot_levels: torch.Tensor | None  # (B, 1, M_new, 1, K) long: the level of key j
+    slot_levels: torch.Tensor | None  # (V - 1, B, 1, M_new, 1, K) bool: key j is at level l + 1 or above
     token_reads: torch.Tensor  # (B, 1, T, M) bool: the slots each token reads (landed before it)
     reads_any: torch.Tensor  # (B, 1, T, 1) bool
     slot_reads: torch.Tensor | None  # (B, 1, M_new, K + M) bool: context up to the landing, earlier slots, itself
@@ -447,6 +448,8 @@ class ContextGeometry:
         level_rope = tuple(t.unflatten(1, (length, num_levels)) for t in rotary_emb(hidden, positions))
         own = level[:, past_seen:, None].expand(batch, length, num_keys)  # a token's own level: delta 0
         token_levels = torch.stack([own, level[:, None, :].expand(batch, length, num_keys)], dim=2).unsqueeze(1)
+        above = torch.arange(1, num_levels, device=device)[:, None, None, None, None, None]  # (V - 1, 1, ..., 1)
+        token_levels = token_levels[None] >= above  # (V - 1, B, 1, T, 2, K)
 
         key_valid = torch.ones(batch, num_keys, dtype=torch.bool, device=device)
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
@@ -461,7 +464,8 @@ class ContextGeometry:
             own_position = torch.where(own_valid, own_position, 0)
             positions = (own_position[:, :, None] - level_shift[:, None, :]).flatten(1)  # (B, M_new * V)
             slot_level_rope = tuple(t.unflatten(1, (-1, num_levels)) for t in rotary_emb(hidden, positions))
-            slot_levels = level[:, None, None, None, :].expand(-1, -1, workspace.num_new, -1, -1)
+            slot_levels = level[None, :, None, None, None, :] >= above  # (V - 1, B, 1, 1, 1, K)
+            slot_levels = slot_levels.expand(-1, -1, -1, workspace.num_new, -1, -1)
             reads_context = (keys[None, None, :] <= own_start[:, :, None]) & key_valid[:, None, :]  # (B, M_new, K)
             order = torch.arange(starts.shape[1], device=device)
             reads_slots = (order[None, :] <= order[new, None])[None] & valid[:, None, :]  # (B, M_new, M)
@@ -488,7 +492,7 @@ class ContextGeometry:
         backbone's own (the context only), then the joint one (the context and the slots they read). Built once per
         pass for the layers that share a mask (adding a bias is several times faster than `masked_fill`)."""
         if self._masks is None or self._masks[0] is not attention_mask or self._masks[1].dtype != dtype:
-            batch, _, length, _, num_keys = self.token_levels.shape
+            _, batch, _, length, _, num_keys = self.token_levels.shape
             context = as_bool_mask(attention_mask, length, num_keys, self.token_reads.device)
             context = context.expand(batch, 1, length, num_keys)
             own = torch.cat([context, torch.zeros_like(self.token_reads)], dim=-1)
@@ -511,14 +515,14 @@ class ContextGeometry:
 
 def level_scores(copies: torch.Tensor, key: torch.Tensor, levels: torch.Tensor, scaling: float) -> torch.Tensor:
     """Scores over cached keys (B, kv_heads, K, hd), each key read at its level: one product of the queries' rotated
-    copies (B, h, T, V, hd) with the keys, then for every (query, key) the copy that `levels` (B, 1, T, n, K)
-    names -> (B, h, T, n, K)."""
+    copies (B, h, T, V, hd) with the keys, then for every (query, key) the copy that `levels` (V - 1, B, 1, T, n, K),
+    "at level l + 1 or above", names -> (B, h, T, n, K)."""
     length, num_levels = copies.shape[2:4]
     scores = grouped_scores(copies.flatten(2, 3), key, scaling).unflatten(2, (length, num_levels))  # (B,h,T,V,K)
     picked = scores[:, :, :, :1]  # levels only grow along the keys: a few selections beat a gather
-    for level in range(1, num_levels):
-        picked = torch.where(levels >= level, scores[:, :, :, level : level + 1], picked)
-    return picked.expand(-1, -1, -1, levels.shape[3], -1)
+    for level, at_or_above in enumerate(levels, start=1):
+        picked = torch.where(at_or_above, scores[:, :, :, level : level + 1], picked)
+    return picked.expand(-1, -1, -1, levels.shape[4], -1)
 
 
 def read_in_context(
