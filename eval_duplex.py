@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 import torch
 
 from data import (
+    CHAT_FAMILIES,
     FAMILIES,
     LANDINGS,
     Instance,
@@ -365,12 +366,14 @@ def _score(item: _Item, done: dict[Job, Generation], tokenizer) -> dict[str, Any
         "landing": item.landing,
         "unlanded": gen.unlanded,
     }
-    if item.kind == "none":
-        record["exact"] = gen.text == item.target.original_response
+    family = get_family(item.family)
+    if item.kind == "none":  # the family's rule (exact match, or any valid answer of a free-form family)
+        record["exact"] = bool(family.score(item.target, gen.text)["correct"])
     elif item.kind in DISTRACTOR_KINDS:
         record["stable"] = gen.text == done[item.reference].text
     else:
-        scores = get_family(item.family).score(item.target, gen.text)
+        landed = [len(tokenizer.decode(gen.ids[:at], skip_special_tokens=True)) for at, _ in item.job.updates] or [0]
+        scores = family.score(item.target, gen.text, landed)
         record |= {"correct": bool(scores["correct"]), "contradiction": bool(scores["contradiction"])}
         if item.kind == "one" and scores["correct"]:
             record["ttr"] = tokens_to_revision(tokenizer, item.target, item.at, gen.ids, gen.ended)
@@ -775,10 +778,12 @@ def load_checkpoint(path: str | Path, device: str = "cpu", dtype: str = "float32
 
     torch_dtype = getattr(torch, dtype)
     model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=True, dtype=torch_dtype)
-    if not hasattr(model, "workspace_versions"):
-        model = DuplexForCausalLM.from_backbone(model)
     # trust_remote_code: AutoTokenizer reads config.json (auto_map) and would otherwise ask on stdin
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=True)
+    if not hasattr(model, "workspace_versions"):  # in-band as the backbone's chat template writes a user turn
+        model = DuplexForCausalLM.from_backbone(
+            model, inband_template=PromptFormat.for_tokenizer(tokenizer).inband_template
+        )
     return model.to(device).eval(), tokenizer
 
 
@@ -811,7 +816,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n-per-family", type=_positive, default=20, help="instances per family and kind, per seed")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="test-set seeds (pooled)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(DEFAULT_MODES), help="modes to compare")
-    parser.add_argument("--families", nargs="+", choices=list(FAMILIES), default=None, help="task families")
+    parser.add_argument(
+        "--families",
+        nargs="+",
+        choices=[*FAMILIES, *CHAT_FAMILIES],
+        default=None,
+        help="task families (default: the seven; `items` and `letter` score a chat model's free-form answers)",
+    )
     parser.add_argument("--sweep-per-family", type=_non_negative, default=4, help="instances per family swept")
     parser.add_argument(
         "--split",

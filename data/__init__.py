@@ -1,4 +1,5 @@
-"""Duplex task data: the seven task families, dataset building and the byte-level tokenizer."""
+"""Duplex task data: the seven task families (and two free-form ones for chat models), dataset building and the
+byte-level tokenizer."""
 
 from .dataset import (
     DEFAULT_MIX,
@@ -11,6 +12,7 @@ from .dataset import (
 )
 from .tasks import (
     CATEGORIES,
+    CHAT_FAMILIES,
     DISTRACTORS,
     EXTRA_DISTRACTORS,
     FAMILIES,
@@ -31,6 +33,7 @@ from .tokenizer import EOS_TOKEN, PAD_TOKEN, build_byte_tokenizer
 
 __all__ = [
     "CATEGORIES",
+    "CHAT_FAMILIES",
     "DEFAULT_MIX",
     "DISTRACTORS",
     "EOS_TOKEN",

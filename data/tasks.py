@@ -408,7 +408,8 @@ class TaskFamily:
                 shift = 0  # before the space (no draw: the instances of earlier versions stay as they were)
                 if landing != "before_space":
                     shifts = landing_shifts(" ".join(words), k)  # the words before k are as they are written
-                    shift = rng.choice(shifts[rng.choice(sorted(shifts)) if landing == "any" else landing])
+                    kinds = sorted(kind for kind in shifts if kind in self.landings)
+                    shift = rng.choice(shifts[rng.choice(kinds) if landing == "any" else landing])
                 if updates and updates[-1].word_index == k:  # two at the same word: in the order they land
                     shift = max(shift, updates[-1].shift)
                 updates.append(TaskUpdate(k, text, "distractor" if distractor else "correction", shift))
@@ -466,9 +467,11 @@ class TaskFamily:
         k = inst.updates[0].word_index if inst.updates else 0
         return inst.response[word_boundary(inst.response, k) :]
 
-    def score(self, inst: Instance, generated_response: str) -> dict:
+    def score(self, inst: Instance, generated_response: str, landed: Sequence[int] | None = None) -> dict:
         """Score a generated response (stripped): exact/rule correctness, and whether it uses an
-        invalidated value after the first update's boundary (whole-token, case-sensitive)."""
+        invalidated value after the first update's boundary (whole-token, case-sensitive). `landed`: per update, the
+        character of the generated text where it landed (a restart: 0), which the free-form families of chat models
+        score from; exact-match families cut at the oracle's word boundary."""
         gen = generated_response.strip()
         k = inst.updates[0].word_index if inst.updates else 0
         post = gen[word_boundary(gen, k) :]
@@ -598,6 +601,7 @@ class ListFamily(TaskFamily):
 
     name = "list"
     phrasings = ("Name {v} instead.", "Actually, name {v}.", "Switch to {v}.", "Make it {v} instead.")
+    categories: ClassVar[dict[str, list[str]]] = CATEGORIES
 
     def _params(self, rng, split):
         return {"cat": rng.choice(list(CATEGORIES)), "n": rng.randint(3, 6)}
@@ -614,7 +618,7 @@ class ListFamily(TaskFamily):
     def _emit(self, p, state, i):
         if i >= p["n"]:
             return None
-        word = CATEGORIES[state["cat"]][state["used"]]
+        word = self.categories[state["cat"]][state["used"]]
         state["used"] += 1
         return word + ("," if i < p["n"] - 1 else "")
 
@@ -722,8 +726,187 @@ class Case(TaskFamily):
 FAMILIES: dict[str, TaskFamily] = {f.name: f for f in (Count(), Repeat(), Spell(), Add(), ListFamily(), Note(), Case())}
 
 
+# ---- free-form families for chat models ---------------------------------------------------
+# A pretrained chat model answers in its own words and formats (`1. Bananas\n2. Apples`, `Dear Anna, I hope ...`).
+# These families keep the state machines above for their oracles (training targets and landing points) and score
+# by rules that accept every valid answer: any member of the category, in any list format, no fixed length; any text
+# that names the new value after the correction landed and not the one it replaced.
+
+# Category lexicons (singular, lowercase; `-` stands for a space). Training and the test split name
+# ITEM_CATEGORIES; the outside split names categories no training row names.
+CATEGORY_MEMBERS: dict[str, list[str]] = {  # the most common members first: the oracle names them in this order
+    name: list(dict.fromkeys(words.split()))
+    for name, words in {
+        "fruits": """apple pear plum fig mango kiwi banana cherry grape lemon lime peach apricot orange strawberry
+            blueberry raspberry blackberry pineapple watermelon melon papaya coconut pomegranate grapefruit avocado
+            tangerine nectarine cranberry date guava lychee passionfruit persimmon quince olive currant""",
+        "animals": """dog cat horse cow lion tiger elephant sheep goat pig zebra wolf bear fox rabbit giraffe monkey
+            whale dolphin shark snake eagle owl deer mouse rat kangaroo koala panda penguin camel hippo hippopotamus
+            rhino rhinoceros cheetah leopard gorilla chimpanzee squirrel bird fish frog turtle crocodile alligator
+            donkey duck chicken hen goose parrot otter bat bee ant butterfly jaguar lizard hamster moose buffalo""",
+        "colors": """red blue green yellow purple pink brown black white gray grey violet cyan orange magenta teal
+            turquoise indigo maroon beige gold silver navy lavender crimson scarlet""",
+        "tools": """hammer saw drill wrench pliers chisel shovel rake axe file level clamp screwdriver spanner mallet
+            hoe trowel ruler tape scissors knife sander grinder crowbar vise pickaxe spade""",
+        "vegetables": """carrot potato onion garlic pepper cabbage leek pea bean radish spinach broccoli cauliflower
+            lettuce tomato cucumber celery zucchini eggplant asparagus kale corn beet beetroot pumpkin squash turnip
+            artichoke sprout mushroom yam okra""",
+        "instruments": """piano guitar violin flute drum harp trumpet cello oboe banjo tuba clarinet saxophone
+            trombone viola bass ukulele harmonica accordion keyboard organ mandolin xylophone bagpipe""",
+        "sports": """soccer basketball tennis baseball football golf hockey rugby boxing rowing skiing cricket
+            volleyball swimming cycling running badminton wrestling surfing skating judo karate fencing archery
+            diving sailing snowboarding gymnastics handball""",
+        "drinks": """water tea coffee milk juice soda cocoa cider lemonade smoothie wine beer lemonade milkshake
+            chocolate espresso latte cappuccino kombucha""",
+        "birds": """eagle owl parrot sparrow pigeon crow robin hawk falcon swan duck goose penguin flamingo peacock
+            ostrich hummingbird woodpecker seagull gull pelican heron stork crane raven magpie canary finch
+            dove vulture kingfisher toucan chicken turkey jay bluejay bluebird parakeet cardinal blackbird
+            starling swallow wren lark nightingale""",
+        "flowers": """rose tulip daisy lily sunflower orchid daffodil lavender violet poppy carnation peony iris
+            marigold jasmine lotus hibiscus dandelion chrysanthemum magnolia hyacinth begonia geranium petunia
+            azalea camellia gardenia""",
+        "vehicles": """car bus truck train bicycle bike motorcycle airplane plane boat ship helicopter van taxi
+            tram scooter subway tractor ambulance jeep submarine yacht rocket sled""",
+        "countries": """france germany italy spain japan china india brazil canada mexico russia australia egypt
+            england greece portugal sweden norway kenya nigeria argentina chile peru turkey ireland poland
+            netherlands belgium switzerland austria usa america
+            united-states""",
+    }.items()
+}
+LEXICONS: dict[str, frozenset[str]] = {name: frozenset(words) for name, words in CATEGORY_MEMBERS.items()}
+ITEM_CATEGORIES = ("fruits", "animals", "colors", "vegetables", "sports")  # what a 135M chat model lists well
+OUTSIDE_CATEGORIES = ("birds", "flowers", "vehicles", "countries")
+_LIST_MARKER = re.compile(r"^\s*(?:\d+\s*[.):]|[-*\u2022])\s*")
+_ARTICLE = re.compile(r"^(?:and|or|a|an|the|some)\s+")
+
+
+def list_items(text: str) -> list[str]:
+    """The items of a list in whatever format a chat model writes it: one per line (numbered or bulleted), or
+    separated by commas and `and`; a description after `:` or ` - ` is dropped. Lowercase, no end punctuation."""
+    items = []
+    for line in text.replace("*", "").split("\n"):
+        line = re.sub(r"\([^)]*\)?", "", _LIST_MARKER.sub("", line))  # no numbering, no (asides)
+        if _LIST_MARKER.match(line) is None and re.search(r":| - | \u2013 ", line) and text.count("\n"):
+            line = re.split(r":| - | \u2013 ", line, maxsplit=1)[0]  # `Apples: sweet and crisp` -> `Apples`
+        for part in re.split(r",|;|\band\b", line):
+            item = _ARTICLE.sub("", part.strip().strip(".!?").strip().lower())
+            if item:
+                items.append(item)
+    return items
+
+
+_IRREGULAR_PLURALS = {"geese": "goose", "mice": "mouse", "knives": "knife", "oxen": "ox", "teeth": "tooth"}
+
+
+def singular(word: str) -> str:
+    """A plural noun's singular form, by English suffix rules (`cherries` -> `cherry`, `wolves` -> `wolf`)."""
+    if word in _IRREGULAR_PLURALS:
+        return _IRREGULAR_PLURALS[word]
+    for suffix, repl in (("ies", "y"), ("ves", "f"), ("oes", "o"), ("ses", "s"), ("xes", "x"), ("ches", "ch")):
+        if word.endswith(suffix) and len(word) > len(suffix) + 1:
+            return word[: -len(suffix)] + repl
+    return word[:-1] if word.endswith("s") and not word.endswith("ss") and len(word) > 3 else word
+
+
+def is_member(item: str, category: str) -> bool:
+    """Whether a list item names a member of `category`: the item or its head (last word, as in `polar bear`,
+    `green tea`), singular or plural; at most three words."""
+    lexicon, words = LEXICONS[category], item.split()
+    if not words or len(words) > 3:
+        return False
+    candidates = {item, item.replace(" ", "-"), words[-1], singular(words[-1]), singular(item)}
+    return bool(candidates & lexicon) or (words[-1].endswith("ves") and words[-1][:-3] + "fe" in lexicon)
+
+
+def mentions(text: str, value: str) -> bool:
+    """Whether `text` names `value` as a whole word (any case; a topic also singular or plural)."""
+    forms = {value.lower(), singular(value.lower()), value.lower() + "s"}
+    return any(singular(t.lower()) in forms or t.lower() in forms for t in tokens(text))
+
+
+class Items(ListFamily):
+    """`Name n fruits.` answered as a chat model lists things (numbered lines, bullets or commas); `Name animals
+    instead.` switches category. Right when every item after the last correction landed (up to the n asked for)
+    names a member of the category it asked for, and at least one does; the items need not be the oracle's, nor n."""
+
+    name = "items"
+    categories: ClassVar[dict[str, list[str]]] = CATEGORY_MEMBERS
+    landings = ("before_space", "after_space")  # an item is a word: nothing lands inside one
+
+    def _params(self, rng, split):
+        pool = OUTSIDE_CATEGORIES if split == "outside" else ITEM_CATEGORIES
+        return {"cat": rng.choice(pool), "n": rng.randint(3, 6)}
+
+    def _split_key(self, p, values):
+        return None if p["cat"] in OUTSIDE_CATEGORIES else super()._split_key(p, values)
+
+    def _value(self, rng, split, p, prev):
+        pool = OUTSIDE_CATEGORIES if split == "outside" else ITEM_CATEGORIES
+        return rng.choice([c for c in pool if c != p["cat"] and c not in prev])
+
+    def _superseded(self, p, edits):
+        return set(self.categories[p["cat"]])
+
+    def score(self, inst: Instance, generated_response: str, landed: Sequence[int] | None = None) -> dict:
+        cats = [inst.meta["params"]["cat"], *inst.meta.get("values", [])]
+        n = inst.meta["params"]["n"]
+        cut = _landed(inst, landed, last=True)
+        before, after = list_items(generated_response[:cut]), list_items(generated_response[cut:])
+        asked = after[: max(1, n - len(before))]
+        first = _landed(inst, landed, last=False)
+        later = list_items(generated_response[first:]) if inst.has_correction else []
+        return {
+            "correct": bool(asked) and all(is_member(item, cats[-1]) for item in asked),
+            "contradiction": any(is_member(i, cats[0]) and not is_member(i, cats[-1]) for i in later),
+            "post": generated_response[first:],
+            "oracle_post": self.oracle_continuation(inst),
+        }
+
+
+class Letter(Note):
+    """`Write a short note to Anna about rain.` answered in a chat model's own words; `The name is Iris.` / `The
+    topic is snow.` Right when the text after the last correction landed names every changed slot's new value and
+    none of the values it replaced (with no correction: names the addressee and the topic)."""
+
+    name = "letter"
+    landings = ("before_space", "after_space")
+
+    def _instruction(self, p):
+        return f"Write a short note to {p['name']} about {p['topic']}."
+
+    def score(self, inst: Instance, generated_response: str, landed: Sequence[int] | None = None) -> dict:
+        params, values = inst.meta["params"], [tuple(v) for v in inst.meta.get("values", [])]
+        first = _landed(inst, landed, last=False)
+        post = generated_response[first:]
+        if not inst.has_correction:
+            correct = all(mentions(generated_response, params[slot]) for slot in self.pools)
+            return {"correct": correct, "contradiction": False, "post": post, "oracle_post": inst.response}
+        final = dict(params) | dict(values)
+        replaced = {v for slot, v in [*params.items(), *values] if v != final[slot] and slot in dict(values)}
+        tail = generated_response[_landed(inst, landed, last=True) :]
+        changed = {slot for slot, _ in values}
+        bad = any(mentions(post, v) for v in replaced)
+        return {
+            "correct": all(mentions(tail, final[slot]) for slot in changed) and not bad,
+            "contradiction": bad,
+            "post": post,
+            "oracle_post": self.oracle_continuation(inst),
+        }
+
+
+def _landed(inst: Instance, landed: Sequence[int] | None, last: bool) -> int:
+    """Character of the generated text where the first (or the last) update landed: from `landed`, or the oracle's
+    own cut where it is not given."""
+    cuts = list(landed) if landed is not None else list(itertools.accumulate(len(s) for s in inst.segments()[:-1]))
+    return (cuts[-1] if last else cuts[0]) if cuts else 0
+
+
+CHAT_FAMILIES: dict[str, TaskFamily] = {f.name: f for f in (Items(), Letter())}
+
+
 def get_family(name: str) -> TaskFamily:
     """Family by name, with a clear error for unknown names."""
-    if name not in FAMILIES:
-        raise KeyError(f"unknown task family {name!r}; known: {list(FAMILIES)}")
-    return FAMILIES[name]
+    known = FAMILIES | CHAT_FAMILIES
+    if name not in known:
+        raise KeyError(f"unknown task family {name!r}; known: {list(known)}")
+    return known[name]

@@ -1,5 +1,6 @@
 """Tests for the Duplex task data: the task formats (README, Tasks), splits, scoring, tokenizer."""
 
+import json
 import random
 import re
 
@@ -7,6 +8,7 @@ import pytest
 
 from data import (
     CATEGORIES,
+    CHAT_FAMILIES,
     DISTRACTORS,
     FAMILIES,
     LANDINGS,
@@ -19,7 +21,7 @@ from data import (
     landing_kind,
     split_pool,
 )
-from data.tasks import NAMES, TOPICS, WORDS
+from data.tasks import ITEM_CATEGORIES, NAMES, OUTSIDE_CATEGORIES, TOPICS, WORDS
 
 CASES = [
     {"n_updates": 0},
@@ -348,3 +350,51 @@ def test_training_rows_land_at_every_kind_of_point():
     for row in rows:  # landings in text order, and the segments cut where they land
         instance = instance_from_row(row)
         assert "".join(row["segments"]) == row["response"] and row["segments"] == instance.segments()
+
+
+def test_items_rule_accepts_any_list_format_and_member():
+    """A chat model's list is right in any format (numbered lines, bullets, commas), with any members of the asked
+    category after the correction landed, up to the count asked; a member of the replaced category is not."""
+    fam = CHAT_FAMILIES["items"]
+    inst = fam._build({"cat": "fruits", "n": 4}, ["animals"], [TaskUpdate(2, "Name animals instead.", "correction")])
+    numbered = "1. Bananas\n2. Apples\n3. Lions\n4. Polar bears"
+    landed = [len("1. Bananas\n2. Apples\n")]
+    assert fam.score(inst, numbered, landed)["correct"]
+    assert fam.score(inst, "- Bananas\n- Apples\n- **Tigers** (big cats)\n- Wolves", landed)["correct"]
+    assert fam.score(inst, "bananas, apples, dog and cats, cows, horses", [len("bananas, apples, ")])["correct"]
+    wrong = fam.score(inst, "1. Bananas\n2. Apples\n3. Lions\n4. Cherries", landed)
+    assert not wrong["correct"] and wrong["contradiction"]
+    assert not fam.score(inst, "1. Bananas\n2. Apples\n", landed)["correct"]  # nothing after the correction
+    assert not fam.score(inst, "1. Bananas\n2. Apples\n3. Spectrum: a device", landed)["correct"]
+    restart = fam.with_update_at(inst, 0)
+    assert fam.score(restart, "1. Dogs\n2. Cats\n3. Geese\n4. Foxes", [0])["correct"]
+    plain = fam._build({"cat": "colors", "n": 3}, [], [])
+    assert fam.score(plain, "1. Red\n2. Blue\n3. Green")["correct"]
+    assert not fam.score(plain, "Red is a color.\nBlue jays sing.")["correct"]
+
+
+def test_letter_rule_needs_the_new_value_and_not_the_old():
+    fam = CHAT_FAMILIES["letter"]
+    params = {"name": "Anna", "topic": "flowers"}
+    inst = fam._build(params, [["name", "Iris"]], [TaskUpdate(1, "The name is Iris.", "correction")])
+    assert inst.instruction == "Write a short note to Anna about flowers."
+    landed = [len("Dear Anna,")]
+    assert fam.score(inst, "Dear Anna, dear Iris, I hope you like the flower.", landed)["correct"]
+    wrong = fam.score(inst, "Dear Anna, Iris told me, Anna, that ...", landed)
+    assert not wrong["correct"] and wrong["contradiction"]
+    assert not fam.score(inst, "Dear Anna, I hope this finds you well.", landed)["correct"]
+    plain = fam._build(params, [], [])
+    assert fam.score(plain, "Dear Anna, the flowers bloom.")["correct"]
+    assert not fam.score(plain, "Dear Anna, I hope this finds you well.")["correct"]
+
+
+def test_chat_families_split_their_categories_and_build_datasets():
+    rows = build_dataset("outside", 40, 0, families=["items", "letter"], mix={"one": 1.0})
+    outside = {json.loads(r["meta"])["params"]["cat"] for r in rows if r["family"] == "items"}
+    assert outside and outside <= set(OUTSIDE_CATEGORIES)
+    train = build_dataset("train", 40, 0, families=["items"], mix={"one": 1.0, "two": 1.0})
+    assert {json.loads(r["meta"])["params"]["cat"] for r in train} <= set(ITEM_CATEGORIES)
+    for row in train:  # the oracle itself is right by the rule, at its own landing points
+        inst = instance_from_row(row)
+        cuts = [sum(map(len, row["segments"][: j + 1])) for j in range(len(inst.updates))]
+        assert CHAT_FAMILIES["items"].score(inst, inst.response, cuts)["correct"], row

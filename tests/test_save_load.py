@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import ROOT, perturb_duplex, tiny_backbone
 from safetensors import safe_open
@@ -90,6 +91,26 @@ def test_adapter_only_checkpoint_round_trip(tmp_path):
     assert generate(reloaded) == expected
     for key, tensor in model.state_dict().items():
         assert torch.equal(tensor, reloaded.state_dict()[key]), key
+
+
+def test_adapter_exported_from_a_full_checkpoint_loads_on_a_moved_backbone(tmp_path):
+    """`scripts/export_adapter.py` keeps the duplex weights of a complete checkpoint; `backbone_name_or_path=` loads
+    them on a copy of the backbone that lives elsewhere than the config says."""
+    from scripts.export_adapter import export_adapter
+
+    backbone_dir = tmp_path / "backbone"
+    tiny_backbone("llama").save_pretrained(backbone_dir)
+    model = perturb_duplex(DuplexForCausalLM.from_backbone(str(backbone_dir), num_slots=4, encoder_layers=1)).eval()
+    expected = generate(model)
+    model.save_pretrained(tmp_path / "full")
+    build_byte_tokenizer().save_pretrained(tmp_path / "full")
+    export_adapter(tmp_path / "full", tmp_path / "adapter")
+    assert sorted(p.name for p in (tmp_path / "adapter").glob("*.safetensors")) == [ADAPTER_WEIGHTS_NAME]
+    moved = backbone_dir.rename(tmp_path / "elsewhere")
+    with pytest.raises(OSError):
+        DuplexForCausalLM.from_pretrained(tmp_path / "adapter")
+    reloaded = DuplexForCausalLM.from_pretrained(tmp_path / "adapter", backbone_name_or_path=str(moved)).eval()
+    assert generate(reloaded) == expected
 
 
 def test_hub_config_instantiates_on_meta_device():

@@ -1,0 +1,38 @@
+"""Write a trained Duplex checkpoint's adapter alone (PEFT-style): config, duplex weights, tokenizer and remote code,
+loaded again on top of the backbone its config names (`backbone_name_or_path`).
+
+    python scripts/export_adapter.py runs/smollm2-duplex/final checkpoints/duplex-smollm2-135m
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from modeling_duplex import DuplexForCausalLM
+
+
+def export_adapter(checkpoint: str | Path, out: str | Path) -> Path:
+    """Save `checkpoint`'s duplex modules without the frozen backbone they were trained on."""
+    model = DuplexForCausalLM.from_pretrained(str(checkpoint))
+    if not model.config.backbone_name_or_path:
+        raise SystemExit(f"{checkpoint} names no backbone (`backbone_name_or_path`) to load the adapter on")
+    model.save_pretrained(out, adapter_only=True)
+    AutoTokenizer.from_pretrained(str(checkpoint)).save_pretrained(out)
+    return Path(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="a complete Duplex checkpoint (train_duplex.py's OUTPUT/final)")
+    parser.add_argument("out", help="folder to write the adapter to")
+    args = parser.parse_args(argv)
+    print(export_adapter(args.checkpoint, args.out))
+
+
+if __name__ == "__main__":
+    main()
