@@ -865,14 +865,28 @@ class Items(ListFamily):
 
 class Letter(Note):
     """`Write a short note to Anna about rain.` answered in a chat model's own words; `The name is Iris.` / `The
-    topic is snow.` Right when the text after the last correction landed names every changed slot's new value and
-    none of the values it replaced (with no correction: names the addressee and the topic)."""
+    topic is snow.` (the oracle starts the note again: `Dear Anna, this Dear Iris, this is about rain. ...`).
+    Right when the text after the last correction landed names every changed slot's new value and none of the
+    values it replaced (with no correction: names the addressee and the topic).
+    """
 
     name = "letter"
     landings = ("before_space", "after_space")
 
     def _instruction(self, p):
         return f"Write a short note to {p['name']} about {p['topic']}."
+
+    # a correction starts the note again with the new value, as a chat model corrected mid-answer does (the note's
+    # next mention of the value may lie past the end of what it writes)
+    def _start(self, p):
+        return dict(p, at=0)
+
+    def _emit(self, p, state, i):
+        j = i - state["at"]
+        return self.template[j].format(**state) if j < len(self.template) else None
+
+    def _apply(self, p, state, value, i):
+        state.update({value[0]: value[1], "at": i})
 
     def score(self, inst: Instance, generated_response: str, landed: Sequence[int] | None = None) -> dict:
         params, values = inst.meta["params"], [tuple(v) for v in inst.meta.get("values", [])]

@@ -376,8 +376,9 @@ def test_items_rule_accepts_any_list_format_and_member():
 def test_letter_rule_needs_the_new_value_and_not_the_old():
     fam = CHAT_FAMILIES["letter"]
     params = {"name": "Anna", "topic": "flowers"}
-    inst = fam._build(params, [["name", "Iris"]], [TaskUpdate(1, "The name is Iris.", "correction")])
+    inst = fam._build(params, [["name", "Iris"]], [TaskUpdate(2, "The name is Iris.", "correction")])
     assert inst.instruction == "Write a short note to Anna about flowers."
+    assert inst.response == "Dear Anna, Dear Iris, this is about flowers. More on flowers soon, Iris. Bye."
     landed = [len("Dear Anna,")]
     assert fam.score(inst, "Dear Anna, dear Iris, I hope you like the flower.", landed)["correct"]
     wrong = fam.score(inst, "Dear Anna, Iris told me, Anna, that ...", landed)
