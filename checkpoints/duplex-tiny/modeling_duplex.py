@@ -830,8 +830,11 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """A full checkpoint loads as usual; an adapter-only one loads its backbone by name, then the duplex weights."""
+        """A full checkpoint loads as usual; an adapter-only one loads its backbone by name (`config.
+        backbone_name_or_path`, or `backbone_name_or_path=` given here: a local copy elsewhere), then the duplex
+        weights."""
         path = str(pretrained_model_name_or_path)
+        backbone = kwargs.pop("backbone_name_or_path", None)
         hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
         adapter_file = cached_file(
             path, ADAPTER_WEIGHTS_NAME, _raise_exceptions_for_missing_entries=False, **hub_kwargs
@@ -845,7 +848,8 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
             for k in DuplexConfig.__dataclass_fields__
             if k not in ("text_config", "backbone_name_or_path") and k in config.to_diff_dict()
         }
-        model = cls.from_backbone(config.backbone_name_or_path, backbone_kwargs=backbone_kwargs, **duplex_fields)
+        backbone = backbone or config.backbone_name_or_path
+        model = cls.from_backbone(backbone, backbone_kwargs=backbone_kwargs, **duplex_fields)
         state = load_file(adapter_file)
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if k in model.duplex_state_dict()]
