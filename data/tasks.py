@@ -898,6 +898,8 @@ class Letter(Note):
         final = dict(params) | dict(values)
         replaced = {v for slot, v in [*params.items(), *values] if v != final[slot] and slot in dict(values)}
         tail = generated_response[_landed(inst, landed, last=True) :]
+        for update in inst.updates:  # repeating the correction back is not writing the note it asks for
+            tail = re.sub(re.escape(update.text), "", tail, flags=re.IGNORECASE)
         changed = {slot for slot, _ in values}
         bad = any(mentions(post, v) for v in replaced)
         return {

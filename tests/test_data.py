@@ -384,6 +384,7 @@ def test_letter_rule_needs_the_new_value_and_not_the_old():
     wrong = fam.score(inst, "Dear Anna, Iris told me, Anna, that ...", landed)
     assert not wrong["correct"] and wrong["contradiction"]
     assert not fam.score(inst, "Dear Anna, I hope this finds you well.", landed)["correct"]
+    assert not fam.score(inst, "Dear Anna,The name is Iris.", landed)["correct"]  # the correction echoed back
     plain = fam._build(params, [], [])
     assert fam.score(plain, "Dear Anna, the flowers bloom.")["correct"]
     assert not fam.score(plain, "Dear Anna, I hope this finds you well.")["correct"]
