@@ -631,7 +631,7 @@ class ListFamily(TaskFamily):
     def _superseded(self, p, edits):
         """Only the original category is wrong everywhere after the first update (the oracle's
         picks from later categories are just one valid choice)."""
-        return set(CATEGORIES[p["cat"]])
+        return set(self.categories[p["cat"]])
 
     def _correct(self, inst, generated):
         """The rule: right count, all distinct, each item a member of the category the
@@ -756,7 +756,7 @@ CATEGORY_MEMBERS: dict[str, list[str]] = {  # the most common members first: the
         "sports": """soccer basketball tennis baseball football golf hockey rugby boxing rowing skiing cricket
             volleyball swimming cycling running badminton wrestling surfing skating judo karate fencing archery
             diving sailing snowboarding gymnastics handball""",
-        "drinks": """water tea coffee milk juice soda cocoa cider lemonade smoothie wine beer lemonade milkshake
+        "drinks": """water tea coffee milk juice soda cocoa cider lemonade smoothie wine beer milkshake
             chocolate espresso latte cappuccino kombucha""",
         "birds": """eagle owl parrot sparrow pigeon crow robin hawk falcon swan duck goose penguin flamingo peacock
             ostrich hummingbird woodpecker seagull gull pelican heron stork crane raven magpie canary finch
@@ -833,19 +833,18 @@ class Items(ListFamily):
     categories: ClassVar[dict[str, list[str]]] = CATEGORY_MEMBERS
     landings = ("before_space", "after_space")  # an item is a word: nothing lands inside one
 
+    @staticmethod
+    def _pool(split: str) -> tuple[str, ...]:
+        return OUTSIDE_CATEGORIES if split == "outside" else ITEM_CATEGORIES
+
     def _params(self, rng, split):
-        pool = OUTSIDE_CATEGORIES if split == "outside" else ITEM_CATEGORIES
-        return {"cat": rng.choice(pool), "n": rng.randint(3, 6)}
+        return {"cat": rng.choice(self._pool(split)), "n": rng.randint(3, 6)}
 
     def _split_key(self, p, values):
         return None if p["cat"] in OUTSIDE_CATEGORIES else super()._split_key(p, values)
 
     def _value(self, rng, split, p, prev):
-        pool = OUTSIDE_CATEGORIES if split == "outside" else ITEM_CATEGORIES
-        return rng.choice([c for c in pool if c != p["cat"] and c not in prev])
-
-    def _superseded(self, p, edits):
-        return set(self.categories[p["cat"]])
+        return rng.choice([c for c in self._pool(split) if c != p["cat"] and c not in prev])
 
     def score(self, inst: Instance, generated_response: str, landed: Sequence[int] | None = None) -> dict:
         cats = [inst.meta["params"]["cat"], *inst.meta.get("values", [])]
@@ -895,12 +894,11 @@ class Letter(Note):
         if not inst.has_correction:
             correct = all(mentions(generated_response, params[slot]) for slot in self.pools)
             return {"correct": correct, "contradiction": False, "post": post, "oracle_post": inst.response}
-        final = dict(params) | dict(values)
-        replaced = {v for slot, v in [*params.items(), *values] if v != final[slot] and slot in dict(values)}
+        final, changed = dict(params) | dict(values), {slot for slot, _ in values}
+        replaced = {v for slot, v in [*params.items(), *values] if slot in changed and v != final[slot]}
         tail = generated_response[_landed(inst, landed, last=True) :]
         for update in inst.updates:  # repeating the correction back is not writing the note it asks for
             tail = re.sub(re.escape(update.text), "", tail, flags=re.IGNORECASE)
-        changed = {slot for slot, _ in values}
         bad = any(mentions(post, v) for v in replaced)
         return {
             "correct": all(mentions(tail, final[slot]) for slot in changed) and not bad,
