@@ -14,6 +14,7 @@ updates. Every TrainingArguments option is on the command line (`--help`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import sys
@@ -43,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from backbone_shapes import backbone_config
 from data import FAMILIES, LANDINGS, build_byte_tokenizer, build_dataset
 from data.collate import IGNORE_INDEX, DuplexCollator, tokenize_row
+from data.own_answers import own_answer_rows
 from data.prompts import PromptFormat
 from generation_duplex import NO_UPDATE, pack_updates, update_position
 from modeling_duplex import DuplexForCausalLM
@@ -132,6 +134,20 @@ class DuplexArguments:
     shots: int = field(
         default=0, metadata={"help": "chat backbones: solved examples per family before each question (few-shot)"}
     )
+    own_answers: bool = field(
+        default=False,
+        metadata={
+            "help": "chat backbones: train on the frozen backbone's own answers instead of the families' oracles (its "
+            "answer up to each landing, then its answer to the corrected question, kept where the family's rule "
+            "accepts it; data/own_answers.py), written once before training and cached in output_dir"
+        },
+    )
+    own_answer_tokens: int = field(
+        default=48, metadata={"help": "--own_answers: answer tokens per row (the evaluation's --max-new-tokens)"}
+    )
+    own_answer_samples: int = field(
+        default=2, metadata={"help": "--own_answers: sampled answers tried where the greedy ones fail the rule"}
+    )
     eval_per_family: int = field(default=8, metadata={"help": "held-out instances per family and kind at the end"})
     curve_steps: int = field(
         default=0,
@@ -178,6 +194,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[DuplexArguments, Training
         parser.error(f"--method must be 'duplex' or 'tdm', got {duplex_args.method!r}")
     if duplex_args.pretrain_backbone and duplex_args.backbone:
         parser.error("--pretrain_backbone makes the tiny offline backbone; it cannot be combined with --backbone")
+    if duplex_args.own_answers and (duplex_args.backbone is None or duplex_args.method != "duplex"):
+        parser.error("--own_answers needs --backbone (a chat model) and --method duplex")
     if duplex_args.pretrain_only and not duplex_args.pretrain_backbone:
         parser.error("--pretrain_only needs --pretrain_backbone")
     resume = training_args.resume_from_checkpoint
@@ -209,9 +227,12 @@ def tokenized(
     family_weights: dict[str, float] | None = None,
     brings_prompt: bool = True,
     landing: str = "before_space",
+    answers_by: PreTrainedModel | None = None,
+    cache_dir: Path | None = None,
 ) -> datasets.Dataset:
     """Instances of the training split, rendered in one of the collator's formats (the backbone's chat template
-    where its tokenizer has one); `landing`: where their updates land (`build_dataset`)."""
+    where its tokenizer has one); `landing`: where their updates land (`build_dataset`). With `answers_by` (the
+    frozen backbone), its own answers replace the oracles' (`own_answer_rows`), cached in `cache_dir`."""
     rows = build_dataset(
         "train",
         n,
@@ -224,10 +245,40 @@ def tokenized(
     if fmt == "restart":  # turn-based corrections: single-correction instances only
         rows = rows.filter(lambda r: r["update_kinds"].count("correction") == 1)
     prompt_format = PromptFormat.for_tokenizer(tokenizer, args.shots)
+    if answers_by is not None:
+        rows = cached_own_answers(args, rows, answers_by, tokenizer, prompt_format, cache_dir, split_seed)
     return rows.map(
         lambda r: tokenize_row(r, tokenizer, fmt, prompt_format, teacher=teacher, brings_prompt=brings_prompt),
         remove_columns=rows.column_names,
     )
+
+
+def cached_own_answers(
+    args: DuplexArguments,
+    rows: datasets.Dataset,
+    model: PreTrainedModel,
+    tokenizer,
+    prompt_format: PromptFormat,
+    cache_dir: Path,
+    seed: int,
+) -> datasets.Dataset:
+    """`own_answer_rows` of `rows`, written once per backbone, rows and budget, and read back from `cache_dir` after
+    (a resumed run, the other processes of a distributed one)."""
+    key = [args.backbone, args.family_names, len(rows), seed, args.own_answer_tokens, args.own_answer_samples]
+    path = cache_dir / hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]
+    if not (path / "dataset_info.json").exists():
+        logger.info("writing the backbone's own answers to %d rows into %s", len(rows), path)
+        answered = own_answer_rows(
+            rows,
+            model.get_base_model(),  # the frozen backbone: what the fresh zero-gated model writes, minus its overhead
+            tokenizer,
+            prompt_format,
+            max_new_tokens=args.own_answer_tokens,
+            samples=args.own_answer_samples,
+            seed=seed,
+        )
+        answered.save_to_disk(str(path))
+    return datasets.load_from_disk(str(path))
 
 
 def gated_optimizer(model: torch.nn.Module, args: TrainingArguments, gate_lr: float) -> torch.optim.Optimizer:
@@ -477,8 +528,10 @@ class HeldOutCurves(TrainerCallback):
         once_modes: Sequence[str] = (),
         families: Sequence[str] | None = None,
         shots: int = 0,
+        max_new_tokens: int | None = None,
     ):
         self.tokenizer, self.every, self.n_per_family = tokenizer, every, n_per_family
+        self.max_new_tokens = max_new_tokens  # None: as long as the oracles' answers, plus room
         self.modes, self.once_modes, self.kinds, self.splits = list(modes), list(once_modes), list(kinds), list(splits)
         self.families, self.shots = families, shots
         self.path = Path(out_dir) / "curves.jsonl"
@@ -514,6 +567,7 @@ class HeldOutCurves(TrainerCallback):
                     progress=False,
                     families=self.families,
                     shots=self.shots,
+                    max_new_tokens=self.max_new_tokens,
                 )
                 record["splits"][split] = curve_point(results)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -832,17 +886,20 @@ def main(argv: list[str] | None = None) -> dict | None:
         model = DuplexForCausalLM.from_backbone(model, inband_template=prompt_format.inband_template)
     else:
         teacher = args.distill_weight > 0 or args.onpolicy_weight > 0
-        data = tokenized(
-            args,
-            training_args.seed + 2,
-            args.train_size,
-            tokenizer,
-            "duplex",
-            mix=DUPLEX_MIX,
-            teacher=teacher,
-            brings_prompt=model.workspace.brings_prompt,
-            landing="any",  # before the space, after it and inside a word: wherever a user's correction arrives
-        )
+        with training_args.main_process_first(desc="training rows"):  # own answers: written once, read by the rest
+            data = tokenized(
+                args,
+                training_args.seed + 2,
+                args.train_size,
+                tokenizer,
+                "duplex",
+                mix=DUPLEX_MIX,
+                teacher=teacher,
+                brings_prompt=model.workspace.brings_prompt,
+                landing="any",  # before the space, after it and inside a word: wherever a user's correction arrives
+                answers_by=model if args.own_answers else None,
+                cache_dir=out / "own_answers",
+            )
         curves = HeldOutCurves(
             tokenizer,
             out / "duplex",
@@ -853,6 +910,7 @@ def main(argv: list[str] | None = None) -> dict | None:
             kinds=["one", "two", "distractor"],
             families=args.family_names,
             shots=args.shots,
+            max_new_tokens=args.own_answer_tokens if args.own_answers else None,  # the budget the answers were cut to
         )
         trainer = run_phase(
             model,
@@ -897,6 +955,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         sweep_per_family=args.eval_sweep_per_family,
         families=args.family_names,
         shots=args.shots,
+        max_new_tokens=args.own_answer_tokens if args.own_answers else None,
     )
     eval_duplex.write_report(results, final / "eval")
     print(eval_duplex.render_markdown(results))

@@ -57,7 +57,7 @@ def tokenize_row(
         raise ValueError(f"`fmt` must be one of {FORMATS}, got {fmt!r}")
     prompt_format = prompt_format or PromptFormat()
     inband_template = prompt_format.inband_template
-    eos = [tokenizer.eos_token_id]
+    eos = [tokenizer.eos_token_id] if row.get("ends_with_eos", True) else []  # an answer cut at its budget: no EOS
     corrections = [t for t, kind in zip(row["update_texts"], row["update_kinds"], strict=True) if kind == "correction"]
     if fmt == "restart":
         prompt = encode(tokenizer, prompt_format.restart_prompt(row["family"], row["instruction"], corrections))

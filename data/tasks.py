@@ -284,6 +284,11 @@ class TaskFamily:
     def _correct(self, inst: Instance, generated: str) -> bool:
         return generated == inst.response
 
+    def _corrected_params(self, p: dict, value: Any) -> dict:
+        """The params of the question a correction turns the instruction into (families whose corrections can be
+        asked as a question of their own)."""
+        raise NotImplementedError(f"{self.name}: a correction does not rewrite the instruction")
+
     # ---- generic machinery --------------------------------------------------------------
     def _render(self, p: dict, edits: list[tuple[int, Any]]) -> list[str] | None:
         """Response words with corrections (word_index, value) applied; None if one is invalid."""
@@ -462,6 +467,14 @@ class TaskFamily:
             out += [at_word if j == 0 else self.with_update_at(inst, k, j) for j in shifts]
         return out
 
+    def instruction_after(self, inst: Instance, n: int) -> str:
+        """The instruction as it reads with the instance's first `n` corrections applied (`Name 4 fruits.` +
+        `Name animals instead.` -> `Name 4 animals.`): the question a corrected answer answers."""
+        p = dict(inst.meta["params"])
+        for value in inst.meta["values"][:n]:
+            p = self._corrected_params(p, value)
+        return self._instruction(p)
+
     def oracle_continuation(self, inst: Instance) -> str:
         """Oracle text after the first update's boundary (whole response if there is no update)."""
         k = inst.updates[0].word_index if inst.updates else 0
@@ -625,6 +638,9 @@ class ListFamily(TaskFamily):
     def _apply(self, p, state, value, i):
         state.update(cat=value, used=0)
 
+    def _corrected_params(self, p, value):
+        return dict(p, cat=value)
+
     def _value(self, rng, split, p, prev):
         return rng.choice([c for c in CATEGORIES if c != p["cat"] and c not in prev])
 
@@ -671,6 +687,9 @@ class Note(TaskFamily):
 
     def _apply(self, p, state, value, i):
         state[value[0]] = value[1]
+
+    def _corrected_params(self, p, value):
+        return dict(p, **{value[0]: value[1]})
 
     def _value(self, rng, split, p, prev):
         slot = rng.choice(list(self.pools))
@@ -849,10 +868,10 @@ class Items(ListFamily):
     def score(self, inst: Instance, generated_response: str, landed: Sequence[int] | None = None) -> dict:
         cats = [inst.meta["params"]["cat"], *inst.meta.get("values", [])]
         n = inst.meta["params"]["n"]
-        cut = _landed(inst, landed, last=True)
+        cut = _landed(inst, landed, True, generated_response)
         before, after = list_items(generated_response[:cut]), list_items(generated_response[cut:])
         asked = after[: max(1, n - len(before))]
-        first = _landed(inst, landed, last=False)
+        first = _landed(inst, landed, False, generated_response)
         later = list_items(generated_response[first:]) if inst.has_correction else []
         return {
             "correct": bool(asked) and all(is_member(item, cats[-1]) for item in asked),
@@ -889,14 +908,14 @@ class Letter(Note):
 
     def score(self, inst: Instance, generated_response: str, landed: Sequence[int] | None = None) -> dict:
         params, values = inst.meta["params"], [tuple(v) for v in inst.meta.get("values", [])]
-        first = _landed(inst, landed, last=False)
+        first = _landed(inst, landed, False, generated_response)
         post = generated_response[first:]
         if not inst.has_correction:
             correct = all(mentions(generated_response, params[slot]) for slot in self.pools)
             return {"correct": correct, "contradiction": False, "post": post, "oracle_post": inst.response}
         final, changed = dict(params) | dict(values), {slot for slot, _ in values}
         replaced = {v for slot, v in [*params.items(), *values] if slot in changed and v != final[slot]}
-        tail = generated_response[_landed(inst, landed, last=True) :]
+        tail = generated_response[_landed(inst, landed, True, generated_response) :]
         for update in inst.updates:  # repeating the correction back is not writing the note it asks for
             tail = re.sub(re.escape(update.text), "", tail, flags=re.IGNORECASE)
         bad = any(mentions(post, v) for v in replaced)
@@ -908,11 +927,15 @@ class Letter(Note):
         }
 
 
-def _landed(inst: Instance, landed: Sequence[int] | None, last: bool) -> int:
-    """Character of the generated text where the first (or the last) update landed: from `landed`, or the oracle's
-    own cut where it is not given."""
+def _landed(inst: Instance, landed: Sequence[int] | None, last: bool, text: str) -> int:
+    """Character of the generated `text` where the first (or the last) update applies: where it landed (from
+    `landed`, or the oracle's own cut where it is not given), past the rest of a word it landed inside (the word in
+    progress is finished as it would have been)."""
     cuts = list(landed) if landed is not None else list(itertools.accumulate(len(s) for s in inst.segments()[:-1]))
-    return (cuts[-1] if last else cuts[0]) if cuts else 0
+    cut = (cuts[-1] if last else cuts[0]) if cuts else 0
+    while 0 < cut < len(text) and text[cut - 1].isalnum() and text[cut].isalnum():
+        cut += 1
+    return cut
 
 
 CHAT_FAMILIES: dict[str, TaskFamily] = {f.name: f for f in (Items(), Letter())}

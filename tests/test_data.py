@@ -364,6 +364,8 @@ def test_items_rule_accepts_any_list_format_and_member():
     assert fam.score(inst, "bananas, apples, dog and cats, cows, horses", [len("bananas, apples, ")])["correct"]
     wrong = fam.score(inst, "1. Bananas\n2. Apples\n3. Lions\n4. Cherries", landed)
     assert not wrong["correct"] and wrong["contradiction"]
+    inside_a_word = [len("1. Bananas\n2. App")]  # `les` finishes the word in progress; the correction applies after
+    assert fam.score(inst, "1. Bananas\n2. Apples\n3. Lions", inside_a_word)["correct"]
     assert not fam.score(inst, "1. Bananas\n2. Apples\n", landed)["correct"]  # nothing after the correction
     assert not fam.score(inst, "1. Bananas\n2. Apples\n3. Spectrum: a device", landed)["correct"]
     restart = fam.with_update_at(inst, 0)

@@ -1,0 +1,197 @@
+"""A chat backbone's own answers as training targets.
+
+The families' oracles write one fixed style (`dog, cat, horse`); a pretrained chat model writes its own (`1. Lions\\n
+2. Tigers`). Trained on the oracles, the channel learns to write the oracle's words after any correction instead of
+reading the correction. Here each row's text is what the frozen backbone itself writes: its answer to the instruction
+up to where an update lands, and after a correction its answer to the question the correction makes of the
+instruction (`Name 4 fruits.` + `Name animals instead.` -> `Name 4 animals.`), kept where the family's rule accepts
+it. The channel then only has to make the backbone take the corrected question as its own.
+
+After a correction the candidates, first accepted wins: the backbone asked the corrected question going on from what it
+has written (greedy), asked it afresh (greedy: it starts its answer over), then `samples` sampled goings-on. A row none
+of them passes is dropped. After a backchannel the answer goes on unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+
+import datasets
+import torch
+
+from .collate import encode, update_ats
+from .dataset import FEATURES, instance_from_row, instance_to_row
+from .prompts import PromptFormat
+from .tasks import Instance, get_family
+
+logger = logging.getLogger(__name__)
+
+OWN_ANSWER_FEATURES = datasets.Features({**FEATURES, "ends_with_eos": datasets.Value("bool")})
+
+
+@dataclass(eq=False)  # rows are told apart by identity
+class _Row:
+    """One row being written: its instance, where its updates land (tokens) and the tokens written so far."""
+
+    inst: Instance
+    ats: list[int]
+    original: list[int] = field(default_factory=list)  # the backbone's answer with no update
+    pieces: list[list[int]] = field(default_factory=list)  # the answer's tokens between landings, so far
+    going_on: list[int] = field(default_factory=list)  # what the backbone writes next if nothing lands
+    ends: bool = False  # `going_on` ends the answer (EOS) within the budget
+    corrections: int = 0
+
+    @property
+    def written(self) -> list[int]:
+        return [t for piece in self.pieces for t in piece]
+
+
+def own_answer_rows(
+    rows: datasets.Dataset,
+    model: torch.nn.Module,
+    tokenizer,
+    prompt_format: PromptFormat,
+    max_new_tokens: int = 48,
+    samples: int = 4,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> datasets.Dataset:
+    """`rows` (the families' instances, e.g. from `build_dataset`) rewritten in `model`'s own words, at most
+    `max_new_tokens` answer tokens each (the evaluation's budget); `ends_with_eos` tells whether the answer ended
+    within it. Updates land after as many answer tokens as the instance's oracle writes before them."""
+    torch.manual_seed(seed)
+    writer = _Writer(model, tokenizer, prompt_format, max_new_tokens, batch_size)
+    todo = [_Row(inst, update_ats(tokenizer, row["segments"])) for row in rows for inst in [instance_from_row(row)]]
+    questions = [(r.inst.family, r.inst.instruction) for r in todo]
+    for r, (ids, ends) in zip(todo, writer.answers(questions), strict=True):
+        r.original, r.going_on, r.ends = ids, ids, ends
+    logger.info("own answers: %d questions answered", len(set(questions)))
+    accepted = {"going on": 0, "afresh": 0, "sampled": 0}
+    for j in range(max((len(r.ats) for r in todo), default=0)):
+        landing = [r for r in todo if j < len(r.ats)]
+        dropped = {r for r in landing if not r.going_on}  # the answer ended before the update arrived
+        for r in landing:
+            if r not in dropped:
+                _land(r, j)
+        corrected = [r for r in landing if r not in dropped and r.inst.updates[j].kind == "correction"]
+        for r in corrected:
+            r.corrections += 1
+        dropped |= {r for r in corrected if len(r.written) >= max_new_tokens}  # no budget left to follow it
+        corrected = [r for r in corrected if r not in dropped]
+        for kind in ["going on", "afresh"] + ["sampled"] * samples:
+            left = []
+            for r, (ids, ends) in zip(corrected, writer.candidates(kind, corrected), strict=True):
+                if _accept(writer, r, j, ids):
+                    r.going_on, r.ends = ids, ends
+                    accepted[kind] += 1
+                else:
+                    left.append(r)
+            logger.info("update %d, %s: %d corrections followed, %d left", j + 1, kind, accepted[kind], len(left))
+            corrected = left
+        dropped |= set(corrected)  # no candidate passed the family's rule
+        todo = [r for r in todo if r not in dropped]
+    out = [_finished(r, tokenizer) for r in todo]
+    logger.info("own answers: %d of %d rows kept; corrections accepted by kind: %s", len(out), len(rows), accepted)
+    columns = {name: [row[name] for row in out] for name in OWN_ANSWER_FEATURES}  # (from_list needs a first row)
+    return datasets.Dataset.from_dict(columns, features=OWN_ANSWER_FEATURES)
+
+
+def _land(r: _Row, j: int) -> None:
+    """Write the answer up to update j's landing point (within what is written next; an answer shorter than the
+    oracle's lands its update before its last token)."""
+    written = len(r.written)
+    at = min(max(r.ats[j], written), written + len(r.going_on) - 1)
+    r.pieces.append(r.going_on[: at - written])
+    r.going_on = r.going_on[at - written :]
+
+
+def _accept(writer: _Writer, r: _Row, j: int, candidate: list[int]) -> bool:
+    """Whether the answer written so far plus `candidate` is right by the family's rule for the updates up to j."""
+    inst = replace(
+        r.inst, updates=r.inst.updates[: j + 1], meta=dict(r.inst.meta, values=r.inst.meta["values"][: r.corrections])
+    )
+    text, landed = writer.text([*r.pieces, candidate])
+    return get_family(inst.family).score(inst, text, landed)["correct"]
+
+
+def _finished(r: _Row, tokenizer) -> dict:
+    """The dataset row of a written answer: the instance's row with the backbone's text between landings."""
+    segments = [tokenizer.decode(piece) for piece in [*r.pieces, r.going_on]]
+    return instance_to_row(r.inst) | {
+        "original_response": tokenizer.decode(r.original),
+        "response": "".join(segments),
+        "segments": segments,
+        "update_change_offsets": [-1] * len(r.inst.updates),  # not known for free text
+        "ends_with_eos": r.ends,
+    }
+
+
+class _Writer:
+    """Batched greedy (or sampled) answers of the backbone, in the prompt format; answers afresh are cached."""
+
+    def __init__(self, model, tokenizer, prompt_format: PromptFormat, max_new_tokens: int, batch_size: int):
+        self.model, self.tokenizer, self.prompt_format = model, tokenizer, prompt_format
+        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+        self._afresh: dict[tuple[str, str], tuple[list[int], bool]] = {}
+
+    def text(self, pieces: list[list[int]]) -> tuple[str, list[int]]:
+        """The answer's text and the characters where each piece after the first begins (the landing points)."""
+        landed, ids = [], []
+        for piece in pieces[:-1]:
+            ids += piece
+            landed.append(len(self.tokenizer.decode(ids)))
+        return self.tokenizer.decode(ids + pieces[-1]), landed
+
+    def answers(self, questions: list[tuple[str, str]]) -> list[tuple[list[int], bool]]:
+        """Greedy answers to (family, instruction) questions, asked afresh."""
+        missing = list(dict.fromkeys(q for q in questions if q not in self._afresh))
+        prompts = [encode(self.tokenizer, self.prompt_format.prompt(*q)) for q in missing]
+        answers = self._generate(prompts, [self.max_new_tokens] * len(prompts), False)
+        self._afresh.update(zip(missing, answers, strict=True))
+        return [self._afresh[q] for q in questions]
+
+    def candidates(self, kind: str, rows: list[_Row]) -> list[tuple[list[int], bool]]:
+        """Each row's answer after its latest correction (at most its budget's tokens): the backbone asked the
+        corrected question "going on" from what it has written, "afresh", or going on "sampled"."""
+        questions = [(r.inst.family, get_family(r.inst.family).instruction_after(r.inst, r.corrections)) for r in rows]
+        budgets = [self.max_new_tokens - len(r.written) for r in rows]
+        if kind == "afresh":
+            answers = self.answers(questions)
+            return [(ids[:b], ends and len(ids) < b) for (ids, ends), b in zip(answers, budgets, strict=True)]
+        prompts = [
+            encode(self.tokenizer, self.prompt_format.prompt(*q)) + r.written
+            for q, r in zip(questions, rows, strict=True)
+        ]
+        return self._generate(prompts, budgets, sample=kind == "sampled")
+
+    @torch.no_grad()
+    def _generate(self, prompts: list[list[int]], budgets: list[int], sample: bool) -> list[tuple[list[int], bool]]:
+        """Each prompt's next tokens (at most its budget), left-padded batches; and whether EOS ended them."""
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        out: list[tuple[list[int], bool] | None] = [None] * len(prompts)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths: little padding
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            width = max(len(prompts[i]) for i in batch)
+            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            attention_mask = torch.zeros_like(input_ids)
+            for b, i in enumerate(batch):
+                input_ids[b, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+                attention_mask[b, width - len(prompts[i]) :] = 1
+            generated = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=max(1, max(budgets[i] for i in batch)),
+                do_sample=sample,
+                temperature=0.8 if sample else None,
+                top_p=0.95 if sample else None,
+                top_k=None,
+                eos_token_id=eos,
+                pad_token_id=pad,
+            )[:, width:].tolist()
+            for b, i in enumerate(batch):
+                ids = generated[b][: budgets[i]]
+                ends = eos in ids
+                out[i] = (ids[: ids.index(eos)] if ends else ids, ends)
+        return out

@@ -1,0 +1,72 @@
+"""The backbone's own answers as training rows (data/own_answers.py), with a scripted stand-in for the backbone."""
+
+import re
+
+import torch
+
+from data import build_byte_tokenizer, build_dataset, instance_from_row
+from data.collate import tokenize_row, update_ats
+from data.own_answers import own_answer_rows
+from data.prompts import PromptFormat
+from data.tasks import CATEGORY_MEMBERS, get_family
+
+
+class ScriptedLM(torch.nn.Module):
+    """Answers `Name n <category>.` with the category's first members, one per line (`1. Dog\n2. Cat`); where some
+    answer is written already, it goes on from a new line, with that list (`follows=True`) or with a refusal."""
+
+    def __init__(self, tokenizer, follows: bool = False):
+        super().__init__()
+        self.tokenizer, self.follows = tokenizer, follows
+
+    def answer(self, text: str) -> str:
+        question, written = text.split("\n", 1)
+        n, category = re.fullmatch(r"Name (\d+) (\w+)\.", question).groups()
+        members = "\n".join(f"{i + 1}. {m.capitalize()}" for i, m in enumerate(CATEGORY_MEMBERS[category][: int(n)]))
+        if not written:
+            return members
+        return "\n" + (members if self.follows else "I cannot.")
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, pad_token_id, eos_token_id, **_):
+        rows = []
+        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist(), strict=True):
+            prompt = [t for t, m in zip(ids, mask, strict=True) if m]
+            new = self.tokenizer(self.answer(self.tokenizer.decode(prompt)))["input_ids"] + [eos_token_id]
+            new = (new + [pad_token_id] * max_new_tokens)[:max_new_tokens]
+            rows.append(ids + new)
+        return torch.tensor(rows)
+
+
+def test_own_answers_follow_the_corrected_question_and_keep_what_the_rule_accepts():
+    tokenizer = build_byte_tokenizer()
+    rows = build_dataset("train", 24, 0, families=["items"], mix={"one": 3, "distractor": 1}, landing="any")
+    own = own_answer_rows(rows, ScriptedLM(tokenizer, follows=True), tokenizer, PromptFormat(), max_new_tokens=200)
+    assert len(own) == len(rows)  # every row answered right by the rule
+    for row, before in zip(own, rows, strict=True):
+        inst = instance_from_row(row)
+        segments = row["segments"]
+        assert "".join(segments) == row["response"] and row["ends_with_eos"]
+        assert segments[0] == row["original_response"][: len(segments[0])]  # its own answer up to the landing
+        assert update_ats(tokenizer, segments) == update_ats(tokenizer, before["segments"])  # lands where it did
+        landed = [len(segments[0])]
+        if inst.has_correction:
+            assert get_family("items").score(inst, row["response"], landed)["correct"]
+            assert instance_from_row(before).instruction == inst.instruction
+        else:  # a backchannel changes nothing
+            assert row["response"] == row["original_response"]
+
+
+def test_a_corrected_answer_the_rule_rejects_is_answered_afresh_or_dropped():
+    tokenizer = build_byte_tokenizer()
+    rows = build_dataset("train", 12, 1, families=["items"], mix={"one": 1}, landing="before_space")
+    stubborn = ScriptedLM(tokenizer)  # goes on with the old category: the rule rejects it
+    own = own_answer_rows(rows, stubborn, tokenizer, PromptFormat(), max_new_tokens=200, samples=1)
+    for row in own:  # asked afresh, it starts its answer over with the new category
+        corrected = get_family("items").instruction_after(instance_from_row(row), 1)
+        assert row["segments"][1] == stubborn.answer(corrected + "\n")
+    short = own_answer_rows(rows, stubborn, tokenizer, PromptFormat(), max_new_tokens=30, samples=0)
+    assert 0 < len(short) < len(own)  # too little budget left after the landing to name the new category: dropped
+    assert {row["ends_with_eos"] for row in short} == {True, False}  # some cut at the budget
+    for row in short:  # an answer cut at its budget is trained without EOS
+        features = tokenize_row(row, tokenizer)
+        assert row["ends_with_eos"] == (features["labels"][-1] == tokenizer.eos_token_id)
