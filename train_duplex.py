@@ -262,9 +262,10 @@ def cached_own_answers(
     cache_dir: Path,
     seed: int,
 ) -> datasets.Dataset:
-    """`own_answer_rows` of `rows`, written once per backbone, rows and budget, and read back from `cache_dir` after
-    (a resumed run, the other processes of a distributed one)."""
-    key = [args.backbone, args.family_names, len(rows), seed, args.own_answer_tokens, args.own_answer_samples]
+    """`own_answer_rows` of `rows`, written once per backbone, prompt format, rows and budget, and read back from
+    `cache_dir` after (a resumed run, the other processes of a distributed one)."""
+    key = [args.backbone, args.family_names, args.shots, len(rows), seed]
+    key += [args.own_answer_tokens, args.own_answer_samples]
     path = cache_dir / hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]
     if not (path / "dataset_info.json").exists():
         logger.info("writing the backbone's own answers to %d rows into %s", len(rows), path)

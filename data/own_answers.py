@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 
 import datasets
 import torch
+from tqdm.auto import tqdm
 
 from .collate import encode, update_ats
 from .dataset import FEATURES, instance_from_row, instance_to_row
@@ -56,12 +57,13 @@ def own_answer_rows(
     samples: int = 4,
     batch_size: int = 32,
     seed: int = 0,
+    progress: bool = True,
 ) -> datasets.Dataset:
     """`rows` (the families' instances, e.g. from `build_dataset`) rewritten in `model`'s own words, at most
     `max_new_tokens` answer tokens each (the evaluation's budget); `ends_with_eos` tells whether the answer ended
     within it. Updates land after as many answer tokens as the instance's oracle writes before them."""
     torch.manual_seed(seed)
-    writer = _Writer(model, tokenizer, prompt_format, max_new_tokens, batch_size)
+    writer = _Writer(model, tokenizer, prompt_format, max_new_tokens, batch_size, progress)
     todo = [_Row(inst, update_ats(tokenizer, row["segments"])) for row in rows for inst in [instance_from_row(row)]]
     questions = [(r.inst.family, r.inst.instruction) for r in todo]
     for r, (ids, ends) in zip(todo, writer.answers(questions), strict=True):
@@ -130,9 +132,9 @@ def _finished(r: _Row, tokenizer) -> dict:
 class _Writer:
     """Batched greedy (or sampled) answers of the backbone, in the prompt format; answers afresh are cached."""
 
-    def __init__(self, model, tokenizer, prompt_format: PromptFormat, max_new_tokens: int, batch_size: int):
+    def __init__(self, model, tokenizer, prompt_format: PromptFormat, max_new_tokens: int, batch_size: int, progress):
         self.model, self.tokenizer, self.prompt_format = model, tokenizer, prompt_format
-        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+        self.max_new_tokens, self.batch_size, self.progress = max_new_tokens, batch_size, progress
         self._afresh: dict[tuple[str, str], tuple[list[int], bool]] = {}
 
     def text(self, pieces: list[list[int]]) -> tuple[str, list[int]]:
@@ -171,7 +173,8 @@ class _Writer:
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         out: list[tuple[list[int], bool] | None] = [None] * len(prompts)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths: little padding
-        for start in range(0, len(order), self.batch_size):
+        starts = range(0, len(order), self.batch_size)
+        for start in tqdm(starts, desc="own answers", unit="batch", leave=False, disable=not self.progress):
             batch = order[start : start + self.batch_size]
             width = max(len(prompts[i]) for i in batch)
             input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
