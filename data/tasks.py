@@ -868,10 +868,10 @@ class Items(ListFamily):
     def score(self, inst: Instance, generated_response: str, landed: Sequence[int] | None = None) -> dict:
         cats = [inst.meta["params"]["cat"], *inst.meta.get("values", [])]
         n = inst.meta["params"]["n"]
-        cut = _landed(inst, landed, True, generated_response)
+        cut = _past_word(generated_response, _landed(inst, landed, last=True))
         before, after = list_items(generated_response[:cut]), list_items(generated_response[cut:])
         asked = after[: max(1, n - len(before))]
-        first = _landed(inst, landed, False, generated_response)
+        first = _past_word(generated_response, _landed(inst, landed, last=False))
         later = list_items(generated_response[first:]) if inst.has_correction else []
         return {
             "correct": bool(asked) and all(is_member(item, cats[-1]) for item in asked),
@@ -908,14 +908,14 @@ class Letter(Note):
 
     def score(self, inst: Instance, generated_response: str, landed: Sequence[int] | None = None) -> dict:
         params, values = inst.meta["params"], [tuple(v) for v in inst.meta.get("values", [])]
-        first = _landed(inst, landed, False, generated_response)
+        first = _landed(inst, landed, last=False)
         post = generated_response[first:]
         if not inst.has_correction:
             correct = all(mentions(generated_response, params[slot]) for slot in self.pools)
             return {"correct": correct, "contradiction": False, "post": post, "oracle_post": inst.response}
         final, changed = dict(params) | dict(values), {slot for slot, _ in values}
         replaced = {v for slot, v in [*params.items(), *values] if slot in changed and v != final[slot]}
-        tail = generated_response[_landed(inst, landed, True, generated_response) :]
+        tail = generated_response[_landed(inst, landed, last=True) :]
         for update in inst.updates:  # repeating the correction back is not writing the note it asks for
             tail = re.sub(re.escape(update.text), "", tail, flags=re.IGNORECASE)
         bad = any(mentions(post, v) for v in replaced)
@@ -927,12 +927,15 @@ class Letter(Note):
         }
 
 
-def _landed(inst: Instance, landed: Sequence[int] | None, last: bool, text: str) -> int:
-    """Character of the generated `text` where the first (or the last) update applies: where it landed (from
-    `landed`, or the oracle's own cut where it is not given), past the rest of a word it landed inside (the word in
-    progress is finished as it would have been)."""
+def _landed(inst: Instance, landed: Sequence[int] | None, last: bool) -> int:
+    """Character of the generated text where the first (or the last) update landed: from `landed`, or the oracle's
+    own cut where it is not given."""
     cuts = list(landed) if landed is not None else list(itertools.accumulate(len(s) for s in inst.segments()[:-1]))
-    cut = (cuts[-1] if last else cuts[0]) if cuts else 0
+    return (cuts[-1] if last else cuts[0]) if cuts else 0
+
+
+def _past_word(text: str, cut: int) -> int:
+    """`cut` moved past the rest of a word it lies inside: the word in progress is finished as it would have been."""
     while 0 < cut < len(text) and text[cut - 1].isalnum() and text[cut].isalnum():
         cut += 1
     return cut

@@ -387,6 +387,7 @@ def test_letter_rule_needs_the_new_value_and_not_the_old():
     assert not wrong["correct"] and wrong["contradiction"]
     assert not fam.score(inst, "Dear Anna, I hope this finds you well.", landed)["correct"]
     assert not fam.score(inst, "Dear Anna,The name is Iris.", landed)["correct"]  # the correction echoed back
+    assert not fam.score(inst, "Dear Anna, I'mThe name is Iris.", [len("Dear Anna, I'm")])["correct"]  # in a word too
     plain = fam._build(params, [], [])
     assert fam.score(plain, "Dear Anna, the flowers bloom.")["correct"]
     assert not fam.score(plain, "Dear Anna, I hope this finds you well.")["correct"]

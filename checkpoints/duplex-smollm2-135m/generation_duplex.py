@@ -1,0 +1,855 @@
+"""Duplex generation runtime: the updates a user passes, the one rule that maps them to sequence positions and
+workspace versions, and the per-`generate` state that lands them between decoding steps.
+
+`modeling_duplex.DuplexForCausalLM` owns the modules and `apply_update`; this file owns the bookkeeping that
+teacher-forced `forward` and `generate` share (`pack_updates`, `update_position`, `WorkspaceVersions`) and the
+generation state that `generate` threads through transformers' own decoding loop. A serving loop that batches live
+sessions (`engine_duplex.py` in the repository) drives the same state, so its rows land updates by the same rules.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+UPDATE_MODES = ("workspace", "ignore", "inband")
+NO_UPDATE = -1  # position of an empty update slot in a padded batch
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Updates: what the user passes, and the one rule that maps them to positions and workspace versions
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DuplexUpdate:
+    """A correction for `generate`: it lands after `at` new tokens (new token number `at` is the first to see it)."""
+
+    at: int
+    text: str | None = None
+    token_ids: tuple[int, ...] | None = None
+
+
+@dataclass
+class UpdateLanding:
+    """Where an update landed in one row of a `generate` call (returned with `return_dict_in_generate=True`)."""
+
+    at: int | None  # new tokens generated before it took effect (None: it never landed)
+    requested_at: int | None  # the `at` asked for (None for a live `UpdateStream` update)
+    text: str | None
+    token_ids: list[int]
+    applied: bool  # False for update_mode="ignore" and for updates past the end of generation
+    arrived_time: float | None = None  # time.perf_counter() when it reached generate (UpdateStream.put)
+    landed_time: float | None = None  # time.perf_counter() after the forward pass that first used it
+    kind: str | None = None  # the model's decision in update_mode="workspace": "correction" or "backchannel"
+
+
+class UpdateStream:
+    """Thread-safe source of live updates: `put` from any thread while `generate` runs; polled before every step.
+
+    While a `generate` call reads the stream, `put` checks each update against that call (its batch size, whether
+    it has a tokenizer) and raises `ValueError` in the putting thread, so a bad update never reaches the decoding
+    loop and the updates that did land are still reported.
+    """
+
+    def __init__(self, on_landing: Callable[[int, UpdateLanding], None] | None = None) -> None:
+        """`on_landing(row, landing)`, if given, is called from the generating thread as each update takes effect:
+        after the forward pass that first reads it, before the token it conditions is sampled and streamed."""
+        self.on_landing = on_landing
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()  # thread-safe on its own
+        self._lock = threading.Lock()  # makes check-then-queue atomic against `open`
+        self._batch_size: int | None = None  # set while a generate call reads the stream
+        self._has_tokenizer = False
+
+    def put(self, update: str | Sequence[int], row: int | None = None) -> None:
+        """Queue a correction (text or token ids) for `row` (None: every row); it lands before the next token."""
+        if isinstance(update, str) and not update.strip():
+            raise ValueError("UpdateStream.put: `update` text is empty")
+        if not isinstance(update, str) and len(update) == 0:
+            raise ValueError("UpdateStream.put: `update` token ids are empty")
+        if row is not None and (not isinstance(row, int) or isinstance(row, bool) or row < 0):
+            raise ValueError(f"UpdateStream.put: `row` must be None or a non-negative int, got {row!r}")
+        with self._lock:
+            if self._batch_size is not None:
+                self._check(update, row)
+            self._queue.put((update, row, time.perf_counter()))
+
+    def _check(self, update: str | Sequence[int], row: int | None) -> None:
+        """Refuse what the reading generate call cannot land: a row outside its batch, text without a tokenizer."""
+        if row is not None and row >= self._batch_size:
+            raise ValueError(f"UpdateStream.put: `row` {row} is out of range for a batch of {self._batch_size}")
+        if isinstance(update, str) and not self._has_tokenizer:
+            raise ValueError("UpdateStream.put: a text `update` needs `tokenizer=` in generate; put token ids instead")
+
+    def open(self, batch_size: int, has_tokenizer: bool) -> None:
+        """Called by `generate` before decoding: later `put`s are checked against this call, and so is everything
+        queued before it (a bad early update raises here, before anything is generated)."""
+        with self._lock:
+            self._batch_size, self._has_tokenizer = batch_size, has_tokenizer
+            refused = None
+            for update, row, arrived in self.drain():
+                try:
+                    self._check(update, row)
+                except ValueError as error:  # dropped: it could never land in this call
+                    refused = refused or error
+                else:
+                    self._queue.put((update, row, arrived))
+            if refused is not None:
+                self._batch_size = None
+                raise refused
+
+    def close(self) -> list[tuple[str | Sequence[int], int | None, float]]:
+        """Called when `generate` returns: what is still queued belongs to that call (it arrived too late to land)
+        and is handed back; later `put`s are no longer checked against it and wait for the next call."""
+        with self._lock:
+            self._batch_size = None
+            return self.drain()
+
+    def drain(self) -> list[tuple[str | Sequence[int], int | None, float]]:
+        """Everything queued so far, oldest first (called by `generate` before each step)."""
+        items = []
+        while True:
+            try:
+                items.append(self._queue.get_nowait())
+            except queue.Empty:
+                return items
+
+
+def update_position(prompt_length: int, at: int) -> int:
+    """Sequence index of the first position whose logits (for new token `at`) are conditioned on an update."""
+    return prompt_length - 1 + at
+
+
+def newest_column(model_inputs: dict) -> int:
+    """Sequence index of a forward pass's last token (its logits pick the next token): `update_position` for the
+    updates that land before that pass, counting every column of the cache (in-band insertions included)."""
+    mask = model_inputs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        return mask.shape[1] - 1
+    cache = model_inputs.get("past_key_values")
+    past = cache.get_seq_length() if cache is not None else 0
+    return past + model_inputs["input_ids"].shape[1] - 1
+
+
+def workspace_update_tokens(prompt_ids: Sequence[int], correction_ids: Sequence[int], first: bool) -> list[int]:
+    """What the update encoder reads for one update: the correction as it would be written in-band, preceded by the
+    prompt it corrects when it is the row's first. The workspace then holds the prompt and the corrections in order,
+    the text from which the frozen backbone itself can restart, read in its own terms (one rule for training and
+    generation)."""
+    return [*prompt_ids, *correction_ids] if first else list(correction_ids)
+
+
+def pack_updates(
+    updates: Sequence[Sequence[tuple[int, Sequence[int]]]], pad_token_id: int = 0
+) -> dict[str, torch.Tensor]:
+    """Per-row lists of (position, token_ids), sorted by position -> the padded tensors `forward` takes:
+    update_input_ids (B, U, L), update_attention_mask (B, U, L), update_positions (B, U) with NO_UPDATE padding."""
+    batch = len(updates)
+    num = max((len(row) for row in updates), default=0)
+    length = max((len(ids) for row in updates for _, ids in row), default=1)
+    ids = torch.full((batch, num, length), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((batch, num, length), dtype=torch.long)
+    positions = torch.full((batch, num), NO_UPDATE, dtype=torch.long)
+    for b, row in enumerate(updates):
+        if any(p1 > p2 for (p1, _), (p2, _) in itertools.pairwise(row)):
+            raise ValueError(f"pack_updates: row {b}'s updates must be sorted by position, got {[p for p, _ in row]}")
+        for u, (pos, tokens) in enumerate(row):
+            ids[b, u, : len(tokens)] = torch.as_tensor(list(tokens), dtype=torch.long)
+            mask[b, u, : len(tokens)] = 1
+            positions[b, u] = pos
+    return {"update_input_ids": ids, "update_attention_mask": mask, "update_positions": positions}
+
+
+def left_padding(attention_mask: torch.Tensor | None, batch_size: int, device: torch.device) -> torch.Tensor:
+    """(B, L) 0/1 mask -> (B,) number of leading padding tokens (RoPE positions count from the first real token)."""
+    if attention_mask is None or isinstance(attention_mask, dict):
+        return torch.zeros(batch_size, dtype=torch.long, device=device)
+    return (attention_mask.long().cumsum(-1) == 0).sum(-1).to(device)
+
+
+NEVER = torch.iinfo(torch.long).max  # start of a version that a row never reaches
+
+
+def column_positions(attention_mask: torch.Tensor | None, columns: torch.Tensor) -> torch.Tensor:
+    """RoPE positions of sequence indices: attention_mask (B, K) 0/1 and columns (B, N) -> (B, N), the real tokens
+    before each column (padding takes none, wherever it lies: left padding, or the gap an in-band splice of another
+    row of the batch leaves). NEVER stays NEVER."""
+    if attention_mask is None or isinstance(attention_mask, dict):
+        return columns
+    valid_before = torch.nn.functional.pad(attention_mask.long().cumsum(-1), (1, 0))  # (B, K + 1)
+    columns = columns.to(valid_before.device)
+    found = valid_before.gather(1, columns.clamp(0, valid_before.shape[1] - 1))
+    return torch.where(columns == NEVER, NEVER, found)
+
+
+def _shift_columns(starts: torch.Tensor, shift: int) -> torch.Tensor:
+    """Sequence indices moved by `shift` columns (NEVER stays NEVER)."""
+    return torch.where(starts == NEVER, NEVER, starts + shift)
+
+
+@dataclass
+class WorkspaceVersions:
+    """The workspace states a sequence goes through, and from which position each is visible.
+
+    One bookkeeping for teacher-forced `forward` and for generation: version 0 is the empty workspace (visible
+    from position 0); each later version follows one update of its row (`starts` = NEVER where the row had none).
+    Position t reads the newest version whose start is <= t.
+    """
+
+    slots: torch.Tensor  # (B, V, S, D)
+    slot_mask: torch.Tensor  # (B, V, S) bool: which slots hold something
+    starts: torch.Tensor  # (B, V) long
+
+    @classmethod
+    def empty(cls, slots: torch.Tensor, slot_mask: torch.Tensor) -> WorkspaceVersions:
+        starts = torch.zeros(slots.shape[0], 1, dtype=torch.long, device=slots.device)
+        return cls(slots[:, None], slot_mask[:, None], starts)
+
+    def latest(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each row's newest version: slots (B, S, D), mask (B, S) and start (B,)."""
+        version = self.newest_version(torch.full_like(self.starts[:, :1], NEVER - 1))[:, 0]
+        rows = torch.arange(self.starts.shape[0], device=self.starts.device)
+        return self.slots[rows, version], self.slot_mask[rows, version], self.starts[rows, version]
+
+    def append(self, slots: torch.Tensor, slot_mask: torch.Tensor, start: torch.Tensor) -> WorkspaceVersions:
+        """A new version per row (B, S, D) visible from `start` (B,) (NEVER for rows without an update)."""
+        return WorkspaceVersions(
+            torch.cat([self.slots, slots[:, None]], dim=1),
+            torch.cat([self.slot_mask, slot_mask[:, None]], dim=1),
+            torch.cat([self.starts, start[:, None]], dim=1),
+        )
+
+    def newest_version(self, positions: torch.Tensor) -> torch.Tensor:
+        """(B, T) sequence indices -> (B, T) index of the newest version started at or before each of them."""
+        started = self.starts[:, None, :] <= positions[:, :, None]  # (B, T, V)
+        index = torch.arange(self.starts.shape[1], device=positions.device)
+        return torch.where(started, index, 0).amax(dim=-1)
+
+    def readable_slots(self, positions: torch.Tensor) -> torch.Tensor:
+        """(T,) or (B, T) positions -> bool (B, 1, T, V*S): the filled slots of the version each position reads."""
+        batch, num_versions, num_slots = self.slot_mask.shape
+        positions = positions.expand(batch, -1) if positions.dim() == 1 else positions
+        version = self.newest_version(positions)  # (B, T)
+        slot_version = torch.arange(num_versions, device=positions.device).repeat_interleave(num_slots)  # (V*S,)
+        same_version = slot_version[None, None, :] == version[:, :, None]  # (B, T, V*S)
+        return (same_version & self.slot_mask.flatten(1)[:, None, :]).unsqueeze(1)
+
+    def newest_only(self) -> WorkspaceVersions:
+        """The empty version and each row's newest (NEVER where a row has none): all that a position from the
+        newest start on reads. Between decoding steps every later position is such a position, so generation keeps
+        just these instead of a version per update ever made."""
+        if self.starts.shape[1] <= 2:
+            return self
+        newest = self.newest_version(torch.full_like(self.starts[:, :1], NEVER - 1))[:, 0]  # (B,)
+        rows = torch.arange(self.starts.shape[0], device=self.starts.device)
+        start = torch.where(newest > 0, self.starts[rows, newest], NEVER)
+        return WorkspaceVersions(
+            torch.stack([self.slots[:, 0], self.slots[rows, newest]], dim=1),
+            torch.stack([self.slot_mask[:, 0], self.slot_mask[rows, newest]], dim=1),
+            torch.stack([self.starts[:, 0], start], dim=1),
+        )
+
+    def select(self, rows: torch.Tensor) -> WorkspaceVersions:
+        """Only the batch rows `rows` (B',)."""
+        return WorkspaceVersions(self.slots[rows], self.slot_mask[rows], self.starts[rows])
+
+    def shift(self, columns: int) -> WorkspaceVersions:
+        """The same versions after `columns` columns were added (> 0) or removed (< 0) on the left of the sequence."""
+        return WorkspaceVersions(self.slots, self.slot_mask, _shift_columns(self.starts, columns))
+
+    def concat(self, other: WorkspaceVersions) -> WorkspaceVersions:
+        """The rows of both, over the same columns; the one with fewer versions gets versions that never start."""
+        width = max(self.starts.shape[1], other.starts.shape[1])
+
+        def padded(v: WorkspaceVersions) -> WorkspaceVersions:
+            extra = width - v.starts.shape[1]
+            if not extra:
+                return v
+            batch, _, num_slots, hidden = v.slots.shape
+            return WorkspaceVersions(
+                torch.cat([v.slots, v.slots.new_zeros(batch, extra, num_slots, hidden)], dim=1),
+                torch.cat([v.slot_mask, v.slot_mask.new_zeros(batch, extra, num_slots)], dim=1),
+                torch.cat([v.starts, v.starts.new_full((batch, extra), NEVER)], dim=1),
+            )
+
+        a, b = padded(self), padded(other)
+        return WorkspaceVersions(
+            torch.cat([a.slots, b.slots]), torch.cat([a.slot_mask, b.slot_mask]), torch.cat([a.starts, b.starts])
+        )
+
+    def placed_in_context(self, first_version: int = 1) -> ContextWorkspace:
+        """The versions from `first_version` on as slots placed in the context (`workspace_update="in_context"`:
+        each version holds one correction's slots): slots (B, M, D) entering the next forward pass, each read from
+        its version's start. Slots that no row fills (padding, backchannels) are dropped."""
+        slots = self.slots[:, first_version:].flatten(1, 2)  # (B, M, D)
+        starts = torch.where(self.slot_mask[:, first_version:], self.starts[:, first_version:, None], NEVER)
+        starts = starts.flatten(1)  # (B, M)
+        keep = (starts != NEVER).any(dim=0).nonzero()[:, 0]
+        return ContextWorkspace(starts.index_select(1, keep), slots.index_select(1, keep))
+
+
+@dataclass
+class ContextWorkspace:
+    """The workspace of `workspace_update="in_context"`, as a forward pass reads it: every written correction's
+    slots placed in the context where the correction landed, at the positions its text would take in-band.
+
+    Like a KV cache, generation keeps one across steps: the slots of a new correction enter one forward pass
+    (`new_slots`), which stores their per-layer keys and values (`store`); later steps read those. Teacher-forced
+    training builds one whose slots all enter the single pass."""
+
+    starts: torch.Tensor  # (B, M) long: sequence index from which each slot is read (NEVER: an unused column)
+    new_slots: torch.Tensor | None = None  # (B, M_new, D): the last M_new slots, entering in the next forward pass
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, kv_heads, M - M_new, hd)
+    values: dict[int, torch.Tensor] = field(default_factory=dict)
+    keep: bool = False  # store the new slots' keys/values for later steps (generation)
+    reads: bool | None = None  # whether the model's gates read it: decided once (the gates stay put while generating)
+    empty: bool = field(init=False)  # no slot is read by any row (only backchannels so far): exactly the backbone
+
+    def __post_init__(self) -> None:
+        if self.new_slots is not None and self.new_slots.shape[1] == 0:
+            self.new_slots = None
+        self.empty = not bool((self.starts != NEVER).any())  # once per change, not per decoding step
+
+    @property
+    def num_new(self) -> int:
+        return 0 if self.new_slots is None else self.new_slots.shape[1]
+
+    def extend(self, entering: ContextWorkspace) -> ContextWorkspace:
+        """This workspace plus the slots of `entering` (whose keys/values the next forward pass computes)."""
+        if self.new_slots is not None:
+            raise RuntimeError("the previous slots have not entered a forward pass yet")
+        packed = self.packed()
+        starts = torch.cat([packed.starts, entering.starts], dim=1)
+        return ContextWorkspace(starts, entering.new_slots, packed.keys, packed.values, self.keep, self.reads)
+
+    def store(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Keep one layer's keys/values of every slot so far (B, kv_heads, M, hd), when generating."""
+        if self.keep:
+            self.keys[layer], self.values[layer] = keys, values
+
+    def entered(self) -> None:
+        """After the forward pass: the new slots are in (their keys/values are stored)."""
+        if self.keep:
+            self.new_slots = None
+
+    def packed(self) -> ContextWorkspace:
+        """The same slots in fewer columns (between forward passes): each row's slots move left, in their order,
+        and columns no row uses are dropped. Rows take corrections at different times, and each correction adds its
+        slots as columns of every row: without this, the columns of a long-lived batch would only grow."""
+        used = self.starts != NEVER  # (B, M)
+        width = int(used.sum(-1).max()) if used.numel() else 0
+        if width == self.starts.shape[1]:
+            return self
+        order = torch.sort((~used).long(), dim=1, stable=True).indices[:, :width]  # used columns first, in order
+        keys = {layer: _gather_columns(k, order) for layer, k in self.keys.items()}
+        values = {layer: _gather_columns(v, order) for layer, v in self.values.items()}
+        starts = self.starts.gather(1, order)
+        return ContextWorkspace(starts, None, keys, values, self.keep, self.reads)
+
+    def select(self, rows: torch.Tensor) -> ContextWorkspace:
+        """Only the batch rows `rows` (between forward passes), packed (`packed`)."""
+        keys = {layer: k[rows] for layer, k in self.keys.items()}
+        values = {layer: v[rows] for layer, v in self.values.items()}
+        return ContextWorkspace(self.starts[rows], None, keys, values, self.keep, self.reads).packed()
+
+    def shift(self, columns: int) -> ContextWorkspace:
+        """The same slots after `columns` columns were added (> 0) or removed (< 0) on the left of the sequence."""
+        return ContextWorkspace(
+            _shift_columns(self.starts, columns), None, self.keys, self.values, self.keep, self.reads
+        )
+
+    def concat(self, other: ContextWorkspace) -> ContextWorkspace:
+        """The rows of both, over the same columns (between forward passes); unused slot columns pad the narrower."""
+        width = max(self.starts.shape[1], other.starts.shape[1])
+        starts = torch.cat([_pad_dim(self.starts, 1, width, NEVER), _pad_dim(other.starts, 1, width, NEVER)])
+        merged = []
+        for mine, theirs in ((self.keys, other.keys), (self.values, other.values)):
+            layers = {}
+            for layer, like in {**theirs, **mine}.items():  # a side without slots yet has no keys/values
+                a = mine.get(layer, like.new_zeros(self.starts.shape[0], *like.shape[1:2], 0, like.shape[3]))
+                b = theirs.get(layer, like.new_zeros(other.starts.shape[0], *like.shape[1:2], 0, like.shape[3]))
+                layers[layer] = torch.cat([_pad_dim(a, 2, width), _pad_dim(b, 2, width)])
+            merged.append(layers)
+        reads = self.reads if self.reads is not None else other.reads
+        return ContextWorkspace(starts, None, merged[0], merged[1], self.keep or other.keep, reads)
+
+
+def _gather_columns(tensor: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """(B, heads, M, hd) -> (B, heads, M', hd): per row, the slot columns `columns` (B, M')."""
+    index = columns[:, None, :, None].expand(tensor.shape[0], tensor.shape[1], -1, tensor.shape[3])
+    return tensor.gather(2, index)
+
+
+def _pad_dim(tensor: torch.Tensor, dim: int, size: int, fill: int = 0) -> torch.Tensor:
+    """`tensor` padded with `fill` at the end of dimension `dim` up to `size`."""
+    extra = list(tensor.shape)
+    extra[dim] = size - tensor.shape[dim]
+    return torch.cat([tensor, tensor.new_full(extra, fill)], dim=dim)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The generation state
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DuplexGenerateOutput(GenerateDecoderOnlyOutput):
+    """`generate`'s usual output plus, per row, where each update landed."""
+
+    update_landings: list[list[UpdateLanding]] | None = None
+
+
+@dataclass
+class _PendingUpdate:
+    at: int | None
+    token_ids: list[int]
+    text: str | None
+    arrived_time: float | None = None
+
+
+@dataclass
+class DuplexGenerationState:
+    """Per-`generate` state: pending updates, the workspace versions of every row and the adapters' cached K/V.
+
+    Lives in generate's model kwargs (a mutable object, like the KV cache), so it persists across steps. A serving
+    loop drives the same state directly (`start`, `step`, `after_forward`) and changes its rows between steps
+    (`select_rows`, `shift_columns`, `concat`), so every row's updates land by the same rules as in `generate`.
+    `update_mode` may differ per row (a list of modes).
+    """
+
+    model: torch.nn.Module  # the DuplexForCausalLM that generates
+    batch_size: int
+    updates: object = None
+    update_mode: str | Sequence[str] = "workspace"
+    tokenizer: object = None
+    pending: list[list[_PendingUpdate]] = field(default_factory=list)
+    landings: list[list[UpdateLanding]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        modes = [self.update_mode] * self.batch_size if isinstance(self.update_mode, str) else list(self.update_mode)
+        for mode in modes:
+            if mode not in UPDATE_MODES:
+                raise ValueError(f"`update_mode` must be one of {UPDATE_MODES}, got {mode!r}")
+        if len(modes) != self.batch_size:
+            raise ValueError(f"`update_mode` has {len(modes)} rows but the batch has {self.batch_size}")
+        self.modes = modes
+        self.stream = self.updates if isinstance(self.updates, UpdateStream) else None
+        scheduled = None if self.stream is not None else self.updates
+        self.pending = self._normalize(scheduled)
+        if self.has_updates and "inband" in modes and self.tokenizer is None:
+            if self.model.config.inband_template != "{text}":
+                raise ValueError("`update_mode='inband'` needs `tokenizer=` to encode `config.inband_template`")
+        if self.stream is not None:  # from here on, `put` refuses what this call cannot land
+            self.stream.open(self.batch_size, has_tokenizer=self.tokenizer is not None)
+        self.landings = [[] for _ in range(self.batch_size)]
+        self.prompt_length: int | None = None  # `generate`: the prompt's columns (the padded batch's)
+        self.generated: list[int] = [0] * self.batch_size  # per row: new tokens before the current step
+        self.versions: WorkspaceVersions | None = None
+        self.current_kv: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None  # adapters' K/V, newest versions
+        self.stale_rows: set[int] = set()  # rows whose newest version changed since `current_kv` was computed
+        self.landed_this_step: list[tuple[int, UpdateLanding]] = []  # (row, landing)
+        self.inserted: tuple[torch.Tensor, torch.Tensor, int] | None = None  # inband: (mask, positions, chunk len)
+        self.context: ContextWorkspace | None = None  # in_context: the slots placed so far, with their keys/values
+        self.placed_versions = 1  # in_context: versions whose slots are in `context` (version 0 is empty)
+
+    @property
+    def has_updates(self) -> bool:
+        return self.stream is not None or any(self.pending)
+
+    # -- input validation ----------------------------------------------------------------------------------------------
+
+    def check_decoding_options(self, generation_config, kwargs: dict) -> None:
+        """Refuse, naming the option, decoding modes in which updates would not land as promised."""
+        if not self.has_updates:
+            return
+        for name, unsupported in (
+            ("num_beams", lambda v: v is not None and v > 1),
+            ("assistant_model", lambda v: v is not None),
+            ("prompt_lookup_num_tokens", lambda v: v is not None),
+        ):
+            value = kwargs.get(name, getattr(generation_config, name, None))
+            if unsupported(value):
+                raise ValueError(f"`{name}={value!r}` is not supported together with `updates`")
+        use_cache = kwargs.get("use_cache", getattr(generation_config, "use_cache", True))
+        if "inband" in self.modes and use_cache is False:
+            raise ValueError("`update_mode='inband'` needs `use_cache=True`: the correction is spliced into the cache")
+
+    def _normalize(self, updates) -> list[list[_PendingUpdate]]:
+        """Accept every documented form of `updates`; one clear ValueError, naming `updates`, for anything else."""
+        if updates is None:
+            return [[] for _ in range(self.batch_size)]
+        if not isinstance(updates, (list, tuple)):
+            raise ValueError(f"`updates` must be None, a list or an UpdateStream, got {type(updates).__name__}")
+        per_row = len(updates) > 0 and all(isinstance(u, (list, tuple)) and not _is_single_update(u) for u in updates)
+        if not per_row:
+            if self.batch_size != 1 and len(updates) > 0:
+                raise ValueError(
+                    f"`updates` for a batch of {self.batch_size} must be a list with one list of updates per row"
+                )
+            updates = [list(updates)] * self.batch_size
+        if len(updates) != self.batch_size:
+            raise ValueError(f"`updates` has {len(updates)} rows but the batch has {self.batch_size}")
+        rows = [sorted((self._one(u) for u in row), key=lambda p: p.at) for row in updates]
+        return rows
+
+    def _one(self, update) -> _PendingUpdate:
+        if isinstance(update, DuplexUpdate):
+            at, payload = update.at, update.text if update.text is not None else update.token_ids
+        elif _is_single_update(update):
+            at, payload = update
+        else:
+            raise ValueError(f"`updates`: cannot read {update!r}; use (at, text), (at, token_ids) or DuplexUpdate")
+        if not isinstance(at, int) or isinstance(at, bool) or at < 0:
+            raise ValueError(f"`updates`: `at` must be a non-negative int, got {at!r}")
+        token_ids, text = self._tokenize(payload)
+        return _PendingUpdate(at=at, token_ids=token_ids, text=text)
+
+    def _tokenize(self, payload) -> tuple[list[int], str | None]:
+        if isinstance(payload, str):
+            if not payload.strip():
+                raise ValueError("`updates`: update text is empty")
+            if self.tokenizer is None:
+                raise ValueError("`updates` with text need `tokenizer=` in generate (or pass token ids)")
+            return list(self.tokenizer(payload, add_special_tokens=False)["input_ids"]), payload
+        token_ids = payload.tolist() if isinstance(payload, torch.Tensor) else list(payload or [])
+        if not token_ids:
+            raise ValueError("`updates`: update token ids are empty")
+        return [int(t) for t in token_ids], None
+
+    def put(self, row: int, payload: str | Sequence[int], arrived: float | None = None) -> None:
+        """Queue a live update for `row`: it lands before the row's next token (a serving loop's corrections)."""
+        token_ids, text = self._tokenize(payload)
+        self.pending[row].append(_PendingUpdate(None, token_ids, text, arrived or time.perf_counter()))
+
+    # -- the generation loop -------------------------------------------------------------------------------------------
+
+    def prepare_step(self, input_ids: torch.Tensor, model_inputs: dict) -> None:
+        """`generate`'s hook before each forward: the first call starts the rows from the prompt; then `step`, every
+        row having generated the tokens that `input_ids` holds beyond the prompt."""
+        if self.prompt_length is None:
+            mask = model_inputs.get("attention_mask")
+            self.start(input_ids, mask if isinstance(mask, torch.Tensor) else None)
+        self.step([input_ids.shape[1] - self.prompt_length] * self.batch_size, model_inputs)
+
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        """Before the first forward: remember each row's prompt; the workspace starts empty."""
+        if input_ids.shape[0] != self.batch_size:
+            raise ValueError(
+                f"generate expanded the batch from {self.batch_size} to {input_ids.shape[0]} rows "
+                "(num_return_sequences / beams); with DuplexForCausalLM pass repeated prompts instead"
+            )
+        self.prompt_length = input_ids.shape[1]
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        self.prompt_ids = [row[keep.bool()].tolist() for row, keep in zip(input_ids, mask, strict=True)]
+        self.versions = WorkspaceVersions.empty(*self.model.empty_workspace(self.batch_size))
+
+    def step(self, generated: Sequence[int], model_inputs: dict) -> None:
+        """Before each forward, each row having generated `generated[row]` tokens: poll the stream, land the due
+        updates of every row by its mode, and hand the model its workspace inputs. In-band rows splice first; the
+        others' updates land at the sequence index of their newest token (`update_position`)."""
+        self.generated = list(generated)
+        cached = model_inputs.get("past_key_values") is not None  # (without a cache, each pass reads everything)
+        if cached and self.versions.starts.shape[1] > 2:  # every version is placed, and every landing behind us
+            self.versions = self.versions.newest_only()
+            self.placed_versions = self.versions.starts.shape[1]
+        if self.stream is not None:
+            for payload, row, arrived in self.stream.drain():
+                token_ids, text = self._tokenize(payload)
+                for b in range(self.batch_size) if row is None else [row]:
+                    self.pending[b].append(_PendingUpdate(None, token_ids, text, arrived))
+        due = self._due_updates()
+        spliced = [(b, update) for b, update in due if self.modes[b] == "inband"]
+        if spliced:  # may lengthen the pass: every row's newest token moves to the new last column
+            self._splice_inband(spliced, model_inputs)
+        dropped = [(b, update) for b, update in due if self.modes[b] == "ignore"]
+        if dropped:
+            self._drop(dropped)
+        written = [(b, update) for b, update in due if self.modes[b] == "workspace"]
+        if written:
+            self._land_in_workspace(written, newest_column(model_inputs))
+        self._set_workspace_inputs(model_inputs)
+
+    def _due_updates(self) -> list[tuple[int, _PendingUpdate]]:
+        due, now = [], time.perf_counter()
+        for b, row in enumerate(self.pending):
+            while row and (row[0].at is None or row[0].at <= self.generated[b]):
+                update = row.pop(0)
+                update.arrived_time = update.arrived_time or now  # a scheduled update arrives when it falls due
+                due.append((b, update))
+        return due
+
+    def _record(self, row: int, update: _PendingUpdate, applied: bool, kind: str | None = None) -> None:
+        at = self.generated[row]
+        landing = UpdateLanding(at, update.at, update.text, update.token_ids, applied, update.arrived_time, kind=kind)
+        self.landings[row].append(landing)
+        self.landed_this_step.append((row, landing))
+
+    def _drop(self, due: list[tuple[int, _PendingUpdate]]) -> None:
+        """`ignore` (the ablation): due updates are reported as arrived and not applied; nothing changes."""
+        for b, update in due:
+            self._record(b, update, applied=False)
+
+    def _land_in_workspace(self, due: list[tuple[int, _PendingUpdate]], position: int) -> None:
+        """`workspace`: apply due updates through `model.apply_update`, in rounds of at most one update per row;
+        only the rows with an update are encoded (and later re-read). `position`: the sequence index whose logits
+        are the first conditioned on them (`update_position`)."""
+        device = self.versions.starts.device
+        while due:
+            this_round: dict[int, _PendingUpdate] = {}
+            rest = []
+            for b, update in due:
+                if b in this_round:
+                    rest.append((b, update))
+                else:
+                    this_round[b] = update
+            due = rest
+            rows = torch.tensor(sorted(this_round), device=device)
+            slots, slot_mask, _ = self.versions.latest()
+            # a row's first written update (a correction) brings its prompt, where the workspace is apart from it
+            empty = (~slot_mask.any(dim=-1) & self.model.workspace.brings_prompt).tolist()
+            tokens = [
+                workspace_update_tokens(self.prompt_ids[b], self._written_tokens(update), first=empty[b])
+                for b, update in sorted(this_round.items())
+            ]
+            packed = pack_updates([[(position, ids)] for ids in tokens])
+            new_slots, new_mask = slots.clone(), slot_mask.clone()
+            new_slots[rows], new_mask[rows], decision = self.model.apply_update(
+                slots[rows],
+                slot_mask[rows],
+                packed["update_input_ids"][:, 0].to(device),
+                packed["update_attention_mask"][:, 0].to(device),
+            )
+            written = self.model.writes(decision)
+            corrections = dict(zip(sorted(this_round), written.tolist(), strict=True))
+            if any(corrections.values()):  # only backchannels: no new version, the rows read what they read
+                start = torch.full((self.batch_size,), NEVER, dtype=torch.long, device=device)
+                start[rows] = torch.where(written, position, NEVER)  # a backchannel's version is never read
+                self.versions = self.versions.append(new_slots, new_mask, start)
+            self.stale_rows.update(b for b, correction in corrections.items() if correction)
+            for b, update in this_round.items():
+                kind = "correction" if corrections[b] else "backchannel"
+                self._record(b, update, applied=True, kind=kind)
+
+    def _set_workspace_inputs(self, model_inputs: dict) -> None:
+        """Single-token steps read each row's newest version (its K/V computed once per change of that row); longer
+        chunks get every version plus a per-position mask, exactly as in teacher-forced training. No update yet:
+        the plain backbone."""
+        model = self.model
+        chunk = model_inputs["input_ids"]
+        cache = model_inputs.get("past_key_values")
+        if model.config.workspace_update == "in_context":
+            self._place_in_context(model_inputs)
+            return
+        if self.versions.starts.shape[1] == 1:
+            model_inputs["workspace_kv"], model_inputs["workspace_mask"] = None, None
+            return
+        mask = model_inputs.get("attention_mask")
+        if chunk.shape[1] == 1 and cache is not None:
+            slots, slot_mask, start = self.versions.latest()
+            start = column_positions(mask, start[:, None])[:, 0]  # RoPE positions of the versions' starts
+            if self.current_kv is None:  # first read: every row (the empty ones cost nothing)
+                self.current_kv = model.project_workspace(slots[:, None], slot_mask[:, None], start[:, None])
+            elif self.stale_rows:
+                rows = torch.tensor(sorted(self.stale_rows), device=slots.device)
+                fresh = model.project_workspace(slots[rows, None], slot_mask[rows, None], start[rows, None])
+                for current, new in zip(self.current_kv, fresh, strict=True):
+                    if current is not None:  # None: an adapter with closed gates
+                        (key, value), (new_key, new_value) = current, new
+                        key[rows], value[rows] = new_key, new_value
+            self.stale_rows.clear()
+            model_inputs["workspace_kv"], model_inputs["workspace_mask"] = self.current_kv, slot_mask[:, None, None]
+            return
+        past_seen = cache.get_seq_length() if cache is not None else 0
+        positions = torch.arange(past_seen, past_seen + chunk.shape[1], device=chunk.device)
+        versions, rope_starts = self.versions, column_positions(mask, self.versions.starts)
+        model_inputs["workspace_kv"] = model.project_workspace(versions.slots, versions.slot_mask, rope_starts)
+        model_inputs["workspace_mask"] = self.versions.readable_slots(positions)
+        if not model_inputs["workspace_mask"].any():  # only backchannels so far: exactly the backbone
+            model_inputs["workspace_kv"], model_inputs["workspace_mask"] = None, None
+        self.current_kv = None
+
+    def _place_in_context(self, model_inputs: dict) -> None:
+        """`in_context`: the slots of versions written since the last step enter this forward pass, which keeps
+        their keys/values in `self.context` for the following steps. No correction yet: the plain backbone."""
+        if self.context is None or self.versions.starts.shape[1] > self.placed_versions:  # a correction was written
+            entering = self.versions.placed_in_context(self.placed_versions)
+            self.placed_versions = self.versions.starts.shape[1]
+            if self.context is None:
+                entering.keep = True
+                self.context = entering
+            else:
+                self.context = self.context.extend(entering)
+        model_inputs["context_workspace"] = None if self.context.empty else self.context
+
+    def _written_tokens(self, update: _PendingUpdate) -> list[int]:
+        """The correction as text writes it (`config.inband_template`); raw token ids when there is no tokenizer."""
+        return self._inband_tokens(update) if self.tokenizer is not None else update.token_ids
+
+    def _inband_tokens(self, update: _PendingUpdate) -> list[int]:
+        """`config.inband_template` around the correction, as token ids."""
+        before, after = self.model.config.inband_template.split("{text}")
+        if self.tokenizer is None and (before or after):
+            raise ValueError("`update_mode='inband'` needs `tokenizer=` to encode `config.inband_template`")
+        if update.text is not None:
+            return self.tokenizer(before + update.text + after, add_special_tokens=False)["input_ids"]
+        encode = lambda s: self.tokenizer(s, add_special_tokens=False)["input_ids"] if s else []  # noqa: E731
+        return encode(before) + update.token_ids + encode(after)
+
+    def _splice_inband(self, due: list[tuple[int, _PendingUpdate]], model_inputs: dict) -> None:
+        """`inband` (the baseline): the correction's tokens follow the current input chunk of their row, in the same
+        cache. Rows are laid out [masked padding | usual chunk | inserted tokens], so every row's last position is
+        real."""
+        inserts: list[list[int]] = [[] for _ in range(self.batch_size)]
+        for b, update in due:
+            inserts[b] += self._inband_tokens(update)
+            self._record(b, update, applied=True)
+        chunk = model_inputs["input_ids"]  # (B, T)
+        device, length = chunk.device, chunk.shape[1]
+        position_ids = model_inputs.get("position_ids")
+        if position_ids is None:
+            cache = model_inputs.get("past_key_values")
+            past = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(past, past + length, device=device)[None].expand(self.batch_size, -1)
+        full_mask = model_inputs.get("attention_mask")
+        if full_mask is None:
+            cache = model_inputs.get("past_key_values")
+            past = cache.get_seq_length() if cache is not None else 0
+            full_mask = torch.ones((self.batch_size, past + length), dtype=torch.long, device=device)
+        own_mask = full_mask[:, full_mask.shape[1] - length :]  # the chunk's own mask: the prompt's left padding
+        width = max(len(ins) for ins in inserts)
+        ids, mask, positions = [], [], []
+        for b, ins in enumerate(inserts):
+            lead = torch.zeros(width - len(ins), dtype=torch.long, device=device)
+            inserted = torch.tensor(ins, dtype=torch.long, device=device)
+            ids.append(torch.cat([lead, chunk[b], inserted]))
+            mask.append(torch.cat([lead, own_mask[b].long(), torch.ones(len(ins), dtype=torch.long, device=device)]))
+            positions.append(
+                torch.cat([lead, position_ids[b], position_ids[b, -1] + 1 + torch.arange(len(ins), device=device)])
+            )
+        chunk_mask, chunk_positions = torch.stack(mask), torch.stack(positions)
+        model_inputs["input_ids"] = torch.stack(ids)
+        model_inputs["attention_mask"] = torch.cat([full_mask[:, : full_mask.shape[1] - length], chunk_mask], dim=1)
+        model_inputs["position_ids"] = chunk_positions
+        self.inserted = (model_inputs["attention_mask"], chunk_positions, length)
+
+    def after_forward(self, model_kwargs: dict) -> list[tuple[int, UpdateLanding]]:
+        """After each forward: time-stamp the updates it used (and tell the stream's `on_landing`); persist in-band
+        insertions in mask and positions. Returns the (row, landing) pairs that took effect in it."""
+        device = self.versions.starts.device
+        if self.landed_this_step and device.type == "cuda":
+            torch.cuda.synchronize(device)  # the time the conditioned token exists, not was queued
+        now = time.perf_counter()
+        landed, self.landed_this_step = self.landed_this_step, []
+        for row, landing in landed:
+            landing.landed_time = now
+            if self.stream is not None and self.stream.on_landing is not None:
+                self.stream.on_landing(row, landing)
+        if self.inserted is not None:
+            full_mask, chunk_positions, length = self.inserted
+            model_kwargs["attention_mask"] = full_mask
+            if (pos := model_kwargs.get("position_ids")) is not None:
+                model_kwargs["position_ids"] = torch.cat([pos[:, : pos.shape[1] - length], chunk_positions], dim=1)
+            self.inserted = None
+        return landed
+
+    # -- changing the rows between steps (a serving loop whose sessions join and leave) --------------------------------
+
+    def select_rows(self, rows: Sequence[int]) -> None:
+        """Keep only the batch rows `rows`, in that order (sessions that finished leave)."""
+        index = torch.tensor(list(rows), dtype=torch.long, device=self.versions.starts.device)
+        for name in ("modes", "generated", "prompt_ids", "pending", "landings"):
+            setattr(self, name, [getattr(self, name)[b] for b in rows])
+        self.versions = self.versions.select(index)
+        if self.context is not None:
+            self.context = self.context.select(index)
+        if self.current_kv is not None:
+            self.current_kv = [None if kv is None else (kv[0][index], kv[1][index]) for kv in self.current_kv]
+        new_row = {old: new for new, old in enumerate(rows)}
+        self.stale_rows = {new_row[b] for b in self.stale_rows if b in new_row}
+        self.batch_size = len(rows)
+
+    def shift_columns(self, columns: int) -> None:
+        """`columns` columns were added (> 0: left padding) or removed (< 0) on the left of every row's sequence."""
+        self.versions = self.versions.shift(columns)
+        if self.context is not None:
+            self.context = self.context.shift(columns)
+
+    def concat(self, other: DuplexGenerationState) -> None:
+        """Append the rows of `other` (same model, same number of columns): sessions that were prefilled apart join."""
+        for name in ("modes", "generated", "prompt_ids", "pending", "landings"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.versions = self.versions.concat(other.versions)
+        if self.context is not None:  # in_context: every row has stepped, so both sides have one
+            self.context = self.context.concat(other.context)
+        self.placed_versions = self.versions.starts.shape[1]
+        self.current_kv, self.stale_rows = None, set()  # read again for every row at the next step
+        self.batch_size += other.batch_size
+
+    def take_landings(self, row: int) -> list[UpdateLanding]:
+        """Row `row`'s landings, plus its updates that never landed (`at` None), when its generation ends."""
+        never = [UpdateLanding(None, u.at, u.text, u.token_ids, False, u.arrived_time) for u in self.pending[row]]
+        self.pending[row] = []
+        return self.landings[row] + never
+
+    # -- the end of generate -------------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """When `generate` returns or raises: a live stream stops checking `put`s against this call, and what it
+        still held (arrived after its last poll) is kept to be reported as never landed."""
+        if self.stream is not None:
+            for payload, row, arrived in self.stream.close():
+                token_ids, text = self._tokenize(payload)
+                for b in range(self.batch_size) if row is None else [row]:
+                    self.pending[b].append(_PendingUpdate(None, token_ids, text, arrived))
+
+    def finish(self) -> list[list[UpdateLanding]]:
+        """Report updates that never landed (their `at` lay past the end of generation, or they reached the stream
+        after its last poll) instead of losing them."""
+        for b, row in enumerate(self.pending):
+            for update in row:
+                late = UpdateLanding(None, update.at, update.text, update.token_ids, False, update.arrived_time)
+                self.landings[b].append(late)
+                warnings.warn(
+                    f"update {update.text or update.token_ids!r} for row {b} (at={update.at}) never landed: "
+                    "generation ended first",
+                    stacklevel=3,
+                )
+            row.clear()
+        return self.landings
+
+
+def _is_single_update(item) -> bool:
+    """(at, text) / (at, token_ids) / DuplexUpdate, as opposed to a row's list of updates."""
+    if isinstance(item, DuplexUpdate):
+        return True
+    return (
+        isinstance(item, tuple)
+        and len(item) == 2
+        and isinstance(item[0], int)
+        and isinstance(item[1], (str, list, tuple, torch.Tensor))
+    )
+
+
+__all__ = [
+    "NO_UPDATE",
+    "UPDATE_MODES",
+    "ContextWorkspace",
+    "DuplexGenerateOutput",
+    "DuplexGenerationState",
+    "DuplexUpdate",
+    "UpdateLanding",
+    "UpdateStream",
+    "WorkspaceVersions",
+    "column_positions",
+    "left_padding",
+    "pack_updates",
+    "update_position",
+    "workspace_update_tokens",
+]
