@@ -1,5 +1,6 @@
 """The shipped checkpoints: the offline default's frozen backbone and the trained Duplex-tiny, loaded the way a
-user loads them, with the project not importable (trust_remote_code)."""
+user loads them, with the project not importable (trust_remote_code); the SmolLM2 adapter's own test is
+tests/test_smollm2.py."""
 
 import json
 import subprocess
@@ -42,6 +43,7 @@ def test_shipped_checkpoint_takes_a_correction_out_of_the_box(tmp_path):
 
 def test_shipped_remote_code_is_the_repository_code():
     """`trust_remote_code` runs the checkpoint's own copies of the model files: they must be the repository's."""
-    for name in ("configuration_duplex.py", "modeling_duplex.py", "generation_duplex.py"):
-        shipped = CHECKPOINTS / "duplex-tiny" / name
-        assert shipped.read_text() == (ROOT / name).read_text(), f"{shipped} differs from {name}: copy it over"
+    for checkpoint in ("duplex-tiny", "duplex-smollm2-135m"):
+        for name in ("configuration_duplex.py", "modeling_duplex.py", "generation_duplex.py"):
+            shipped = CHECKPOINTS / checkpoint / name
+            assert shipped.read_text() == (ROOT / name).read_text(), f"{shipped} differs from {name}: copy it over"
