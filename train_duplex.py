@@ -493,17 +493,34 @@ class DuplexTrainer(Trainer):
 @contextmanager
 def decodable(model: PreTrainedModel) -> Iterator[PreTrainedModel]:
     """The model being trained, ready to decode held-out prompts: the KV cache on and, for a plain backbone (phase 0),
-    fresh zero-gated duplex modules around it (exactly the backbone, for its in-band column). Its trainable flags,
-    cache setting and training mode are restored afterwards."""
+    fresh zero-gated duplex modules around it (exactly the backbone, for its in-band column), decoding without the
+    trainer's autocast. Its trainable flags, cache setting, forward and training mode are restored afterwards."""
     grad_flags = [(p, p.requires_grad) for p in model.parameters()]
     training = model.training
     try:
-        with cache_on(model):
+        with cache_on(model), without_autocast_wrapper(model):
             yield model if isinstance(model, DuplexForCausalLM) else DuplexForCausalLM.from_backbone(model)
     finally:
         for param, flag in grad_flags:
             param.requires_grad_(flag)
         model.train(training)
+
+
+@contextmanager
+def without_autocast_wrapper(model: PreTrainedModel) -> Iterator[None]:
+    """Decode in the weights' own precision: under mixed precision accelerate wraps `model.forward` in autocast (and
+    keeps the plain one as `_original_forward`); greedy held-out scores under bf16 autocast are noise on a real
+    backbone. The wrapper is put back afterwards."""
+    wrapped = model.__dict__.get("forward")
+    original = getattr(model, "_original_forward", None)
+    if wrapped is None or original is None:
+        yield
+        return
+    model.forward = original
+    try:
+        yield
+    finally:
+        model.forward = wrapped
 
 
 CURVE_METRICS = ("retention", "revision_accuracy", "two_update_accuracy", "distractor_stability")
@@ -752,7 +769,7 @@ def cache_on(model: PreTrainedModel) -> Iterator[PreTrainedModel]:
     """`ready_for_generation` for the duration only: a model in training decodes (or is saved) with its KV cache on,
     then trains on as it was set."""
     configs = {id(c): c for c in (model.config, model.config.get_text_config(), model.generation_config)}.values()
-    flags = [(config, config.use_cache) for config in configs]
+    flags = [(config, getattr(config, "use_cache", True)) for config in configs]  # unset: on
     try:
         yield ready_for_generation(model)
     finally:
