@@ -1,6 +1,7 @@
 """eval_duplex: statistics, the scoring plumbing (an oracle stands in for the model), identical instances across
 modes, and the report/CLI on a tiny random checkpoint."""
 
+import importlib.util
 import itertools
 import json
 import re
@@ -8,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import ROOT
 from transformers import Qwen3ForCausalLM
 
 import eval_duplex
@@ -269,3 +271,24 @@ def test_eval_set_on_values_outside_every_pool():
     outside = set(OUTSIDE_POOLS["words"]) | set(OUTSIDE_POOLS["names"]) | set(OUTSIDE_POOLS["topics"])
     for row in rows["one"]:
         assert set(re.findall(r"[A-Za-z]+", row["instruction"])) & outside, row["instruction"]
+
+
+def test_checkpoint_curve_evaluates_each_checkpoint_once(checkpoint, tmp_path, monkeypatch):
+    """scripts/checkpoint_curve.py: revision per saved step with intervals; a rerun reads the kept reports."""
+    spec = importlib.util.spec_from_file_location("checkpoint_curve", ROOT / "scripts" / "checkpoint_curve.py")
+    checkpoint_curve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(checkpoint_curve)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint-0").symlink_to(checkpoint)  # closed gates: revises nothing
+    (run / "checkpoint-40").symlink_to(ROOT / "checkpoints" / "duplex-tiny")
+    argv = [str(run), "--out", str(tmp_path / "curve"), "--", "--families", "count", "--modes", "workspace"]
+    argv += ["--kinds", "one", "--n-per-family", "4", "--sweep-per-family", "0", "--no-progress"]
+    checkpoint_curve.main(argv)
+    table = (tmp_path / "curve" / "curve.md").read_text().splitlines()
+    assert [row.split(" | ")[0] for row in table[2:]] == ["| 0", "| 40"]
+    assert table[2].split(" | ")[1].startswith("0.0% (0.0-")
+    assert float(table[3].split(" | ")[1].split("%")[0]) >= 75.0
+    assert (tmp_path / "curve" / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    monkeypatch.setattr(eval_duplex, "main", lambda argv: pytest.fail("evaluated again"))
+    checkpoint_curve.main(argv)
