@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = plt.subplots(figsize=(9, 4))
     steps = [step for step, _, _ in rows]
     families = sorted({f for _, revision, _ in rows for f, v in revision["per_family"].items() if v["n"]})
     for name, pick in [("overall", lambda r: r["overall"])] + [
@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> Path:
         if reference.get(column, {}).get("revision_accuracy", {}).get("overall", {}).get("n"):
             rate = 100 * reference[column]["revision_accuracy"]["overall"]["rate"]
             ax.axhline(rate, color="gray", linestyle=style, label=f"{column} (frozen backbone), overall")
-    ax.set(xlabel="training step", ylabel="held-out revision accuracy (%)", ylim=(-3, 103))
-    ax.legend(fontsize=8)
+    ax.set(xlabel="training step", ylabel="held-out revision accuracy (%)", xlim=(0, None), ylim=(-3, 103))
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     args.out.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out / "curve.png", dpi=120)
