@@ -7,6 +7,7 @@ class turns that into instances, validity checks, held-out splits, sweeps and sc
 
 from __future__ import annotations
 
+import functools
 import itertools
 import random
 import re
@@ -142,6 +143,35 @@ def pseudo_word(rng: random.Random, capitalized: bool = False) -> str:
     """A random lowercase letter string (capitalised for names)."""
     word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(*PSEUDO_WORD_LENGTHS)))
     return word.capitalize() if capitalized else word
+
+
+SENTENCE_LIKE_PROB = 0.5  # share of training case inputs shaped like everyday sentences (`sentence_like`)
+
+
+def sentence_like(rng: random.Random) -> list[str]:
+    """3 to 8 random letter strings shaped like an everyday sentence: mostly short words (one to four letters, as
+    `a`, `my`, `the`, `soup`), some longer, and words that come back (`the ... the`), so that a model has to keep its
+    place in the sentence by position, not by recognising the word it is at. No real word is drawn."""
+    words: list[str] = []
+    for _ in range(rng.randint(3, 8)):
+        if words and rng.random() < 0.2:
+            words.append(rng.choice(words))
+            continue
+        while True:
+            length = rng.randint(1, 4) if rng.random() < 0.6 else rng.randint(5, 10)
+            word = "".join(rng.choice(string.ascii_lowercase) for _ in range(length))
+            if word not in _held_out_words():
+                words.append(word)
+                break
+    return words
+
+
+@functools.cache
+def _held_out_words() -> frozenset[str]:
+    """Every word a held-out split can show: the test part of each pool, the outside pools and sentences."""
+    words = [w for pool in POOLS.values() for w in split_pool(pool, "test")]
+    words += [w for pool in OUTSIDE_POOLS.values() for w in pool] + " ".join(OUTSIDE_SENTENCES).split()
+    return frozenset(w.lower() for w in words)
 
 
 def pick(rng: random.Random, pool: str, split: str, exclude: Iterable[str] = ()) -> str:
@@ -714,6 +744,8 @@ class Case(TaskFamily):
         case = rng.choice(["Uppercase", "Lowercase"])
         if split == "outside":  # everyday sentences, short function words included
             return {"case": case, "words": rng.choice(OUTSIDE_SENTENCES).split()}
+        if split == "train" and rng.random() < SENTENCE_LIKE_PROB:
+            return {"case": case, "words": sentence_like(rng)}
         words: list[str] = []
         for _ in range(rng.randint(3, 6)):
             words.append(pick(rng, "words", split, exclude=words))

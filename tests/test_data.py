@@ -403,3 +403,19 @@ def test_chat_families_split_their_categories_and_build_datasets():
         inst = instance_from_row(row)
         cuts = [sum(map(len, row["segments"][: j + 1])) for j in range(len(inst.updates))]
         assert CHAT_FAMILIES["items"].score(inst, inst.response, cuts)["correct"], row
+
+
+def test_case_training_inputs_look_like_sentences_without_held_out_words():
+    """Training case inputs include sentence-shaped random strings (one-letter words, words that come back), and no
+    word a held-out split shows: the model learns to keep its place, not to recall the test sentences."""
+    from data.tasks import OUTSIDE_POOLS, OUTSIDE_SENTENCES, POOLS
+
+    rng = random.Random(0)
+    inputs = [
+        FAMILIES["case"].sample(rng, "train", n_updates=1, landing="any").meta["params"]["words"] for _ in range(400)
+    ]
+    assert any(len(w) == 1 for words in inputs for w in words)
+    assert any(len(set(words)) < len(words) for words in inputs)
+    held_out = {w.lower() for pool in POOLS.values() for w in split_pool(pool, "test")}
+    held_out |= {w.lower() for pool in OUTSIDE_POOLS.values() for w in pool} | set(" ".join(OUTSIDE_SENTENCES).split())
+    assert not held_out & {w.lower() for words in inputs for w in words}
