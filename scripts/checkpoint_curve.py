@@ -63,10 +63,8 @@ def main(argv: list[str] | None = None) -> Path:
     fig, ax = plt.subplots(figsize=(9, 4))
     steps = [step for step, _, _ in rows]
     families = sorted({f for _, revision, _ in rows for f, v in revision["per_family"].items() if v["n"]})
-    for name, pick in [("overall", lambda r: r["overall"])] + [
-        (f, lambda r, f=f: r["per_family"][f]) for f in families
-    ]:
-        stats = [pick(revision) for _, revision, _ in rows]
+    for name in ["overall", *families]:
+        stats = [revision["overall"] if name == "overall" else revision["per_family"][name] for _, revision, _ in rows]
         rates = [100 * s["rate"] for s in stats]
         errors = [[100 * (s["rate"] - s["ci"][0]) for s in stats], [100 * (s["ci"][1] - s["rate"]) for s in stats]]
         ax.errorbar(steps, rates, yerr=errors, marker="o", capsize=3, label=f"workspace, {name}")

@@ -1,6 +1,8 @@
 """Tiny random backbones (the micro shape as Qwen3 and Llama) built in code: the suite never downloads anything."""
 
+import json
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -57,3 +59,13 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def run_in_fresh_process(script: str, *args: str, cwd: Path, timeout: int) -> dict:
+    """Run `script` with `args` in a new Python process started in `cwd` (outside the repository: the project is not
+    importable there) and return the JSON object its last printed line holds."""
+    result = subprocess.run(
+        [sys.executable, "-c", script, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])

@@ -2,12 +2,8 @@
 user loads them, with the project not importable (trust_remote_code); the SmolLM2 adapter's own test is
 tests/test_smollm2.py."""
 
-import json
-import subprocess
-import sys
-from pathlib import Path
+from conftest import ROOT, run_in_fresh_process
 
-ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINTS = ROOT / "checkpoints"
 
 SCRIPT = """
@@ -27,15 +23,7 @@ print(json.dumps({"plain": write(), "corrected": write([(0, "Name animals instea
 def test_shipped_checkpoint_takes_a_correction_out_of_the_box(tmp_path):
     """A fresh process, outside the repository: the checkpoint's own code loads, and a correction that lands before
     the first token moves the answer off the old category (the tools it would have named)."""
-    result = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(CHECKPOINTS / "duplex-tiny")],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out = run_in_fresh_process(SCRIPT, str(CHECKPOINTS / "duplex-tiny"), cwd=tmp_path, timeout=600)
     tools = set(out["plain"].split(", "))
     assert len(tools) >= 4, out  # the backbone's own answer: tools
     assert not tools & set(out["corrected"].split(", ")), out

@@ -7,19 +7,18 @@ except where DUPLEX_REQUIRE_SMOLLM2=1 (CI sets it), where it fails.
 """
 
 import importlib.util
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, run_in_fresh_process
 
 from data import CHAT_FAMILIES, TaskUpdate
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
 ADAPTER = ROOT / "checkpoints" / "duplex-smollm2-135m"
 
 SCRIPT = """
@@ -63,15 +62,7 @@ def test_shipped_adapter_on_smollm2_switches_a_list_mid_answer(smollm2, tmp_path
     """`Name 5 fruits.`: SmolLM2 lists fruits; `Name animals instead.` sent after two of them makes the rest animals
     through the workspace (the list rule of `items`), where the same model ignoring the update goes on with fruits."""
     question, correction = "Name 5 fruits.", "Name animals instead."
-    result = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(ADAPTER), str(smollm2), question, correction, "2"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out = run_in_fresh_process(SCRIPT, str(ADAPTER), str(smollm2), question, correction, "2", cwd=tmp_path, timeout=900)
     items = CHAT_FAMILIES["items"]
     plain = items._build({"cat": "fruits", "n": 5}, [], [])
     assert items.score(plain, out["plain"])["correct"], out
