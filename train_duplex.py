@@ -92,8 +92,12 @@ class DuplexArguments:
             "weigh 1; default: every kind the same)"
         },
     )
-    phase0_bf16: bool = field(
-        default=True, metadata={"help": "phase 0 under bf16 autocast (fp32 master weights); --phase0_bf16 False: fp32"}
+    phase0_bf16: bool | None = field(
+        default=None,
+        metadata={
+            "help": "phase 0 under bf16 autocast (fp32 master weights); False: fp32; default: bf16 where the device "
+            "computes it natively (a GPU, a CPU with AVX-512 BF16 or AMX), fp32 elsewhere (emulated bf16 is slower)"
+        },
     )
     phase0_eval_steps: int = field(
         default=500, metadata={"help": "phase 0: held-out greedy accuracy per family every N steps (0: never)"}
@@ -790,6 +794,14 @@ def parse_weights(text: str | None, known: Sequence[str], flag: str) -> dict[str
     return weights
 
 
+def native_bf16(use_cpu: bool = False) -> bool:
+    """Whether the training device computes bf16 natively: a GPU that supports it, or a CPU with AVX-512 BF16 or AMX
+    (oneDNN's check). Elsewhere bf16 autocast is emulated and several times slower than fp32."""
+    if torch.cuda.is_available() and not use_cpu:
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def pretrain_tiny_backbone(args: DuplexArguments, training_args: TrainingArguments, tokenizer) -> Path:
     """Phase 0: a tiny Qwen3 learns the tasks from plain answers, turn-based corrections (restart format) and
     corrections given in-band mid-answer, so that, like a real pretrained LM, it has seen text change course."""
@@ -815,6 +827,8 @@ def pretrain_tiny_backbone(args: DuplexArguments, training_args: TrainingArgumen
         args, training_args.seed + 102, args.train_size, tokenizer, "inband", family_weights=weights, landing=landing
     )
     corpus = datasets.concatenate_datasets([plain, restart, inband]).shuffle(seed=training_args.seed)
+    bf16 = native_bf16(training_args.use_cpu) if args.phase0_bf16 is None else args.phase0_bf16
+    logger.info("phase 0 in %s", "bf16 autocast" if bf16 else "fp32")
     curves = HeldOutCurves(
         tokenizer,
         Path(training_args.output_dir) / "phase0",
@@ -837,8 +851,8 @@ def pretrain_tiny_backbone(args: DuplexArguments, training_args: TrainingArgumen
         learning_rate=args.phase0_lr,
         per_device_train_batch_size=args.phase0_batch_size,
         warmup_steps=100,
-        bf16=args.phase0_bf16,
-        use_cpu=training_args.use_cpu or (args.phase0_bf16 and not torch.cuda.is_available()),  # CPU autocast
+        bf16=bf16,
+        use_cpu=training_args.use_cpu or (bf16 and not torch.cuda.is_available()),  # CPU autocast
     )
     ready_for_generation(backbone).save_pretrained(out)
     tokenizer.save_pretrained(out)
