@@ -114,7 +114,7 @@ def test_padding_of_an_update_changes_nothing():
             row_ids, row_mask = ids[b : b + 1, :length], mask[b : b + 1, :length]
             alone.append(model.apply_update(empty_slots[:1], empty_mask[:1], row_ids, row_mask, written[:1])[0])
     assert padded_mask.all()
-    torch.testing.assert_close(padded, torch.cat(alone), atol=1e-5, rtol=0)
+    torch.testing.assert_close(padded, torch.cat(alone), atol=5e-5, rtol=1e-5)  # fp32 kernels vary with the shape
     assert (alone[0] - alone[1]).abs().max() > 1e-3  # the oldest token, beyond the newest 4, counts
 
 

@@ -227,13 +227,18 @@ def test_held_out_curves_decode_without_the_trainers_autocast(duplex):
     """Under --bf16 accelerate wraps the model's forward in autocast; the held-out curves must decode in the weights'
     own precision (bf16 greedy scores are noise on a real backbone), and training goes on wrapped afterwards."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     ids = torch.tensor([[5, 9, 2, 7, 11]])
-    with torch.no_grad():
-        expected = duplex(input_ids=ids).logits
-        prepared = Accelerator(cpu=True, mixed_precision="bf16").prepare_model(duplex)
-        wrapped = prepared.forward
-        assert not torch.equal(prepared(input_ids=ids).logits, expected)  # the wrapper does cast
-        with train_duplex.decodable(prepared) as model:
-            assert torch.equal(model(input_ids=ids).logits, expected)
-    assert prepared.forward == wrapped
+    AcceleratorState._reset_state(reset_partial_state=True)  # an earlier Trainer here may have chosen fp32
+    try:
+        with torch.no_grad():
+            expected = duplex(input_ids=ids).logits
+            prepared = Accelerator(cpu=True, mixed_precision="bf16").prepare_model(duplex)
+            wrapped = prepared.forward
+            assert not torch.equal(prepared(input_ids=ids).logits, expected)  # the wrapper does cast
+            with train_duplex.decodable(prepared) as model:
+                assert torch.equal(model(input_ids=ids).logits, expected)
+        assert prepared.forward == wrapped
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)  # later Trainers choose their own precision
