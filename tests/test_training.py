@@ -1,11 +1,13 @@
 """Training end to end: resume after a kill, distillation from the in-band teacher, and a micro run that proves the
 correction channel learns."""
 
+import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, tiny_backbone
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, Trainer
 
@@ -172,6 +174,29 @@ def test_phase0_continues_from_a_backbone_and_scores_each_family(tmp_path):
             assert set(columns["backbone"]["retention"]["per_family"]) == {"list", "spell"}
     assert records[0]["splits"] == records[1]["splits"]  # the same weights write the same answers
     assert (out / "phase0" / "curves.png").exists()
+
+
+def test_a_deepened_backbone_computes_what_it_did():
+    """scripts/grow_backbone.py adds decoder layers that start as the identity, so that phase 0 can go on from a
+    pretrained backbone with more depth: the same logits and the same cached generation, and layers that train."""
+    spec = importlib.util.spec_from_file_location("grow_backbone", ROOT / "scripts" / "grow_backbone.py")
+    grow = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(grow)
+    backbone = tiny_backbone("qwen3").eval()
+    ids = torch.randint(0, backbone.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        logits = backbone(ids).logits
+        generated = backbone.generate(ids, max_new_tokens=6, do_sample=False)
+        layers = len(backbone.model.layers)
+        grown = grow.grow_backbone(backbone, after=[0, layers - 1])
+        assert len(grown.model.layers) == grown.config.num_hidden_layers == layers + 2
+        assert [layer.self_attn.layer_idx for layer in grown.model.layers] == list(range(layers + 2))
+        assert torch.equal(grown(ids).logits, logits)
+        assert torch.equal(grown.generate(ids, max_new_tokens=6, do_sample=False), generated)
+    grown(ids, labels=ids).loss.backward()
+    assert grown.model.layers[1].self_attn.o_proj.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="after"):
+        grow.grow_backbone(tiny_backbone("qwen3"), after=[layers])
 
 
 def test_onpolicy_distillation_is_zero_where_the_teacher_knows_nothing_more():
