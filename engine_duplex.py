@@ -372,13 +372,7 @@ class DuplexEngine:
     def _leave(self, batch: _Batch) -> bool:
         """The sessions of `batch` that ended (EOS, length, cancelled) get their done event and leave it; False when
         none is left."""
-        ended = [
-            row
-            for row, session in enumerate(batch.rows)
-            if session.cancelled.is_set()
-            or session.tokens >= session.max_new_tokens
-            or session.last_token in self.eos_ids
-        ]
+        ended = [row for row, session in enumerate(batch.rows) if self._ended(session)]
         if not ended:
             return True
         for row in ended:
@@ -389,6 +383,7 @@ class DuplexEngine:
         return bool(keep)
 
     def _ended(self, session: EngineSession) -> bool:
+        """EOS written, `max_new_tokens` reached, or cancelled (the client left)."""
         return (
             session.cancelled.is_set() or session.tokens >= session.max_new_tokens or session.last_token in self.eos_ids
         )
