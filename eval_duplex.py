@@ -554,7 +554,7 @@ def teacher_forced_diagnostics(
     hits: dict[str, dict[str, list[bool]]] = {m: {n: [] for n in names} for m in ("workspace", "ignore")}
     for start in range(0, len(rows), batch_size):
         features = [
-            tokenize_row(row, tokenizer, "duplex", prompt_format, brings_prompt=model.workspace.brings_prompt)
+            tokenize_row(row, tokenizer, "duplex", prompt_format)
             for row in rows[start : start + batch_size]
         ]
         batch = {k: v.to(device) for k, v in collator(features).items()}

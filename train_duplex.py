@@ -129,10 +129,6 @@ class DuplexArguments:
     train_size: int = field(default=20000, metadata={"help": "training instances per phase"})
     families: str | None = field(default=None, metadata={"help": "comma-separated task families (default all)"})
     num_slots: int | None = field(default=None, metadata={"help": "workspace slots (default 32; tiny 128)"})
-    workspace_update: str | None = field(
-        default=None,
-        metadata={"help": "how an update is written into the workspace: in_context (default), fifo or gated"},
-    )
     encoder_layers: int | None = field(default=None, metadata={"help": "update encoder layers (default 4; tiny 2)"})
     adapter_layers: str | None = field(default=None, metadata={"help": "comma-separated decoder layers (default all)"})
     shots: int = field(
@@ -229,7 +225,6 @@ def tokenized(
     mix: dict | None = None,
     teacher: bool = False,
     family_weights: dict[str, float] | None = None,
-    brings_prompt: bool = True,
     landing: str = "before_space",
     answers_by: PreTrainedModel | None = None,
     cache_dir: Path | None = None,
@@ -252,7 +247,7 @@ def tokenized(
     if answers_by is not None:
         rows = cached_own_answers(args, rows, answers_by, tokenizer, prompt_format, cache_dir, split_seed)
     return rows.map(
-        lambda r: tokenize_row(r, tokenizer, fmt, prompt_format, teacher=teacher, brings_prompt=brings_prompt),
+        lambda r: tokenize_row(r, tokenizer, fmt, prompt_format, teacher=teacher),
         remove_columns=rows.column_names,
     )
 
@@ -337,16 +332,10 @@ class Rollout:
 
     prompt: list[int]
     prefix: list[int]  # the oracle's answer tokens before the update (forced)
-    update: list[
-        int
-    ]  # what the update encoder reads (`workspace_update_tokens`: the correction, maybe after the prompt)
+    update: list[int]  # what the update encoder reads: the correction as in-band text writes it
     teacher_context: list[int]  # the teacher rendering up to the same point
     oracle_rest: int  # the oracle's answer tokens after the update (EOS included)
     continuation: list[int] = field(default_factory=list)  # what the model writes after the update
-
-    def correction(self, brings_prompt: bool) -> list[int]:
-        """The correction as written in-band: `update` without the prompt it may bring."""
-        return self.update[len(self.prompt) :] if brings_prompt else self.update
 
 
 def rollout_rows(inputs: dict, taught: dict) -> list[Rollout]:
@@ -393,7 +382,7 @@ def roll_out(model: DuplexForCausalLM, inputs: dict, taught: dict, max_rows: int
         out = model.generate(
             input_ids.to(model.device),
             attention_mask=attention_mask.to(model.device),
-            updates=[[(len(r.prefix), r.correction(model.workspace.brings_prompt))] for r in rows],
+            updates=[[(len(r.prefix), r.update)] for r in rows],
             logits_processor=LogitsProcessorList([PrefixForcing([r.prefix for r in rows], width)]),
             max_new_tokens=max(len(r.prefix) + r.oracle_rest for r in rows) + room,
             do_sample=False,
@@ -869,8 +858,6 @@ def build_model(
     duplex_kwargs["inband_template"] = prompt_format.inband_template  # a chat model: a user turn mid-answer
     if args.num_slots is not None:
         duplex_kwargs["num_slots"] = args.num_slots
-    if args.workspace_update is not None:
-        duplex_kwargs["workspace_update"] = args.workspace_update
     if args.encoder_layers is not None:
         duplex_kwargs["encoder_layers"] = args.encoder_layers
     if args.adapter_layers:
@@ -927,7 +914,6 @@ def main(argv: list[str] | None = None) -> dict | None:
                 "duplex",
                 mix=DUPLEX_MIX,
                 teacher=teacher,
-                brings_prompt=model.workspace.brings_prompt,
                 landing="any",  # before the space, after it and inside a word: wherever a user's correction arrives
                 answers_by=model if args.own_answers else None,
                 cache_dir=out / "own_answers",

@@ -85,7 +85,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--adapter-layers", type=int, nargs="*", default=None, help="adapter layers (default: all)")
     parser.add_argument("--num-slots", type=int, default=None)
     parser.add_argument("--encoder-layers", type=int, default=None)
-    parser.add_argument("--workspace-update", default=None, help="in_context (the default), fifo or gated")
     parser.add_argument(
         "--threads",
         default="auto",
@@ -130,7 +129,6 @@ def duplex_options(args: argparse.Namespace) -> dict:
         "adapter_layers": args.adapter_layers,
         "num_slots": args.num_slots,
         "encoder_layers": args.encoder_layers,
-        "workspace_update": args.workspace_update,
     }
     return {key: value for key, value in given.items() if value is not None}
 

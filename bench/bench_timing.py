@@ -189,19 +189,11 @@ def make_stepper(model: PreTrainedModel, prompt: torch.Tensor) -> Callable[[], f
     workspace: dict = {}
     if isinstance(model, DuplexForCausalLM):
         correction = prompt[0, :16].tolist()  # a workspace holding one correction-sized update
-        if model.config.workspace_update == "in_context":  # placed after the prompt's last token, as generate does
-            packed = pack_updates([[(prompt.shape[1] - 1, correction)]])
-            versions, _ = model.workspace_versions(1, **{k: v.to(device) for k, v in packed.items()})
-            context = versions.placed_in_context()
-            context.keep = True
-            workspace = {"context_workspace": context}
-        else:
-            packed = {k: v.to(device) for k, v in pack_updates([[(0, correction)]]).items()}
-            slots, slot_mask, start = model.workspace_versions(1, **packed)[0].latest()
-            workspace = {
-                "workspace_kv": model.project_workspace(slots[:, None], slot_mask[:, None], start[:, None]),
-                "workspace_mask": slot_mask[:, None, None],
-            }
+        packed = pack_updates([[(prompt.shape[1] - 1, correction)]])  # placed after the prompt, as generate does
+        versions, _ = model.workspace_versions(1, **{k: v.to(device) for k, v in packed.items()})
+        context = versions.placed_in_context()
+        context.keep = True
+        workspace = {"context_workspace": context}
     config = model.config.text_config if isinstance(model, DuplexForCausalLM) else model.config
     cache = DynamicCache(config=config)
     model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1, **workspace)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from generation_duplex import pack_updates, update_position, workspace_update_tokens
+from generation_duplex import pack_updates, update_position
 
 from .dataset import instance_from_row
 from .prompts import PromptFormat
@@ -42,7 +42,6 @@ def tokenize_row(
     fmt: str = "duplex",
     prompt_format: PromptFormat | None = None,
     teacher: bool = False,
-    brings_prompt: bool = True,
 ) -> dict:
     """One dataset row -> input_ids, labels (response tokens only) and, for "duplex", the updates with the
     positions `forward` expects. `prompt_format` renders the text (default: plain text).
@@ -51,8 +50,7 @@ def tokenize_row(
     first word), "inband" (every update spliced into the answer as text), "teacher" (corrections spliced in,
     distractors dropped: what the answer should follow), "duplex" (updates kept apart, for the workspace; with
     `teacher=True` also the row's "teacher" rendering as teacher_input_ids / teacher_labels, which label the same
-    response tokens in the same order). `brings_prompt`: the row's first correction is written with its prompt
-    (the model's `workspace.brings_prompt`)."""
+    response tokens in the same order)."""
     if fmt not in FORMATS:
         raise ValueError(f"`fmt` must be one of {FORMATS}, got {fmt!r}")
     prompt_format = prompt_format or PromptFormat()
@@ -78,9 +76,7 @@ def tokenize_row(
         if u > 0 and fmt == "duplex":
             positions.append(update_position(len(prompt), len(input_ids) - len(prompt)))
             written = encode(tokenizer, inband_template.replace("{text}", row["update_texts"][u - 1]))
-            earlier = row["update_kinds"][: u - 1]  # backchannels write nothing; the first correction brings the prompt
-            first = brings_prompt and "correction" not in earlier
-            update_ids.append(workspace_update_tokens(prompt, written, first=first))
+            update_ids.append(written)  # what the update encoder reads: the correction as in-band text writes it
         piece_starts.append(len(input_ids))
         input_ids += piece
         labels += piece

@@ -91,7 +91,7 @@ def offline(model, tokenizer, prompt: str, mode: str, max_new_tokens: int, updat
     return text, [(landing.at, landing.kind) for landing in out.update_landings[0]]
 
 
-@pytest.mark.parametrize("which", ["shipped", "in_context", "fifo", "gated"])
+@pytest.mark.parametrize("which", ["shipped", "in_context"])
 def test_batched_sessions_write_what_each_writes_alone(which):
     """Sessions join at different times, take corrections mid-flight (in every update mode, one of them inside a word
     of the shipped model's answer), end early or are cancelled; each one's text and landings equal offline `generate`

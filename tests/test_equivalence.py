@@ -6,7 +6,7 @@ from conftest import perturb_duplex, tiny_backbone
 
 from configuration_duplex import WORKSPACE_UPDATES
 from data import build_byte_tokenizer
-from generation_duplex import pack_updates, update_position, workspace_update_tokens
+from generation_duplex import pack_updates, update_position
 from modeling_duplex import DuplexForCausalLM
 
 PROMPT = torch.tensor([[72, 101, 108, 108, 111, 10, 51, 32, 52]])
@@ -55,13 +55,7 @@ def test_teacher_forced_equals_step_by_step(duplex):
     prompt_len, new = PROMPT.shape[1], step_logits.shape[1]
     landed = [(lnd.at, lnd.token_ids) for lnd in out.update_landings[0]]
     assert [at for at, _ in landed] == [0, 3, 3, 6]
-    kinds = [lnd.kind for lnd in out.update_landings[0]]  # the model's own decisions; backchannels write nothing
-    written = [
-        workspace_update_tokens(
-            PROMPT[0].tolist(), ids, first=duplex.workspace.brings_prompt and "correction" not in kinds[:i]
-        )
-        for i, (_, ids) in enumerate(landed)
-    ]
+    written = [ids for _, ids in landed]  # the model decides itself which are corrections, as generate did
     positions = [update_position(prompt_len, at) for at, _ in landed]
     packed = pack_updates([list(zip(positions, written, strict=True))])
     with torch.no_grad():

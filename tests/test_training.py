@@ -140,10 +140,7 @@ def test_distillation_teaches_only_where_the_in_band_teacher_knows_more():
     collator = DuplexCollator(tokenizer.pad_token_id)
     for kind, expect_zero in (("none", True), ("distractor", True), ("one", False), ("two", False)):
         rows = build_dataset("train", 7, seed=3, mix={kind: 1.0})
-        brings_prompt = model.workspace.brings_prompt
-        batch = collator(
-            [tokenize_row(row, tokenizer, "duplex", teacher=True, brings_prompt=brings_prompt) for row in rows]
-        )
+        batch = collator([tokenize_row(row, tokenizer, "duplex", teacher=True) for row in rows])
         taught = {key: batch.pop(key) for key in list(batch) if key.startswith("teacher_")}
         with torch.no_grad():
             student = model(**batch).logits
@@ -209,10 +206,7 @@ def test_onpolicy_distillation_is_zero_where_the_teacher_knows_nothing_more():
     collator = DuplexCollator(tokenizer.pad_token_id)
     for kind, expect_zero in (("distractor", True), ("one", False)):
         rows = build_dataset("train", 6, seed=5, mix={kind: 1.0})
-        brings_prompt = model.workspace.brings_prompt
-        batch = collator(
-            [tokenize_row(row, tokenizer, "duplex", teacher=True, brings_prompt=brings_prompt) for row in rows]
-        )
+        batch = collator([tokenize_row(row, tokenizer, "duplex", teacher=True) for row in rows])
         taught = {key: batch.pop(key) for key in list(batch) if key.startswith("teacher_")}
         rollouts = train_duplex.roll_out(model, batch, taught, max_rows=6, pad_token_id=tokenizer.pad_token_id)
         assert len(rollouts) == 6
