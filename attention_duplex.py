@@ -18,9 +18,11 @@ their landing and the slots before them.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward, rotate_half
@@ -109,7 +111,8 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     if rotary == x.shape[-1]:
         return x * cos + rotate_half(x) * sin
     moved, kept = x[..., :rotary], x[..., rotary:]
-    return torch.cat([moved * cos + rotate_half(moved) * sin, kept], dim=-1)
+    moved = moved * cos + rotate_half(moved) * sin
+    return torch.cat([moved, kept.expand(*moved.shape[:-1], -1)], dim=-1)
 
 
 def rotation(rotary_emb: torch.nn.Module, like: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -156,7 +159,6 @@ class ContextGeometry:
         batch, device = like.shape[0], like.device
         num_keys = past_seen + length
         starts = workspace.starts  # (B, M) sequence index of each slot's landing (NEVER: unused column)
-        valid = starts != NEVER
         keys = torch.arange(num_keys, device=device)
         placed_before = starts[:, None, :] < keys[None, :, None]  # (B, K, M): slot m lies before key j in-band
         shift = placed_before.sum(-1)  # (B, K): slots placed before each key (nondecreasing)
@@ -330,3 +332,37 @@ def attach_attention(config) -> str:
             ALL_MASK_ATTENTION_FUNCTIONS.register(wrapped, ALL_MASK_ATTENTION_FUNCTIONS[inner])
     config._attn_implementation = wrapped
     return inner
+
+
+def check_cache(cache) -> None:
+    """Entering slots pass through the cache for one forward and are cropped after it: a cache whose layers cannot
+    be cropped (static, sliding-window, quantized) cannot take corrections."""
+    if cache is None:
+        return
+    if not isinstance(cache, DynamicCache) or any(type(layer) is not DynamicLayer for layer in cache.layers):
+        kinds = sorted({type(layer).__name__ for layer in getattr(cache, "layers", [])} | {type(cache).__name__})
+        raise ValueError(
+            f"corrections need a dynamic, unwindowed KV cache (`DynamicCache`); got {', '.join(kinds)}: "
+            "use the default cache (no `cache_implementation`, no `sliding_window`) with `updates=`"
+        )
+
+
+@contextmanager
+def readout_hook(norm: torch.nn.Module, workspace: torch.nn.Module, read: ContextRead | None):
+    """While the backbone runs one pass with entering slots: before its final norm, the token a landing follows
+    takes its prediction from the landing's last slot (`InContextWorkspace.read_out`)."""
+    if read is None or read.geometry.readout is None:
+        yield
+        return
+    length = read.num_tokens
+
+    def mix(module, args):
+        hidden = args[0]
+        tokens = workspace.read_out(hidden[:, :length], hidden[:, length:], read.geometry.readout)
+        return (torch.cat([tokens, hidden[:, length:]], dim=1), *args[1:])
+
+    handle = norm.register_forward_pre_hook(mix)
+    try:
+        yield
+    finally:
+        handle.remove()

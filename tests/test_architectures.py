@@ -1,0 +1,80 @@
+"""The exactness suite on every rotary decoder the read attaches to, under each attention implementation it declares.
+
+The properties are test_equivalence.py's (imported, so they run here against these backbones): closed gates are the
+backbone bit for bit; open gates over the identity encoder read a correction exactly as in-band text; teacher-forced
+logits equal step-by-step decoding; a left-padded batch equals each row alone. Phi-3 brings fused projections and
+partial rotary embeddings; Mistral and Qwen2 their own attention classes.
+"""
+
+import pytest
+import torch
+from test_equivalence import (  # noqa: F401  (collected here, against this module's backbones)
+    PROMPT,
+    test_left_padded_batch_equals_each_row_alone,
+    test_open_in_context_read_is_exactly_in_band,
+    test_teacher_forced_equals_step_by_step,
+    test_zero_init_is_exactly_the_backbone,
+)
+from transformers import AutoModelForCausalLM, StaticCache
+
+from backbone_shapes import backbone_config
+from generation_duplex import pack_updates
+from modeling_duplex import DuplexForCausalLM
+
+ARCHITECTURES = {
+    "qwen3": {},
+    "llama": {},
+    "qwen2": {},
+    "mistral": {"sliding_window": None},
+    "phi3": {"partial_rotary_factor": 0.5, "pad_token_id": 0},  # fused qkv_proj / gate_up_proj, half the dims rotate
+}
+IMPLEMENTATIONS = ("eager", "sdpa")
+
+
+def build_backbone(arch: str, attn_implementation: str) -> torch.nn.Module:
+    """The micro shape as `arch`, random weights (seed 0), with the given attention implementation."""
+    torch.manual_seed(0)
+    config = backbone_config("micro", model_type=arch, **ARCHITECTURES[arch])
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation).eval()
+
+
+@pytest.fixture(params=[(a, i) for a in ARCHITECTURES for i in IMPLEMENTATIONS], ids=lambda p: f"{p[0]}-{p[1]}")
+def backbone(request):
+    return build_backbone(*request.param)
+
+
+@pytest.fixture
+def workspace_update() -> str:
+    return "in_context"
+
+
+@pytest.fixture
+def duplex(backbone):
+    from conftest import perturb_duplex
+
+    model = DuplexForCausalLM.from_backbone(backbone, num_slots=4, encoder_layers=2, adapter_layers=[0, 2])
+    return perturb_duplex(model).eval()
+
+
+def test_the_backbone_keeps_its_attention_implementation(backbone):
+    """The read wraps the implementation the user chose (its kernel and its masks) rather than replacing it."""
+    chosen = backbone.config._attn_implementation
+    model = DuplexForCausalLM.from_backbone(backbone, num_slots=4, encoder_layers=1)
+    assert model.model.config._attn_implementation == f"duplex_{chosen}"
+
+
+def test_a_static_cache_is_refused_with_corrections(duplex):
+    """Entering slots pass through the cache and are cropped after the pass: a cache that cannot be cropped is
+    refused by name, not silently misread."""
+    cache = StaticCache(config=duplex.config.text_config, max_cache_len=64)
+    packed = pack_updates([[(PROMPT.shape[1] - 2, [65, 66])]])
+    with pytest.raises(ValueError, match="StaticCache"):
+        duplex(PROMPT, past_key_values=cache, use_cache=True, update_is_correction=torch.ones(1, 1), **packed)
+
+
+def test_a_decoder_without_rotary_positions_is_refused():
+    """A backbone the read cannot attach to (no rotary embedding: absolute positions) is refused by name."""
+    absolute = build_backbone("llama", "eager")
+    del absolute.model.rotary_emb
+    with pytest.raises(ValueError, match="rotary"):
+        DuplexForCausalLM.from_backbone(absolute, num_slots=4, encoder_layers=1)
