@@ -334,6 +334,16 @@ def attach_attention(config) -> str:
     return inner
 
 
+def check_implementation(config) -> None:
+    """Refuse, by name, reading corrections under an attention implementation the read is not tested under."""
+    implementation = config._attn_implementation.removeprefix(PREFIX)
+    if implementation not in SUPPORTED_IMPLEMENTATIONS:
+        raise ValueError(
+            f"corrections are read under the attention implementations {SUPPORTED_IMPLEMENTATIONS}; the backbone "
+            f"uses {implementation!r}: load it with `attn_implementation='sdpa'` to pass `updates=`"
+        )
+
+
 def check_cache(cache) -> None:
     """Entering slots pass through the cache for one forward and are cropped after it: a cache whose layers cannot
     be cropped (static, sliding-window, quantized) cannot take corrections."""

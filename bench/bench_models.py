@@ -10,7 +10,8 @@ from bench_report import log
 from transformers import AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
 
 from backbone_shapes import backbone_config
-from modeling_duplex import DuplexForCausalLM, ZeroInitLinear
+from encoder_duplex import ZeroInitLinear
+from modeling_duplex import DuplexForCausalLM
 from scripts.convert_smollm2 import convert_smollm2
 
 # What the benchmark changes in the shapes of backbone_shapes.py. Its contexts (up to 2048 tokens by default) run past

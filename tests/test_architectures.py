@@ -78,3 +78,19 @@ def test_a_decoder_without_rotary_positions_is_refused():
     del absolute.model.rotary_emb
     with pytest.raises(ValueError, match="rotary"):
         DuplexForCausalLM.from_backbone(absolute, num_slots=4, encoder_layers=1)
+
+
+def test_flex_attention_is_refused_by_name():
+    """Flex attention is not among the implementations the read is tested under: refused when the model is built,
+    naming it, rather than reading corrections wrongly."""
+    with pytest.raises(ValueError, match="flex_attention"):
+        DuplexForCausalLM.from_backbone(build_backbone("qwen3", "flex_attention"), num_slots=4, encoder_layers=1)
+
+
+def test_an_implementation_set_afterwards_is_refused_with_corrections(duplex):
+    """An attention implementation switched on the backbone after loading, outside those the read is tested under,
+    is refused by name once a correction is to be read."""
+    duplex.model.config._attn_implementation = "flex_attention"
+    packed = pack_updates([[(PROMPT.shape[1] - 2, [65, 66])]])
+    with pytest.raises(ValueError, match="flex_attention"):
+        duplex(PROMPT, update_is_correction=torch.ones(1, 1), **packed)

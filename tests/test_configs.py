@@ -10,7 +10,7 @@ from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, pa
 from accelerate.utils.launch import prepare_multi_gpu_env
 from conftest import ROOT
 
-from modeling_duplex import UpdateEncoderLayer
+from encoder_duplex import UpdateEncoderLayer
 
 CONFIGS = {
     "ddp.yaml": DistributedType.MULTI_GPU,

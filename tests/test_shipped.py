@@ -29,9 +29,18 @@ def test_shipped_checkpoint_takes_a_correction_out_of_the_box(tmp_path):
     assert not tools & set(out["corrected"].split(", ")), out
 
 
-def test_shipped_remote_code_is_the_repository_code():
-    """`trust_remote_code` runs the checkpoint's own copies of the model files: they must be the repository's."""
+def test_shipped_remote_code_is_what_save_pretrained_writes(tmp_path):
+    """`trust_remote_code` runs the checkpoint's own copies of the model files: exactly the files `save_pretrained`
+    writes (the model file and everything it imports), each the repository's."""
+    from conftest import tiny_backbone
+
+    from modeling_duplex import DuplexForCausalLM
+
+    DuplexForCausalLM.from_backbone(tiny_backbone("qwen3"), num_slots=4, encoder_layers=1).save_pretrained(tmp_path)
+    written = sorted(path.name for path in tmp_path.glob("*.py"))
+    assert "modeling_duplex.py" in written and "attention_duplex.py" in written, written
     for checkpoint in ("duplex-tiny", "duplex-smollm2-135m"):
-        for name in ("configuration_duplex.py", "modeling_duplex.py", "generation_duplex.py"):
+        assert sorted(path.name for path in (CHECKPOINTS / checkpoint).glob("*.py")) == written, checkpoint
+        for name in written:
             shipped = CHECKPOINTS / checkpoint / name
             assert shipped.read_text() == (ROOT / name).read_text(), f"{shipped} differs from {name}: copy it over"

@@ -4,7 +4,7 @@ zero-gated workspace adapters, so that corrections can arrive while the model is
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-WORKSPACE_UPDATES = ("in_context", "fifo", "gated")  # how an update is written into the workspace (`workspace_update`)
+WORKSPACE_UPDATES = ("in_context",)  # how an update is written into the workspace (`workspace_update`)
 
 
 class DuplexConfig(PreTrainedConfig):

@@ -138,14 +138,6 @@ def newest_column(model_inputs: dict) -> int:
     return past + model_inputs["input_ids"].shape[1] - 1
 
 
-def workspace_update_tokens(prompt_ids: Sequence[int], correction_ids: Sequence[int], first: bool) -> list[int]:
-    """What the update encoder reads for one update: the correction as it would be written in-band, preceded by the
-    prompt it corrects when it is the row's first. The workspace then holds the prompt and the corrections in order,
-    the text from which the frozen backbone itself can restart, read in its own terms (one rule for training and
-    generation)."""
-    return [*prompt_ids, *correction_ids] if first else list(correction_ids)
-
-
 def pack_updates(
     updates: Sequence[Sequence[tuple[int, Sequence[int]]]], pad_token_id: int = 0
 ) -> dict[str, torch.Tensor]:
@@ -175,18 +167,6 @@ def left_padding(attention_mask: torch.Tensor | None, batch_size: int, device: t
 
 
 NEVER = torch.iinfo(torch.long).max  # start of a version that a row never reaches
-
-
-def column_positions(attention_mask: torch.Tensor | None, columns: torch.Tensor) -> torch.Tensor:
-    """RoPE positions of sequence indices: attention_mask (B, K) 0/1 and columns (B, N) -> (B, N), the real tokens
-    before each column (padding takes none, wherever it lies: left padding, or the gap an in-band splice of another
-    row of the batch leaves). NEVER stays NEVER."""
-    if attention_mask is None or isinstance(attention_mask, dict):
-        return columns
-    valid_before = torch.nn.functional.pad(attention_mask.long().cumsum(-1), (1, 0))  # (B, K + 1)
-    columns = columns.to(valid_before.device)
-    found = valid_before.gather(1, columns.clamp(0, valid_before.shape[1] - 1))
-    return torch.where(columns == NEVER, NEVER, found)
 
 
 def _shift_columns(starts: torch.Tensor, shift: int) -> torch.Tensor:
@@ -231,15 +211,6 @@ class WorkspaceVersions:
         started = self.starts[:, None, :] <= positions[:, :, None]  # (B, T, V)
         index = torch.arange(self.starts.shape[1], device=positions.device)
         return torch.where(started, index, 0).amax(dim=-1)
-
-    def readable_slots(self, positions: torch.Tensor) -> torch.Tensor:
-        """(T,) or (B, T) positions -> bool (B, 1, T, V*S): the filled slots of the version each position reads."""
-        batch, num_versions, num_slots = self.slot_mask.shape
-        positions = positions.expand(batch, -1) if positions.dim() == 1 else positions
-        version = self.newest_version(positions)  # (B, T)
-        slot_version = torch.arange(num_versions, device=positions.device).repeat_interleave(num_slots)  # (V*S,)
-        same_version = slot_version[None, None, :] == version[:, :, None]  # (B, T, V*S)
-        return (same_version & self.slot_mask.flatten(1)[:, None, :]).unsqueeze(1)
 
     def newest_only(self) -> WorkspaceVersions:
         """The empty version and each row's newest (NEVER where a row has none): all that a position from the
@@ -452,8 +423,6 @@ class DuplexGenerationState:
         self.prompt_length: int | None = None  # `generate`: the prompt's columns (the padded batch's)
         self.generated: list[int] = [0] * self.batch_size  # per row: new tokens before the current step
         self.versions: WorkspaceVersions | None = None
-        self.current_kv: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None  # adapters' K/V, newest versions
-        self.stale_rows: set[int] = set()  # rows whose newest version changed since `current_kv` was computed
         self.landed_this_step: list[tuple[int, UpdateLanding]] = []  # (row, landing)
         self.inserted: tuple[torch.Tensor, torch.Tensor, int] | None = None  # inband: (mask, positions, chunk len)
         self.context: ContextWorkspace | None = None  # in_context: the slots placed so far, with their keys/values
@@ -574,7 +543,7 @@ class DuplexGenerationState:
         written = [(b, update) for b, update in due if self.modes[b] == "workspace"]
         if written:
             self._land_in_workspace(written, newest_column(model_inputs))
-        self._set_workspace_inputs(model_inputs)
+        self._place_in_context(model_inputs)
 
     def _due_updates(self) -> list[tuple[int, _PendingUpdate]]:
         due, now = [], time.perf_counter()
@@ -612,12 +581,7 @@ class DuplexGenerationState:
             due = rest
             rows = torch.tensor(sorted(this_round), device=device)
             slots, slot_mask, _ = self.versions.latest()
-            # a row's first written update (a correction) brings its prompt, where the workspace is apart from it
-            empty = (~slot_mask.any(dim=-1) & self.model.workspace.brings_prompt).tolist()
-            tokens = [
-                workspace_update_tokens(self.prompt_ids[b], self._written_tokens(update), first=empty[b])
-                for b, update in sorted(this_round.items())
-            ]
+            tokens = [self._written_tokens(update) for _, update in sorted(this_round.items())]
             packed = pack_updates([[(position, ids)] for ids in tokens])
             new_slots, new_mask = slots.clone(), slot_mask.clone()
             new_slots[rows], new_mask[rows], decision = self.model.apply_update(
@@ -632,48 +596,9 @@ class DuplexGenerationState:
                 start = torch.full((self.batch_size,), NEVER, dtype=torch.long, device=device)
                 start[rows] = torch.where(written, position, NEVER)  # a backchannel's version is never read
                 self.versions = self.versions.append(new_slots, new_mask, start)
-            self.stale_rows.update(b for b, correction in corrections.items() if correction)
             for b, update in this_round.items():
                 kind = "correction" if corrections[b] else "backchannel"
                 self._record(b, update, applied=True, kind=kind)
-
-    def _set_workspace_inputs(self, model_inputs: dict) -> None:
-        """Single-token steps read each row's newest version (its K/V computed once per change of that row); longer
-        chunks get every version plus a per-position mask, exactly as in teacher-forced training. No update yet:
-        the plain backbone."""
-        model = self.model
-        chunk = model_inputs["input_ids"]
-        cache = model_inputs.get("past_key_values")
-        if model.config.workspace_update == "in_context":
-            self._place_in_context(model_inputs)
-            return
-        if self.versions.starts.shape[1] == 1:
-            model_inputs["workspace_kv"], model_inputs["workspace_mask"] = None, None
-            return
-        mask = model_inputs.get("attention_mask")
-        if chunk.shape[1] == 1 and cache is not None:
-            slots, slot_mask, start = self.versions.latest()
-            start = column_positions(mask, start[:, None])[:, 0]  # RoPE positions of the versions' starts
-            if self.current_kv is None:  # first read: every row (the empty ones cost nothing)
-                self.current_kv = model.project_workspace(slots[:, None], slot_mask[:, None], start[:, None])
-            elif self.stale_rows:
-                rows = torch.tensor(sorted(self.stale_rows), device=slots.device)
-                fresh = model.project_workspace(slots[rows, None], slot_mask[rows, None], start[rows, None])
-                for current, new in zip(self.current_kv, fresh, strict=True):
-                    if current is not None:  # None: an adapter with closed gates
-                        (key, value), (new_key, new_value) = current, new
-                        key[rows], value[rows] = new_key, new_value
-            self.stale_rows.clear()
-            model_inputs["workspace_kv"], model_inputs["workspace_mask"] = self.current_kv, slot_mask[:, None, None]
-            return
-        past_seen = cache.get_seq_length() if cache is not None else 0
-        positions = torch.arange(past_seen, past_seen + chunk.shape[1], device=chunk.device)
-        versions, rope_starts = self.versions, column_positions(mask, self.versions.starts)
-        model_inputs["workspace_kv"] = model.project_workspace(versions.slots, versions.slot_mask, rope_starts)
-        model_inputs["workspace_mask"] = self.versions.readable_slots(positions)
-        if not model_inputs["workspace_mask"].any():  # only backchannels so far: exactly the backbone
-            model_inputs["workspace_kv"], model_inputs["workspace_mask"] = None, None
-        self.current_kv = None
 
     def _place_in_context(self, model_inputs: dict) -> None:
         """`in_context`: the slots of versions written since the last step enter this forward pass, which keeps
@@ -769,10 +694,6 @@ class DuplexGenerationState:
         self.versions = self.versions.select(index)
         if self.context is not None:
             self.context = self.context.select(index)
-        if self.current_kv is not None:
-            self.current_kv = [None if kv is None else (kv[0][index], kv[1][index]) for kv in self.current_kv]
-        new_row = {old: new for new, old in enumerate(rows)}
-        self.stale_rows = {new_row[b] for b in self.stale_rows if b in new_row}
         self.batch_size = len(rows)
 
     def shift_columns(self, columns: int) -> None:
@@ -789,7 +710,6 @@ class DuplexGenerationState:
         if self.context is not None:  # in_context: every row has stepped, so both sides have one
             self.context = self.context.concat(other.context)
         self.placed_versions = self.versions.starts.shape[1]
-        self.current_kv, self.stale_rows = None, set()  # read again for every row at the next step
         self.batch_size += other.batch_size
 
     def take_landings(self, row: int) -> list[UpdateLanding]:
@@ -847,9 +767,7 @@ __all__ = [
     "UpdateLanding",
     "UpdateStream",
     "WorkspaceVersions",
-    "column_positions",
     "left_padding",
     "pack_updates",
     "update_position",
-    "workspace_update_tokens",
 ]
