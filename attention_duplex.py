@@ -93,10 +93,11 @@ def fast_attention_with_lse(
 def merge_attentions(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """Partial attentions over disjoint keys, (out, lse) each, -> the attention over all of them: each part weighed
     by its share of the total exp-sum. Rows that see nothing anywhere stay zero."""
-    lse = torch.stack([part_lse for _, part_lse in parts])  # (P, B, h, Q, 1)
+    lse = torch.stack([part_lse.float() for _, part_lse in parts])  # (P, B, h, Q, 1), in fp32 whatever the kernels
     total = torch.logsumexp(lse, dim=0)
     weights = torch.exp(lse - total.clamp_min(torch.finfo(lse.dtype).min)).nan_to_num(0.0)
-    return sum(w * part_out for w, (part_out, _) in zip(weights, parts, strict=True))
+    dtype = parts[0][0].dtype
+    return sum(w.to(dtype) * part_out.to(dtype) for w, (part_out, _) in zip(weights, parts, strict=True))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -94,3 +94,18 @@ def test_an_implementation_set_afterwards_is_refused_with_corrections(duplex):
     packed = pack_updates([[(PROMPT.shape[1] - 2, [65, 66])]])
     with pytest.raises(ValueError, match="flex_attention"):
         duplex(PROMPT, update_is_correction=torch.ones(1, 1), **packed)
+
+
+def test_a_bf16_backbone_reads_corrections_with_open_gates(backbone):
+    """Mixed dtypes (bf16 backbone, fp32 duplex modules, kernels that return fp32 log-sum-exps) meet in the read:
+    a correction lands, is read, and changes what the model writes."""
+    from conftest import perturb_duplex
+
+    model = DuplexForCausalLM.from_backbone(backbone.to(torch.bfloat16), num_slots=4, encoder_layers=1)
+    model = perturb_duplex(model).eval()
+    options = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, return_dict_in_generate=True)
+    updates = [(2, [83, 116, 111, 112]), (5, [120, 121])]
+    read = model.generate(PROMPT, updates=updates, **options)
+    ignored = model.generate(PROMPT, updates=updates, update_mode="ignore", **options)
+    assert any(landing.kind == "correction" for landing in read.update_landings[0])
+    assert not torch.equal(read.sequences, ignored.sequences)

@@ -16,6 +16,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 from transformers.generation.utils import GenerateDecoderOnlyOutput
@@ -370,6 +371,26 @@ def _pad_dim(tensor: torch.Tensor, dim: int, size: int, fill: int = 0) -> torch.
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+class UpdateWriter(Protocol):
+    """What generation calls on the model: the empty workspace, the one place an update is written, and which
+    decisions write (`DuplexForCausalLM` implements it)."""
+
+    config: Any  # `inband_template`: how a correction is written as text
+
+    def empty_workspace(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def apply_update(
+        self,
+        slots: torch.Tensor,
+        slot_mask: torch.Tensor,
+        update_input_ids: torch.Tensor,
+        update_attention_mask: torch.Tensor,
+        is_correction: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+    def writes(self, decision: torch.Tensor, is_correction: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
 @dataclass
 class DuplexGenerateOutput(GenerateDecoderOnlyOutput):
     """`generate`'s usual output plus, per row, where each update landed."""
@@ -395,7 +416,7 @@ class DuplexGenerationState:
     `update_mode` may differ per row (a list of modes).
     """
 
-    model: torch.nn.Module  # the DuplexForCausalLM that generates
+    model: UpdateWriter  # the DuplexForCausalLM that generates
     batch_size: int
     updates: object = None
     update_mode: str | Sequence[str] = "workspace"

@@ -31,7 +31,14 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import cached_file, logging
 
 try:
-    from .attention_duplex import ContextGeometry, ContextRead, attach_attention, check_cache, readout_hook
+    from .attention_duplex import (
+        ContextGeometry,
+        ContextRead,
+        attach_attention,
+        check_cache,
+        check_implementation,
+        readout_hook,
+    )
     from .configuration_duplex import DuplexConfig
     from .encoder_duplex import UpdateDecision, UpdateEncoder, ZeroInitLinear, gate_is_open
     from .generation_duplex import (
@@ -46,7 +53,14 @@ try:
         WorkspaceVersions,
     )
 except ImportError:  # imported as a plain module from a checkout, not through trust_remote_code
-    from attention_duplex import ContextGeometry, ContextRead, attach_attention, check_cache, readout_hook
+    from attention_duplex import (
+        ContextGeometry,
+        ContextRead,
+        attach_attention,
+        check_cache,
+        check_implementation,
+        readout_hook,
+    )
     from configuration_duplex import DuplexConfig
     from encoder_duplex import UpdateDecision, UpdateEncoder, ZeroInitLinear, gate_is_open
     from generation_duplex import (
@@ -398,6 +412,7 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
         if not workspace.reads:
             workspace.entered()
             return None
+        check_implementation(self.model.config)
         if isinstance(attention_mask, dict) or (attention_mask is not None and attention_mask.dim() != 2):
             raise ValueError("corrections need a 2D `attention_mask` (batch, keys) or None, not prepared 4D masks")
         geometry = ContextGeometry.build(
