@@ -553,10 +553,7 @@ def teacher_forced_diagnostics(
     names = ("post_update_token", "first_post_update_token", "decision_token", "all_post_update_tokens")
     hits: dict[str, dict[str, list[bool]]] = {m: {n: [] for n in names} for m in ("workspace", "ignore")}
     for start in range(0, len(rows), batch_size):
-        features = [
-            tokenize_row(row, tokenizer, "duplex", prompt_format)
-            for row in rows[start : start + batch_size]
-        ]
+        features = [tokenize_row(row, tokenizer, "duplex", prompt_format) for row in rows[start : start + batch_size]]
         batch = {k: v.to(device) for k, v in collator(features).items()}
         labels = batch.pop("labels")[:, 1:]
         decisions = batch.pop("decision_mask")[:, 1:]

@@ -133,7 +133,7 @@ class ContextGeometry:
     own shift minus c_l."""
 
     key_level: torch.Tensor  # (B, K) long: each context key's level
-    num_levels: int
+    level_ranges: list[tuple[int, int]]  # the span of keys [lo, hi) that holds each level in some row
     token_shift: tuple[torch.Tensor, torch.Tensor]  # cos/sin (B, T, V, rd): token t's query moved for level l
     token_reads: torch.Tensor  # (B, 1, T, M) bool: the slots each token reads (landed before it)
     reads_any: torch.Tensor  # (B, 1, T, 1) bool
@@ -172,7 +172,11 @@ class ContextGeometry:
         key_valid = torch.ones(batch, num_keys, dtype=torch.bool, device=device)
         if attention_mask is not None:
             key_valid = attention_mask[:, -num_keys:].bool()
-        geometry = cls(level, num_levels, token_shift, token_reads, token_reads.any(-1, keepdim=True), key_valid)
+        in_level = (level[:, None, :] == torch.arange(num_levels, device=device)[None, :, None]).any(0)  # (V, K)
+        first = in_level.float().argmax(-1).tolist()
+        last = (num_keys - in_level.flip(-1).float().argmax(-1)).tolist()
+        ranges = list(zip(first, last, strict=True))
+        geometry = cls(level, ranges, token_shift, token_reads, token_reads.any(-1, keepdim=True), key_valid)
         if workspace.num_new:
             geometry.place_entering_slots(rotary_emb, like, workspace, level_shift)
         return geometry
@@ -192,7 +196,9 @@ class ContextGeometry:
         position = self.key_valid.long().cumsum(-1).gather(1, own_start) + rank  # right after its token
         self.slot_positions = torch.where(own_valid, position, 0)
         offsets = (-level_shift[:, None, :]).expand(-1, workspace.num_new, -1).flatten(1)  # (B, M_new * V)
-        self.slot_shift = tuple(t.unflatten(1, (-1, self.num_levels)) for t in rotation(rotary_emb, like, offsets))
+        self.slot_shift = tuple(
+            t.unflatten(1, (-1, len(self.level_ranges))) for t in rotation(rotary_emb, like, offsets)
+        )
         keys = torch.arange(num_keys, device=device)
         context = (keys[None, None, :] <= own_start[:, :, None]) & self.key_valid[:, None, :]  # (B, M_new, K)
         self.slot_context = (context & own_valid[:, :, None]).unsqueeze(1)
@@ -211,7 +217,7 @@ class ContextGeometry:
         once per prepared mask and shared by the layers that use it."""
         cached = self._visible.get(id(context))
         if cached is None or cached[0] is not context:
-            levels = torch.arange(self.num_levels, device=context.device)[None, :, None, None]
+            levels = torch.arange(len(self.level_ranges), device=context.device)[None, :, None, None]
             by_level = context & (self.key_level[:, None, None, :] == levels)  # (B, V, T, K)
             cached = (context, by_level.flatten(1, 2).unsqueeze(1))
             self._visible[id(context)] = cached
@@ -224,16 +230,21 @@ def read_levels(
     key: torch.Tensor,
     value: torch.Tensor,
     visible: torch.Tensor,
+    ranges: list[tuple[int, int]],
     scaling: float,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The context read by a query rotated once per level: query (B, h, Q, hd), shift cos/sin (B, Q, V, rd),
-    visible (B, 1, V * Q, K) level-major -> one (out, lse) partial per level. All levels go to one kernel call as
-    extra query rows, so the keys and values are read once."""
+    visible (B, 1, V * Q, K) level-major, each level's keys within `ranges[l]` -> one (out, lse) partial per level.
+    Each level reads only its own span of keys, so the context is read about once whatever the number of levels."""
     cos, sin = (t.permute(0, 2, 1, 3)[:, None] for t in shift)  # (B, 1, V, Q, rd)
     copies = rotate(query[:, :, None], cos.to(query.dtype), sin.to(query.dtype))  # (B, h, V, Q, hd)
-    num_levels = copies.shape[2]
-    out, lse = fast_attention_with_lse(copies.flatten(2, 3), key, value, visible, scaling)
-    return list(zip(out.chunk(num_levels, dim=2), lse.chunk(num_levels, dim=2), strict=True))
+    visible = visible.chunk(copies.shape[2], dim=2)
+    return [
+        fast_attention_with_lse(
+            copies[:, :, level], key[:, :, lo:hi], value[:, :, lo:hi], visible[level][..., lo:hi], scaling
+        )
+        for level, (lo, hi) in enumerate(ranges)
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -299,7 +310,7 @@ class ContextRead:
         """query (B, h, Q, hd) reading the context at in-band distances (each level by its rotated copy) and the
         slots it may see, as one attention: (B, h, Q, hd)."""
         visible = self.geometry.level_visibility(context)
-        parts = read_levels(query, shift, key, value, visible, scaling)
+        parts = read_levels(query, shift, key, value, visible, self.geometry.level_ranges, scaling)
         own = rotate(query, *(t[:, None, :, 0].to(query.dtype) for t in shift))  # level 0: the in-band position
         parts.append(fast_attention_with_lse(own, slot_key, slot_value, slot_visible, scaling))
         return merge_attentions(parts)
