@@ -38,6 +38,7 @@ from data import (
     CHAT_FAMILIES,
     FAMILIES,
     LANDINGS,
+    MIX_KINDS,
     Instance,
     build_dataset,
     get_family,
@@ -186,6 +187,14 @@ def build_eval_set(
         ]
         out[int(seed)] = rows
     return out
+
+
+def possible_kinds(kinds: Sequence[str], families: Sequence[str]) -> tuple[list[str], list[str]]:
+    """`kinds` split into those some family in `families` can have and those none can (a kind that lands inside a
+    word, for families whose answers have no such point): the impossible ones would build no instances at all."""
+    landings = {landing for name in families for landing in get_family(name).landings}
+    possible = [kind for kind in kinds if MIX_KINDS[kind][2] in (None, *landings)]
+    return possible, [kind for kind in kinds if kind not in possible]
 
 
 def relative_position(row: dict) -> float:
@@ -467,6 +476,11 @@ def evaluate(
     unknown_kinds = [k for k in kinds if k not in KINDS]
     if unknown_kinds or not kinds:
         raise ValueError(f"`kinds`: unknown or none {unknown_kinds}; choose from {list(KINDS)}")
+    kinds, impossible = possible_kinds(kinds, families)
+    if impossible:
+        warnings.warn(f"skipping kinds {impossible}: no family in {families} has instances of them", stacklevel=2)
+    if not kinds:
+        raise ValueError(f"`kinds`: none of {impossible} can be built for the families {families}")
     eval_set = build_eval_set(seeds, n_per_family, sweep_per_family, families, split, kinds)
     prompt_format = PromptFormat.for_tokenizer(tokenizer, shots)
 
