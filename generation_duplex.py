@@ -20,6 +20,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 try:
     from .updates_duplex import (
+        UPDATE_MODES,
         DuplexUpdate,
         PendingUpdate,
         UpdateLanding,
@@ -30,6 +31,7 @@ try:
     )
 except ImportError:  # imported as a plain module from a checkout, not through trust_remote_code
     from updates_duplex import (
+        UPDATE_MODES,
         DuplexUpdate,
         PendingUpdate,
         UpdateLanding,
@@ -39,7 +41,6 @@ except ImportError:  # imported as a plain module from a checkout, not through t
         tokenize_update,
     )
 
-UPDATE_MODES = ("workspace", "ignore", "inband")
 NO_UPDATE = -1  # position of an empty update slot in a padded batch
 
 # ----------------------------------------------------------------------------------------------------------------------

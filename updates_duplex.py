@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+UPDATE_MODES = ("workspace", "ignore", "inband")
 UPDATE_FORMS = "(at, text), (at, token_ids) or DuplexUpdate(at, text=... | token_ids=...)"
 
 
@@ -170,6 +171,18 @@ def normalize_updates(
     ]
 
 
+def has_updates(updates: Any, batch_size: int, update_mode: Any = "workspace", tokenizer: Any = None) -> bool:
+    """Whether a `generate` call has updates to land (a live stream may get some at any time); without any, it is
+    the backbone's own generate. Refuses malformed `updates` and an unknown `update_mode` either way."""
+    modes = [update_mode] * batch_size if isinstance(update_mode, str) else list(update_mode)
+    unknown = [mode for mode in modes if mode not in UPDATE_MODES]
+    if unknown:
+        raise ValueError(f"`update_mode` must be one of {UPDATE_MODES}, got {unknown[0]!r}")
+    if isinstance(updates, UpdateStream):
+        return True
+    return any(normalize_updates(updates, batch_size, tokenizer))
+
+
 def check_row(row: Any, batch_size: int | None, where: str) -> None:
     """Refuse a `row` that is not None or an int in [0, batch_size)."""
     if row is None:
@@ -254,12 +267,14 @@ class UpdateStream:
 
 
 __all__ = [
+    "UPDATE_MODES",
     "DuplexUpdate",
     "PendingUpdate",
     "UpdateLanding",
     "UpdateStream",
     "check_payload",
     "check_row",
+    "has_updates",
     "is_row",
     "is_single_update",
     "normalize_updates",
