@@ -22,7 +22,7 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 CARD_TAGS = ["duplex", "custom_code", "text-generation"]
@@ -64,7 +64,8 @@ def save_duplex(
     else:
         save_with_transformers(save_directory, **kwargs)
     repo_id = hub_kwargs["repo_id"] if push_to_hub else None
-    card = build_model_card(model, save_directory, repo_id=repo_id, training_command=training_command)
+    duplex_params = sum(t.numel() for t in model.duplex_state_dict().values())
+    card = build_model_card(model.config, save_directory, duplex_params, repo_id, training_command)
     card.save(Path(save_directory) / "README.md")
     if push_to_hub:
         return push_folder(save_directory, **hub_kwargs)
@@ -190,13 +191,14 @@ Beam search, assisted decoding and prompt lookup work without updates and are re
 
 
 def build_model_card(
-    model: PreTrainedModel,
+    config: PretrainedConfig,
     folder: str | os.PathLike,
+    duplex_params: int,
     repo_id: str | None = None,
     training_command: str | None = None,
 ) -> ModelCard:
-    """The card of the checkpoint in `folder` (its `eval/` report, when there is one, becomes `model-index`)."""
-    config = model.config
+    """The card of the Duplex checkpoint in `folder` (its `eval/` report, when there is one, becomes `model-index`);
+    `duplex_params`: how many parameters the duplex modules have."""
     folder = Path(folder)
     adapter_only = (folder / ADAPTER_WEIGHTS_NAME).exists()
     backbone = config.backbone_name_or_path or config.text_config.name_or_path or config.text_config.model_type
@@ -219,7 +221,7 @@ def build_model_card(
         backbone=backbone,
         backbone_leaf=Path(str(backbone)).name,
         adapter_only=adapter_only,
-        duplex_params=f"{sum(t.numel() for t in model.duplex_state_dict().values()):,}",
+        duplex_params=f"{duplex_params:,}",
         workspace_update=config.workspace_update,
         num_slots=config.num_slots,
         num_adapters=len(config.adapter_layers),

@@ -5,6 +5,13 @@ tests/test_smollm2.py."""
 from conftest import ROOT, run_in_fresh_process
 
 CHECKPOINTS = ROOT / "checkpoints"
+REMOTE_CODE = (
+    "configuration_duplex.py",
+    "modeling_duplex.py",
+    "generation_duplex.py",
+    "updates_duplex.py",
+    "hub_duplex.py",
+)
 
 SCRIPT = """
 import json, sys
@@ -32,6 +39,6 @@ def test_shipped_checkpoint_takes_a_correction_out_of_the_box(tmp_path):
 def test_shipped_remote_code_is_the_repository_code():
     """`trust_remote_code` runs the checkpoint's own copies of the model files: they must be the repository's."""
     for checkpoint in ("duplex-tiny", "duplex-smollm2-135m"):
-        for name in ("configuration_duplex.py", "modeling_duplex.py", "generation_duplex.py"):
+        for name in REMOTE_CODE:
             shipped = CHECKPOINTS / checkpoint / name
             assert shipped.read_text() == (ROOT / name).read_text(), f"{shipped} differs from {name}: copy it over"
