@@ -183,6 +183,26 @@ def has_updates(updates: Any, batch_size: int, update_mode: Any = "workspace", t
     return any(normalize_updates(updates, batch_size, tokenizer))
 
 
+REFUSED_WITH_UPDATES = {  # decoding option -> whether its value makes updates impossible to land as promised
+    "num_beams": lambda v: v is not None and v > 1,
+    "num_return_sequences": lambda v: v is not None and v > 1,
+    "assistant_model": lambda v: v is not None,
+    "prompt_lookup_num_tokens": lambda v: v is not None,
+}
+
+
+def refuse_options_with_updates(generation_config: Any, kwargs: dict) -> None:
+    """Refuse, naming the option, the decoding modes in which updates would not land as promised (they all work
+    without updates): beams and returned sequences multiply the rows, assistants draft tokens that never saw them."""
+    for name, refused in REFUSED_WITH_UPDATES.items():
+        value = kwargs.get(name, getattr(generation_config, name, None))
+        if refused(value):
+            shown = type(value).__name__ if name == "assistant_model" else repr(value)
+            raise ValueError(
+                f"`{name}={shown}` is not supported together with `updates`; without updates it works as usual"
+            )
+
+
 def check_row(row: Any, batch_size: int | None, where: str) -> None:
     """Refuse a `row` that is not None or an int in [0, batch_size)."""
     if row is None:
@@ -279,5 +299,6 @@ __all__ = [
     "is_single_update",
     "normalize_updates",
     "read_update",
+    "refuse_options_with_updates",
     "tokenize_update",
 ]

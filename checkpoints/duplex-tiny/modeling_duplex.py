@@ -54,7 +54,7 @@ try:
         left_padding,
     )
     from .hub_duplex import ADAPTER_WEIGHTS_NAME, load_backbone, push_folder, save_duplex
-    from .updates_duplex import has_updates
+    from .updates_duplex import has_updates, refuse_options_with_updates
 except ImportError:  # imported as a plain module from a checkout, not through trust_remote_code
     from configuration_duplex import DuplexConfig
     from generation_duplex import (
@@ -70,7 +70,7 @@ except ImportError:  # imported as a plain module from a checkout, not through t
         left_padding,
     )
     from hub_duplex import ADAPTER_WEIGHTS_NAME, load_backbone, push_folder, save_duplex
-    from updates_duplex import has_updates
+    from updates_duplex import has_updates, refuse_options_with_updates
 
 logger = logging.get_logger(__name__)
 
@@ -1216,6 +1216,7 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
             if isinstance(output, GenerateDecoderOnlyOutput):
                 output = DuplexGenerateOutput(**output, update_landings=[[] for _ in range(len(output.sequences))])
             return output
+        refuse_options_with_updates(generation_config or self.generation_config, kwargs)
         state = DuplexGenerationState(self, batch_size, updates, update_mode, tokenizer)
         try:
             state.check_decoding_options(generation_config or self.generation_config, kwargs)
