@@ -235,3 +235,33 @@ def test_the_smollm2_adapter_names_its_hub_backbone():
 def test_a_backbone_that_cannot_be_found_is_named_with_how_to_use_a_local_copy():
     with pytest.raises(OSError, match=r"'HuggingFaceTB/SmolLM2-135M-Instruct'(.|\n)*backbone_name_or_path="):
         DuplexForCausalLM.from_pretrained(SMOLLM2, local_files_only=True)
+
+
+@pytest.mark.slow
+def test_train_duplex_pushes_the_final_model_and_its_evaluation_to_one_repo(hub, tmp_path, caplog):
+    """`--push_to_hub` without `--hub_model_id`: one commit, to a repo named after the output dir (and said so),
+    carrying the model, its tokenizer, its card and its evaluation report; the phases push nothing."""
+    import train_duplex
+
+    out = tmp_path / "my-duplex-run"
+    argv = [
+        "--output_dir", str(out), "--families", "list", "--duplex_steps", "2", "--train_size", "16",
+        "--per_device_train_batch_size", "4", "--save_steps", "100", "--num_slots", "4", "--encoder_layers", "1",
+        "--eval_per_family", "1", "--eval_sweep_per_family", "0", "--push_to_hub", "True", "--disable_tqdm", "True",
+    ]  # fmt: skip
+    with caplog.at_level("INFO", logger="train_duplex"):
+        train_duplex.main(argv)
+    (commit,) = hub.commits
+    assert commit["repo_id"] == "user/my-duplex-run" and hub.created == ["my-duplex-run"]
+    expected = {"model.safetensors", "tokenizer.json", "README.md", "eval/results.json", "eval/train_args.json"}
+    assert expected | REMOTE_CODE <= set(commit["files"])
+    assert "to the Hub repo my-duplex-run" in caplog.text
+    card = commit["files"]["README.md"].decode()
+    assert "model-index" in card and shlex_join_argv(argv) in card
+    assert json.loads(commit["files"]["tokenizer_config.json"])["padding_side"] == "left"
+
+
+def shlex_join_argv(argv: list[str]) -> str:
+    import shlex
+
+    return shlex.join(["python", "train_duplex.py", *argv])
