@@ -265,3 +265,23 @@ def shlex_join_argv(argv: list[str]) -> str:
     import shlex
 
     return shlex.join(["python", "train_duplex.py", *argv])
+
+
+# ---- 9. the README's first example --------------------------------------------------------------------------------
+
+
+def test_the_readmes_first_example_runs_as_written_and_prints_what_it_says():
+    """The Usage section's first snippet, run from the repository root in a fresh process, prints the lines its
+    comments show: the count without an update, and the count the correction asks for."""
+    import re
+    import subprocess
+    import sys
+
+    usage = (ROOT / "README.md").read_text().split("\n## Usage\n", 1)[1]
+    snippet = re.search(r"```python\n(.*?)```", usage, re.S).group(1)
+    shown = [line[2:] for line in snippet.splitlines() if line.startswith("# ")]
+    result = subprocess.run(
+        [sys.executable, "-c", snippet], cwd=ROOT, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines() == shown == ["3 4 5 6 7 8 9 10 11", "3 4 5 6 7"]
