@@ -168,14 +168,16 @@ def hub(monkeypatch):
 @pytest.mark.parametrize("how", ["push_to_hub", "save_pretrained"])
 def test_a_push_uploads_everything_in_one_commit(model, hub, tmp_path, adapter_only, how):
     if how == "push_to_hub":
-        model.push_to_hub("me/duplex-test", adapter_only=adapter_only, commit_message="first")
+        model.push_to_hub("me/duplex-test", adapter_only=adapter_only, commit_message="first", tags=["mine"])
     else:
         model.save_pretrained(tmp_path / "duplex-test", adapter_only=adapter_only, push_to_hub=True)
     (commit,) = hub.commits
     weights = "adapter_model.safetensors" if adapter_only else "model.safetensors"
     assert {weights, "config.json", "generation_config.json", "README.md"} | REMOTE_CODE <= set(commit["files"])
     assert commit["repo_id"] == ("me/duplex-test" if how == "push_to_hub" else "user/duplex-test")
-    assert b"More Information Needed" not in commit["files"]["README.md"]
+    card = commit["files"]["README.md"].decode()
+    assert "More Information Needed" not in card and "- duplex" in card
+    assert ("- mine" in card) == (how == "push_to_hub") and ("- adapter" in card) == adapter_only
     folder = tmp_path / "pushed"
     for name, content in commit["files"].items():
         (folder / name).parent.mkdir(parents=True, exist_ok=True)

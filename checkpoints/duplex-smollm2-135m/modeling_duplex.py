@@ -823,10 +823,10 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
         save = partial(super().save_pretrained, *args)
         return save_duplex(self, save_directory, save, adapter_only=adapter_only, push_to_hub=push_to_hub, **kwargs)
 
-    def push_to_hub(self, repo_id: str, *, adapter_only: bool = False, max_shard_size="50GB", **hub_kwargs):
+    def push_to_hub(self, repo_id: str, *, adapter_only: bool = False, max_shard_size="50GB", tags=None, **hub_kwargs):
         """Save (full, or `adapter_only`) with a model card into a temporary folder and upload it in one commit."""
         with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder, adapter_only=adapter_only, max_shard_size=max_shard_size)
+            self.save_pretrained(folder, adapter_only=adapter_only, max_shard_size=max_shard_size, tags=tags)
             return push_folder(folder, repo_id, **hub_kwargs)
 
     @classmethod

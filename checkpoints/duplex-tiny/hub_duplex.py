@@ -52,6 +52,7 @@ def save_duplex(
     adapter_only: bool = False,
     push_to_hub: bool = False,
     training_command: str | None = None,
+    tags: list[str] | None = None,
     **kwargs,
 ):
     """Write a full checkpoint (`save_with_transformers`, transformers' own `save_pretrained`) or an adapter-only one,
@@ -65,7 +66,7 @@ def save_duplex(
         save_with_transformers(save_directory, **kwargs)
     repo_id = hub_kwargs["repo_id"] if push_to_hub else None
     duplex_params = sum(t.numel() for t in model.duplex_state_dict().values())
-    card = build_model_card(model.config, save_directory, duplex_params, repo_id, training_command)
+    card = build_model_card(model.config, save_directory, duplex_params, repo_id, training_command, tags)
     card.save(Path(save_directory) / "README.md")
     if push_to_hub:
         return push_folder(save_directory, **hub_kwargs)
@@ -196,9 +197,10 @@ def build_model_card(
     duplex_params: int,
     repo_id: str | None = None,
     training_command: str | None = None,
+    tags: list[str] | None = None,
 ) -> ModelCard:
     """The card of the Duplex checkpoint in `folder` (its `eval/` report, when there is one, becomes `model-index`);
-    `duplex_params`: how many parameters the duplex modules have."""
+    `duplex_params`: how many parameters the duplex modules have; `tags`: more tags beside Duplex's own."""
     folder = Path(folder)
     adapter_only = (folder / ADAPTER_WEIGHTS_NAME).exists()
     backbone = config.backbone_name_or_path or config.text_config.name_or_path or config.text_config.model_type
@@ -208,7 +210,7 @@ def build_model_card(
         base_model=hub_id(backbone),
         library_name="transformers",
         pipeline_tag="text-generation",
-        tags=CARD_TAGS + (["adapter"] if adapter_only else []),
+        tags=CARD_TAGS + (["adapter"] if adapter_only else []) + list(tags or []),
         model_name=model_name,
         eval_results=eval_results(results) or None,
     )
