@@ -38,6 +38,7 @@ from data import (
     CHAT_FAMILIES,
     FAMILIES,
     LANDINGS,
+    MIX_KINDS,
     Instance,
     build_dataset,
     get_family,
@@ -186,6 +187,14 @@ def build_eval_set(
         ]
         out[int(seed)] = rows
     return out
+
+
+def possible_kinds(kinds: Sequence[str], families: Sequence[str]) -> tuple[list[str], list[str]]:
+    """`kinds` split into those some family in `families` can have and those none can (a kind that lands inside a
+    word, for families whose answers have no such point): the impossible ones would build no instances at all."""
+    landings = {landing for name in families for landing in get_family(name).landings}
+    possible = [kind for kind in kinds if MIX_KINDS[kind][2] in (None, *landings)]
+    return possible, [kind for kind in kinds if kind not in possible]
 
 
 def relative_position(row: dict) -> float:
@@ -467,6 +476,11 @@ def evaluate(
     unknown_kinds = [k for k in kinds if k not in KINDS]
     if unknown_kinds or not kinds:
         raise ValueError(f"`kinds`: unknown or none {unknown_kinds}; choose from {list(KINDS)}")
+    kinds, impossible = possible_kinds(kinds, families)
+    if impossible:
+        warnings.warn(f"skipping kinds {impossible}: no family in {families} has instances of them", stacklevel=2)
+    if not kinds:
+        raise ValueError(f"`kinds`: none of {impossible} can be built for the families {families}")
     eval_set = build_eval_set(seeds, n_per_family, sweep_per_family, families, split, kinds)
     prompt_format = PromptFormat.for_tokenizer(tokenizer, shots)
 
@@ -766,15 +780,19 @@ def write_report(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def load_checkpoint(path: str | Path, device: str = "cpu", dtype: str = "float32") -> tuple[Any, Any]:
+def load_checkpoint(
+    path: str | Path, device: str = "cpu", dtype: str = "float32", backbone: str | Path | None = None
+) -> tuple[Any, Any]:
     """A saved Duplex checkpoint and its tokenizer, offline, in eval mode on `device` with `dtype`. A plain causal LM
-    (a backbone) is wrapped in fresh duplex modules: exactly the backbone, for its restart and in-band ceilings."""
+    (a backbone) is wrapped in fresh duplex modules: exactly the backbone, for its restart and in-band ceilings.
+    `backbone`: for an adapter-only checkpoint, a local copy of the backbone its config names."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from modeling_duplex import DuplexForCausalLM
 
     torch_dtype = getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=True, dtype=torch_dtype)
+    extra = {"backbone_name_or_path": str(backbone)} if backbone else {}
+    model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=True, dtype=torch_dtype, **extra)
     # trust_remote_code: AutoTokenizer reads config.json (auto_map) and would otherwise ask on stdin
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=True)
     if not hasattr(model, "workspace_versions"):  # in-band as the backbone's chat template writes a user turn
@@ -807,6 +825,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint",
         required=True,
         help="Duplex checkpoint directory (save_pretrained output), or a plain backbone (with --modes inband restart)",
+    )
+    parser.add_argument(
+        "--backbone", default=None, help="adapter-only checkpoint: a local copy of the backbone its config names"
     )
     parser.add_argument("--tdm-checkpoint", help="fully fine-tuned in-band baseline checkpoint: adds the 'tdm' mode")
     parser.add_argument("--out", default=None, help="report directory (default: CHECKPOINT/eval)")
@@ -848,7 +869,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for path in filter(None, [args.checkpoint, args.tdm_checkpoint]):
         if not Path(path, "config.json").is_file():
             parser.error(f"{path} is not a checkpoint directory (no config.json)")
-    model, tokenizer = load_checkpoint(args.checkpoint, args.device, args.dtype)
+    model, tokenizer = load_checkpoint(args.checkpoint, args.device, args.dtype, args.backbone)
     tdm_model = load_checkpoint(args.tdm_checkpoint, args.device, args.dtype)[0] if args.tdm_checkpoint else None
     results = evaluate(
         model,

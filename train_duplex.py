@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import shlex
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -47,6 +48,7 @@ from data.collate import IGNORE_INDEX, DuplexCollator, tokenize_row
 from data.own_answers import own_answer_rows
 from data.prompts import PromptFormat
 from generation_duplex import NO_UPDATE, pack_updates, update_position
+from hub_duplex import build_model_card, push_folder
 from modeling_duplex import DuplexForCausalLM
 
 logger = logging.getLogger("train_duplex")
@@ -680,7 +682,8 @@ def run_phase(
     """One Trainer run in `output_dir/name`; resumes from that phase's last checkpoint when asked.
     `trainer_options`: DuplexTrainer's own (gate_lr and the loss terms); `overrides`: TrainingArguments fields."""
     out = Path(training_args.output_dir) / name
-    args = dataclasses.replace(training_args, output_dir=str(out), max_steps=steps, **overrides)
+    # push_to_hub: the final model goes to one repo at the end (`publish`), not each phase's checkpoints to its own
+    args = dataclasses.replace(training_args, output_dir=str(out), max_steps=steps, push_to_hub=False, **overrides)
     trainer = DuplexTrainer(
         model=model,
         args=args,
@@ -867,6 +870,37 @@ def build_model(
     return model
 
 
+def record_training(final: Path, args: DuplexArguments, argv: list[str] | None) -> None:
+    """`eval/train_args.json` beside the checkpoint: the arguments and the command line (the model card shows it)."""
+    command = shlex.join(["python", "train_duplex.py", *(sys.argv[1:] if argv is None else argv)])
+    (final / "eval").mkdir(parents=True, exist_ok=True)
+    (final / "eval" / "train_args.json").write_text(
+        json.dumps({**dataclasses.asdict(args), "command": command}, indent=2)
+    )
+
+
+def publish(model: DuplexForCausalLM, final: Path, training_args: TrainingArguments) -> None:
+    """Rewrite the final checkpoint's card (now with its evaluation, if it ran); with `--push_to_hub`, upload the
+    folder (model, tokenizer, card, evaluation report) as one commit to `--hub_model_id`, or to a repo named after
+    `--output_dir`."""
+    repo_id = training_args.hub_model_id or Path(training_args.output_dir).resolve().name
+    duplex_params = sum(t.numel() for t in model.duplex_state_dict().values())
+    card = build_model_card(model.config, final, duplex_params, repo_id if training_args.push_to_hub else None)
+    card.save(final / "README.md")
+    if not training_args.push_to_hub:
+        return
+    logger.info("pushing %s to the Hub repo %s", final, repo_id)
+    commit = push_folder(
+        final,
+        repo_id,
+        commit_message=f"Upload {final.name} of train_duplex.py",
+        private=training_args.hub_private_repo,
+        token=training_args.hub_token,
+        revision=training_args.hub_revision,
+    )
+    logger.info("pushed: %s", getattr(commit, "commit_url", commit))
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     args, training_args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -881,10 +915,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     elif offline_default:
         if not (SHIPPED_BACKBONE / "config.json").exists():
             raise SystemExit(f"{SHIPPED_BACKBONE} is missing: pretrain it with --pretrain_backbone")
-        tokenizer = AutoTokenizer.from_pretrained(SHIPPED_BACKBONE)
+        tokenizer = AutoTokenizer.from_pretrained(SHIPPED_BACKBONE, padding_side="left")  # as generate needs
         backbone_path = SHIPPED_BACKBONE
     else:
-        tokenizer = AutoTokenizer.from_pretrained(args.backbone)
+        tokenizer = AutoTokenizer.from_pretrained(args.backbone, padding_side="left")
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         backbone_path = args.backbone
@@ -952,16 +986,16 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     final = out / ("final" if args.method == "duplex" else "tdm-final")  # tdm may share the output dir
     model.config.backbone_name_or_path = str(backbone_path)
+    record_training(final, args, argv)
     ready_for_generation(model).save_pretrained(final)
     tokenizer.save_pretrained(final)
     logger.info("saved %s", final)
-    if training_args.push_to_hub and training_args.hub_model_id:
-        model.push_to_hub(training_args.hub_model_id)
-        tokenizer.push_to_hub(training_args.hub_model_id)
     if args.method == "tdm":
+        publish(model, final, training_args)
         logger.info("compare: python eval_duplex.py --checkpoint %s --tdm-checkpoint %s", out / "final", final)
         return None
     if args.skip_eval:
+        publish(model, final, training_args)
         return None
     import eval_duplex
 
@@ -977,7 +1011,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     )
     eval_duplex.write_report(results, final / "eval")
     print(eval_duplex.render_markdown(results))
-    (final / "eval" / "train_args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+    publish(model, final, training_args)
     return results
 
 

@@ -24,7 +24,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 def build_byte_tokenizer(model_max_length: int = 4096) -> PreTrainedTokenizerFast:
     """A 258-token byte-level tokenizer: 256 bytes, then `<|endoftext|>` (eos, 256) and
-    `<|pad|>` (pad, 257); no BOS and nothing added by add_special_tokens."""
+    `<|pad|>` (pad, 257); no BOS and nothing added by add_special_tokens; pads on the left, as generation needs."""
     vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
     assert set(vocab) == set(pre_tokenizers.ByteLevel.alphabet())
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
@@ -38,4 +38,5 @@ def build_byte_tokenizer(model_max_length: int = 4096) -> PreTrainedTokenizerFas
         bos_token=None,
         model_max_length=model_max_length,
         clean_up_tokenization_spaces=False,
+        padding_side="left",  # decoder-only generation: a batch's prompts end where their answers begin
     )

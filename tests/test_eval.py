@@ -292,3 +292,18 @@ def test_checkpoint_curve_evaluates_each_checkpoint_once(checkpoint, tmp_path, m
     assert (tmp_path / "curve" / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     monkeypatch.setattr(eval_duplex, "main", lambda argv: pytest.fail("evaluated again"))
     checkpoint_curve.main(argv)
+
+
+def test_default_kinds_skip_what_the_families_cannot_have():
+    """Spelling answers have no point inside a word: with the default kinds, `one_in_word` is skipped with a warning
+    and every other kind is evaluated, instead of building an empty dataset."""
+    tok = build_byte_tokenizer()
+    kwargs = dict(n_per_family=1, seeds=(0,), sweep_per_family=1, families=["spell"])
+    assert eval_duplex.possible_kinds(eval_duplex.KINDS, ["spell"])[1] == ["one_in_word"]
+    eval_set = eval_duplex.build_eval_set(kwargs["seeds"], 1, 1, ["spell"], kinds=["one", "none"])
+    model = OracleLM(tok, oracle_table(eval_set))
+    with pytest.warns(UserWarning, match=r"skipping kinds \['one_in_word'\]"):
+        results = eval_duplex.evaluate(model, tok, modes=("ignore",), batch_size=8, progress=False, **kwargs)
+    assert results["metrics"]["ignore"]
+    with pytest.raises(ValueError, match="none of"), pytest.warns(UserWarning):
+        eval_duplex.evaluate(model, tok, modes=("ignore",), progress=False, kinds=["one_in_word"], **kwargs)

@@ -118,11 +118,11 @@ def test_update_past_the_end_is_reported_not_lost(model):
         (dict(updates=[[(2, "a")], [(3, "b")]], tokenizer=TOK), "rows"),
         (dict(updates=[(2, "a")], update_mode="telepathy", tokenizer=TOK), "update_mode"),
         (dict(updates=[(2, "a")], num_beams=2, tokenizer=TOK), "num_beams"),
-        (dict(updates="Stop at 5.", tokenizer=TOK), "updates"),
         (dict(updates=[(2, "a")], update_mode="inband", use_cache=False, tokenizer=TOK), "use_cache"),
     ],
 )
 def test_bad_input_raises_a_clear_error(model, kwargs, message):
+    """Each refusal names what is wrong (the hypothesis properties in test_update_validation.py cover the rest)."""
     with pytest.raises(ValueError, match=message):
         model.generate(**prompt(), max_new_tokens=4, **kwargs)
 
@@ -237,3 +237,16 @@ def test_on_landing_reports_each_update_before_the_token_it_conditions(model):
     )  # fmt: skip
     (landing,) = out.update_landings[0]
     assert seen == [(0, landing.at, landing.at)] and landing.landed_time is not None
+
+
+@pytest.mark.parametrize(
+    ("updates", "message"), [([(2, 12)], "got int 12"), ([(8, None)], "got NoneType"), ((8, "Stop"), "single update")]
+)
+def test_malformed_updates_are_refused_by_generate_naming_them(model, updates, message):
+    with pytest.raises(TypeError, match=message):
+        model.generate(**prompt(), updates=updates, tokenizer=TOK, max_new_tokens=4)
+
+
+def test_a_live_update_that_is_not_text_or_token_ids_is_refused(model):
+    with pytest.raises(TypeError, match="text or a list of token ids, got int 12345"):
+        UpdateStream().put(12345)

@@ -10,117 +10,43 @@ sessions (`engine_duplex.py` in the repository) drives the same state, so its ro
 from __future__ import annotations
 
 import itertools
-import queue
-import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-UPDATE_MODES = ("workspace", "ignore", "inband")
+try:
+    from .updates_duplex import (
+        UPDATE_MODES,
+        DuplexUpdate,
+        PendingUpdate,
+        UpdateLanding,
+        UpdateStream,
+        check_row,
+        normalize_updates,
+        tokenize_update,
+    )
+except ImportError:  # imported as a plain module from a checkout, not through trust_remote_code
+    from updates_duplex import (
+        UPDATE_MODES,
+        DuplexUpdate,
+        PendingUpdate,
+        UpdateLanding,
+        UpdateStream,
+        check_row,
+        normalize_updates,
+        tokenize_update,
+    )
+
 NO_UPDATE = -1  # position of an empty update slot in a padded batch
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Updates: what the user passes, and the one rule that maps them to positions and workspace versions
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DuplexUpdate:
-    """A correction for `generate`: it lands after `at` new tokens (new token number `at` is the first to see it)."""
-
-    at: int
-    text: str | None = None
-    token_ids: tuple[int, ...] | None = None
-
-
-@dataclass
-class UpdateLanding:
-    """Where an update landed in one row of a `generate` call (returned with `return_dict_in_generate=True`)."""
-
-    at: int | None  # new tokens generated before it took effect (None: it never landed)
-    requested_at: int | None  # the `at` asked for (None for a live `UpdateStream` update)
-    text: str | None
-    token_ids: list[int]
-    applied: bool  # False for update_mode="ignore" and for updates past the end of generation
-    arrived_time: float | None = None  # time.perf_counter() when it reached generate (UpdateStream.put)
-    landed_time: float | None = None  # time.perf_counter() after the forward pass that first used it
-    kind: str | None = None  # the model's decision in update_mode="workspace": "correction" or "backchannel"
-
-
-class UpdateStream:
-    """Thread-safe source of live updates: `put` from any thread while `generate` runs; polled before every step.
-
-    While a `generate` call reads the stream, `put` checks each update against that call (its batch size, whether
-    it has a tokenizer) and raises `ValueError` in the putting thread, so a bad update never reaches the decoding
-    loop and the updates that did land are still reported.
-    """
-
-    def __init__(self, on_landing: Callable[[int, UpdateLanding], None] | None = None) -> None:
-        """`on_landing(row, landing)`, if given, is called from the generating thread as each update takes effect:
-        after the forward pass that first reads it, before the token it conditions is sampled and streamed."""
-        self.on_landing = on_landing
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()  # thread-safe on its own
-        self._lock = threading.Lock()  # makes check-then-queue atomic against `open`
-        self._batch_size: int | None = None  # set while a generate call reads the stream
-        self._has_tokenizer = False
-
-    def put(self, update: str | Sequence[int], row: int | None = None) -> None:
-        """Queue a correction (text or token ids) for `row` (None: every row); it lands before the next token."""
-        if isinstance(update, str) and not update.strip():
-            raise ValueError("UpdateStream.put: `update` text is empty")
-        if not isinstance(update, str) and len(update) == 0:
-            raise ValueError("UpdateStream.put: `update` token ids are empty")
-        if row is not None and (not isinstance(row, int) or isinstance(row, bool) or row < 0):
-            raise ValueError(f"UpdateStream.put: `row` must be None or a non-negative int, got {row!r}")
-        with self._lock:
-            if self._batch_size is not None:
-                self._check(update, row)
-            self._queue.put((update, row, time.perf_counter()))
-
-    def _check(self, update: str | Sequence[int], row: int | None) -> None:
-        """Refuse what the reading generate call cannot land: a row outside its batch, text without a tokenizer."""
-        if row is not None and row >= self._batch_size:
-            raise ValueError(f"UpdateStream.put: `row` {row} is out of range for a batch of {self._batch_size}")
-        if isinstance(update, str) and not self._has_tokenizer:
-            raise ValueError("UpdateStream.put: a text `update` needs `tokenizer=` in generate; put token ids instead")
-
-    def open(self, batch_size: int, has_tokenizer: bool) -> None:
-        """Called by `generate` before decoding: later `put`s are checked against this call, and so is everything
-        queued before it (a bad early update raises here, before anything is generated)."""
-        with self._lock:
-            self._batch_size, self._has_tokenizer = batch_size, has_tokenizer
-            refused = None
-            for update, row, arrived in self.drain():
-                try:
-                    self._check(update, row)
-                except ValueError as error:  # dropped: it could never land in this call
-                    refused = refused or error
-                else:
-                    self._queue.put((update, row, arrived))
-            if refused is not None:
-                self._batch_size = None
-                raise refused
-
-    def close(self) -> list[tuple[str | Sequence[int], int | None, float]]:
-        """Called when `generate` returns: what is still queued belongs to that call (it arrived too late to land)
-        and is handed back; later `put`s are no longer checked against it and wait for the next call."""
-        with self._lock:
-            self._batch_size = None
-            return self.drain()
-
-    def drain(self) -> list[tuple[str | Sequence[int], int | None, float]]:
-        """Everything queued so far, oldest first (called by `generate` before each step)."""
-        items = []
-        while True:
-            try:
-                items.append(self._queue.get_nowait())
-            except queue.Empty:
-                return items
 
 
 def update_position(prompt_length: int, at: int) -> int:
@@ -399,14 +325,6 @@ class DuplexGenerateOutput(GenerateDecoderOnlyOutput):
 
 
 @dataclass
-class _PendingUpdate:
-    at: int | None
-    token_ids: list[int]
-    text: str | None
-    arrived_time: float | None = None
-
-
-@dataclass
 class DuplexGenerationState:
     """Per-`generate` state: pending updates, the workspace versions of every row and the adapters' cached K/V.
 
@@ -456,66 +374,29 @@ class DuplexGenerationState:
     # -- input validation ----------------------------------------------------------------------------------------------
 
     def check_decoding_options(self, generation_config, kwargs: dict) -> None:
-        """Refuse, naming the option, decoding modes in which updates would not land as promised."""
+        """Refuse, naming the option, what in-band splicing cannot do (the options every mode refuses are refused at
+        `generate`'s entry: `updates_duplex.refuse_options_with_updates`)."""
         if not self.has_updates:
             return
-        for name, unsupported in (
-            ("num_beams", lambda v: v is not None and v > 1),
-            ("assistant_model", lambda v: v is not None),
-            ("prompt_lookup_num_tokens", lambda v: v is not None),
-        ):
-            value = kwargs.get(name, getattr(generation_config, name, None))
-            if unsupported(value):
-                raise ValueError(f"`{name}={value!r}` is not supported together with `updates`")
         use_cache = kwargs.get("use_cache", getattr(generation_config, "use_cache", True))
         if "inband" in self.modes and use_cache is False:
             raise ValueError("`update_mode='inband'` needs `use_cache=True`: the correction is spliced into the cache")
 
     def _normalize(self, updates) -> list[list[_PendingUpdate]]:
-        """Accept every documented form of `updates`; one clear ValueError, naming `updates`, for anything else."""
-        if updates is None:
-            return [[] for _ in range(self.batch_size)]
-        if not isinstance(updates, (list, tuple)):
-            raise ValueError(f"`updates` must be None, a list or an UpdateStream, got {type(updates).__name__}")
-        per_row = len(updates) > 0 and all(isinstance(u, (list, tuple)) and not _is_single_update(u) for u in updates)
-        if not per_row:
-            if self.batch_size != 1 and len(updates) > 0:
-                raise ValueError(
-                    f"`updates` for a batch of {self.batch_size} must be a list with one list of updates per row"
-                )
-            updates = [list(updates)] * self.batch_size
-        if len(updates) != self.batch_size:
-            raise ValueError(f"`updates` has {len(updates)} rows but the batch has {self.batch_size}")
-        rows = [sorted((self._one(u) for u in row), key=lambda p: p.at) for row in updates]
-        return rows
+        """Every documented form of scheduled `updates`, checked (`updates_duplex.normalize_updates`)."""
+        return normalize_updates(updates, self.batch_size, self.tokenizer, self._vocab_size())
 
-    def _one(self, update) -> _PendingUpdate:
-        if isinstance(update, DuplexUpdate):
-            at, payload = update.at, update.text if update.text is not None else update.token_ids
-        elif _is_single_update(update):
-            at, payload = update
-        else:
-            raise ValueError(f"`updates`: cannot read {update!r}; use (at, text), (at, token_ids) or DuplexUpdate")
-        if not isinstance(at, int) or isinstance(at, bool) or at < 0:
-            raise ValueError(f"`updates`: `at` must be a non-negative int, got {at!r}")
-        token_ids, text = self._tokenize(payload)
-        return _PendingUpdate(at=at, token_ids=token_ids, text=text)
+    def _vocab_size(self) -> int | None:
+        """The backbone's vocabulary size: token ids at or past it are refused."""
+        return getattr(self.model.config.get_text_config(decoder=True), "vocab_size", None)
 
     def _tokenize(self, payload) -> tuple[list[int], str | None]:
-        if isinstance(payload, str):
-            if not payload.strip():
-                raise ValueError("`updates`: update text is empty")
-            if self.tokenizer is None:
-                raise ValueError("`updates` with text need `tokenizer=` in generate (or pass token ids)")
-            return list(self.tokenizer(payload, add_special_tokens=False)["input_ids"]), payload
-        token_ids = payload.tolist() if isinstance(payload, torch.Tensor) else list(payload or [])
-        if not token_ids:
-            raise ValueError("`updates`: update token ids are empty")
-        return [int(t) for t in token_ids], None
+        return tokenize_update(payload, self.tokenizer, vocab_size=self._vocab_size())
 
     def put(self, row: int, payload: str | Sequence[int], arrived: float | None = None) -> None:
         """Queue a live update for `row`: it lands before the row's next token (a serving loop's corrections)."""
-        token_ids, text = self._tokenize(payload)
+        check_row(row, self.batch_size, "put")
+        token_ids, text = tokenize_update(payload, self.tokenizer, "put", self._vocab_size())
         self.pending[row].append(_PendingUpdate(None, token_ids, text, arrived or time.perf_counter()))
 
     # -- the generation loop -------------------------------------------------------------------------------------------
@@ -766,16 +647,7 @@ class DuplexGenerationState:
         return self.landings
 
 
-def _is_single_update(item) -> bool:
-    """(at, text) / (at, token_ids) / DuplexUpdate, as opposed to a row's list of updates."""
-    if isinstance(item, DuplexUpdate):
-        return True
-    return (
-        isinstance(item, tuple)
-        and len(item) == 2
-        and isinstance(item[0], int)
-        and isinstance(item[1], (str, list, tuple, torch.Tensor))
-    )
+_PendingUpdate = PendingUpdate  # the names the generation state uses
 
 
 __all__ = [

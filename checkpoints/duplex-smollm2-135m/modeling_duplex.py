@@ -15,13 +15,13 @@ backbone's token sequence and KV cache are never rewritten.
 
 from __future__ import annotations
 
-import math
+import tempfile
 from dataclasses import dataclass
-from pathlib import Path
+from functools import partial
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -52,6 +52,8 @@ try:
         UpdateStream,
         WorkspaceVersions,
     )
+    from .hub_duplex import ADAPTER_WEIGHTS_NAME, load_backbone, push_folder, save_duplex
+    from .updates_duplex import has_updates, refuse_options_with_updates
 except ImportError:  # imported as a plain module from a checkout, not through trust_remote_code
     from attention_duplex import (
         ContextGeometry,
@@ -74,10 +76,10 @@ except ImportError:  # imported as a plain module from a checkout, not through t
         UpdateStream,
         WorkspaceVersions,
     )
+    from hub_duplex import ADAPTER_WEIGHTS_NAME, load_backbone, push_folder, save_duplex
+    from updates_duplex import has_updates, refuse_options_with_updates
 
 logger = logging.get_logger(__name__)
-
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 class InContextWorkspace(nn.Module):
@@ -171,7 +173,7 @@ class DuplexCausalLMOutputWithPast(CausalLMOutputWithPast):
 
 class DuplexPreTrainedModel(PreTrainedModel):
     config_class = DuplexConfig
-    base_model_prefix = ""
+    base_model_prefix = "model"  # the backbone's decoder, as in every *ForCausalLM
     supports_gradient_checkpointing = True
     _supports_sdpa = True  # eager and SDPA are tested with corrections (flex, flash: see `attention_duplex`)
     _no_split_modules = ["UpdateEncoderLayer"]
@@ -187,17 +189,6 @@ class DuplexPreTrainedModel(PreTrainedModel):
             init.zeros_(module.query)
         else:
             super()._init_weights(module)
-
-    def _token_embedding_std(self) -> float:
-        """Standard deviation of the backbone's input embeddings, the scale at which the backbone reads its tokens.
-        Falls back to the backbone's `initializer_range` where the embeddings hold no values yet (meta device,
-        sharded)."""
-        fallback = getattr(self.config.text_config, "initializer_range", None) or 0.02
-        weight = self.get_input_embeddings().weight
-        if weight.device.type == "meta" or weight.numel() < 2:
-            return fallback
-        std = float(weight.detach().float().std())
-        return std if math.isfinite(std) and std > 0 else fallback
 
 
 class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
@@ -274,7 +265,7 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
             name = backbone.config.name_or_path or None
         else:
             name = str(backbone)
-            backbone = AutoModelForCausalLM.from_pretrained(name, **(backbone_kwargs or {}))
+            backbone = load_backbone(name, **(backbone_kwargs or {}))
         for tensor in list(backbone.parameters()) + list(backbone.buffers()):
             tensor._is_hf_initialized = True  # post_init must initialise the new modules only
         attn_implementation = backbone.config._attn_implementation  # a composite config resets its sub-configs'
@@ -287,19 +278,18 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
         model = cls(config, backbone=backbone)  # the duplex modules stay fp32 (master weights) whatever the backbone's
         return model.to(device=backbone.device)
 
-    def save_pretrained(self, save_directory, *args, adapter_only: bool = False, **kwargs) -> None:
-        """A complete Hub repo; with `adapter_only=True` just config.json + the duplex weights (PEFT-style),
-        reloaded by `from_pretrained` on top of `config.backbone_name_or_path`."""
-        if not adapter_only:
-            return super().save_pretrained(save_directory, *args, **kwargs)
-        if not self.config.backbone_name_or_path:
-            raise ValueError("save_pretrained(adapter_only=True) needs `config.backbone_name_or_path` to be set")
-        Path(save_directory).mkdir(parents=True, exist_ok=True)
-        super().save_pretrained(save_directory, *args, state_dict={}, **kwargs)  # config.json, code, generation config
-        weights = {k: v.detach().contiguous().cpu() for k, v in self.duplex_state_dict().items()}
-        save_file(weights, str(Path(save_directory) / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
-        for stale in Path(save_directory).glob("model*.safetensors*"):
-            stale.unlink()
+    def save_pretrained(self, save_directory, *args, adapter_only: bool = False, push_to_hub: bool = False, **kwargs):
+        """A complete Hub repo with its model card; with `adapter_only=True` just config.json + the duplex weights
+        (PEFT-style), reloaded by `from_pretrained` on top of `config.backbone_name_or_path`. `push_to_hub=True`
+        uploads the folder, weights included, in one commit (hub_duplex.py)."""
+        save = partial(super().save_pretrained, *args)
+        return save_duplex(self, save_directory, save, adapter_only=adapter_only, push_to_hub=push_to_hub, **kwargs)
+
+    def push_to_hub(self, repo_id: str, *, adapter_only: bool = False, max_shard_size="50GB", tags=None, **hub_kwargs):
+        """Save (full, or `adapter_only`) with a model card into a temporary folder and upload it in one commit."""
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, adapter_only=adapter_only, max_shard_size=max_shard_size, tags=tags)
+            return push_folder(folder, repo_id, **hub_kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -312,8 +302,10 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
         adapter_file = cached_file(
             path, ADAPTER_WEIGHTS_NAME, _raise_exceptions_for_missing_entries=False, **hub_kwargs
         )
-        if adapter_file is None:
-            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        if adapter_file is None:  # a full checkpoint: its backbone loads trainable, like any weights
+            model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            model.freeze_backbone()
+            return model
         config = kwargs.pop("config", None) or DuplexConfig.from_pretrained(path, **hub_kwargs)
         backbone_kwargs = {k: v for k, v in kwargs.items() if k not in ("trust_remote_code",)}
         duplex_fields = {
@@ -560,6 +552,12 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
         if kwargs.get("inputs_embeds") is not None:
             raise ValueError("DuplexForCausalLM.generate does not support `inputs_embeds`; pass `input_ids`")
         batch_size = input_ids.shape[0]
+        if not has_updates(updates, batch_size, update_mode, tokenizer):  # the backbone's generate, every option
+            output = super().generate(inputs, generation_config, tokenizer=tokenizer, **kwargs)
+            if isinstance(output, GenerateDecoderOnlyOutput):
+                output = DuplexGenerateOutput(**output, update_landings=[[] for _ in range(len(output.sequences))])
+            return output
+        refuse_options_with_updates(generation_config or self.generation_config, kwargs)
         state = DuplexGenerationState(self, batch_size, updates, update_mode, tokenizer)
         try:
             state.check_decoding_options(generation_config or self.generation_config, kwargs)
