@@ -63,8 +63,11 @@ class SessionFinished(RuntimeError):
 def generation_state_class(model: torch.nn.Module) -> type | None:
     """The `DuplexGenerationState` class of the model's own generation code (a checkpoint loaded with
     `trust_remote_code` runs its own copy of `generation_duplex.py`), or None for a plain causal LM."""
-    module = sys.modules.get(type(model).__module__)
-    return getattr(module, "DuplexGenerationState", None)
+    for cls in type(model).__mro__:  # the model's generation mixin lives in the module that defines the state
+        state = getattr(sys.modules.get(cls.__module__), "DuplexGenerationState", None)
+        if state is not None:
+            return state
+    return None
 
 
 class IncrementalDecoder:

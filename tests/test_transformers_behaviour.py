@@ -109,13 +109,11 @@ def test_output_attentions_is_refused_by_name(model):
 # ---- forward's defaults (forward is being rewritten: these fail until it follows the config) -----------------------
 
 
-@pytest.mark.xfail(strict=True, reason="forward")
 def test_return_dict_false_returns_a_tuple(model):
     out = model(**batch(), return_dict=False)
     assert isinstance(out, tuple) and out[0].shape[:2] == batch()["input_ids"].shape
 
 
-@pytest.mark.xfail(strict=True, reason="forward")
 def test_output_hidden_states_follows_the_config(model):
     model.config.output_hidden_states = True
     try:
@@ -125,7 +123,6 @@ def test_output_hidden_states_follows_the_config(model):
     assert out.hidden_states is not None and len(out.hidden_states) == model.config.text_config.num_hidden_layers + 1
 
 
-@pytest.mark.xfail(strict=True, reason="forward")
 def test_forward_returns_a_cache_when_the_config_says_use_cache(model, backbone):
     assert model.config.text_config.use_cache and backbone(**batch()).past_key_values is not None
     assert model(**batch()).past_key_values is not None

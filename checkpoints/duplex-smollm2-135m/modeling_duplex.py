@@ -23,10 +23,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, AutoModelForCausalLM, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import DynamicCache
-from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import cached_file, logging
 
@@ -45,15 +44,13 @@ try:
         NEVER,
         NO_UPDATE,
         ContextWorkspace,
-        DuplexGenerateOutput,
-        DuplexGenerationState,
+        DuplexGenerationMixin,
         DuplexUpdate,
         UpdateLanding,
         UpdateStream,
         WorkspaceVersions,
     )
     from .hub_duplex import ADAPTER_WEIGHTS_NAME, load_backbone, push_folder, save_duplex
-    from .updates_duplex import has_updates, refuse_options_with_updates
 except ImportError:  # imported as a plain module from a checkout, not through trust_remote_code
     from attention_duplex import (
         ContextGeometry,
@@ -69,15 +66,13 @@ except ImportError:  # imported as a plain module from a checkout, not through t
         NEVER,
         NO_UPDATE,
         ContextWorkspace,
-        DuplexGenerateOutput,
-        DuplexGenerationState,
+        DuplexGenerationMixin,
         DuplexUpdate,
         UpdateLanding,
         UpdateStream,
         WorkspaceVersions,
     )
     from hub_duplex import ADAPTER_WEIGHTS_NAME, load_backbone, push_folder, save_duplex
-    from updates_duplex import has_updates, refuse_options_with_updates
 
 logger = logging.get_logger(__name__)
 
@@ -172,6 +167,9 @@ class DuplexCausalLMOutputWithPast(CausalLMOutputWithPast):
 
 
 class DuplexPreTrainedModel(PreTrainedModel):
+    """What every Duplex model shares with transformers and PEFT: initialisation, the frozen backbone's bookkeeping,
+    loading (full, adapter-only, around a pretrained backbone) and saving."""
+
     config_class = DuplexConfig
     base_model_prefix = "model"  # the backbone's decoder, as in every *ForCausalLM
     supports_gradient_checkpointing = True
@@ -189,31 +187,6 @@ class DuplexPreTrainedModel(PreTrainedModel):
             init.zeros_(module.query)
         else:
             super()._init_weights(module)
-
-
-class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
-    """A frozen causal LM (`model`, `lm_head`) plus the trainable duplex modules: `update_encoder`, `workspace`
-    (the readout gate) and `adapters` (one gate per decoder layer in `config.adapter_layers`, keyed by the layer
-    index). The backbone runs its own forward; the duplex read enters through its attention interface."""
-
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-    accepts_loss_kwargs = True
-
-    def __init__(self, config: DuplexConfig, backbone: PreTrainedModel | None = None):
-        super().__init__(config)
-        if backbone is None:
-            self.model = AutoModel.from_config(config.text_config)
-            self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        else:  # from_backbone: reuse a loaded causal LM's decoder and head, no copy
-            self.model = backbone.get_decoder()
-            self.lm_head = backbone.get_output_embeddings()
-        self.update_encoder = UpdateEncoder(config)
-        check_backbone(self.model)
-        self.workspace = InContextWorkspace(config)
-        self.adapters = nn.ModuleDict({str(i): WorkspaceAdapter(config) for i in config.adapter_layers})
-        self.post_init()
-        self.freeze_backbone()
-        attach_attention(self.model.config)
 
     # -- PEFT-style bookkeeping ----------------------------------------------------------------------------------------
 
@@ -321,6 +294,31 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
         if missing or unexpected:
             raise ValueError(f"adapter checkpoint {path} does not match: missing {missing}, unexpected {unexpected}")
         return model
+
+
+class DuplexForCausalLM(DuplexPreTrainedModel, DuplexGenerationMixin):
+    """A frozen causal LM (`model`, `lm_head`) plus the trainable duplex modules: `update_encoder`, `workspace`
+    (the readout gate) and `adapters` (one gate per decoder layer in `config.adapter_layers`, keyed by the layer
+    index). The backbone runs its own forward; the duplex read enters through its attention interface."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    accepts_loss_kwargs = True
+
+    def __init__(self, config: DuplexConfig, backbone: PreTrainedModel | None = None):
+        super().__init__(config)
+        if backbone is None:
+            self.model = AutoModel.from_config(config.text_config)
+            self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        else:  # from_backbone: reuse a loaded causal LM's decoder and head, no copy
+            self.model = backbone.get_decoder()
+            self.lm_head = backbone.get_output_embeddings()
+        self.update_encoder = UpdateEncoder(config)
+        check_backbone(self.model)
+        self.workspace = InContextWorkspace(config)
+        self.adapters = nn.ModuleDict({str(i): WorkspaceAdapter(config) for i in config.adapter_layers})
+        self.post_init()
+        self.freeze_backbone()
+        attach_attention(self.model.config)
 
     # -- Updates -------------------------------------------------------------------------------------------------------
 
@@ -433,10 +431,8 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> DuplexCausalLMOutputWithPast:
         r"""
-        update_input_ids (`torch.LongTensor` of shape `(batch, num_updates, update_len)`, *optional*):
-            Token ids of each row's updates, in order (`pack_updates`).
-        update_attention_mask (`torch.Tensor` of shape `(batch, num_updates, update_len)`, *optional*):
-            1 for update tokens, 0 for padding.
+        update_input_ids / update_attention_mask (`(batch, num_updates, update_len)`, *optional*):
+            Token ids of each row's updates, in order, and their 0/1 mask (`pack_updates`).
         update_positions (`torch.LongTensor` of shape `(batch, num_updates)`, *optional*):
             Sequence index from which each update is visible (`update_position(prompt_len, at)`); `NO_UPDATE` pads.
         update_is_correction (`torch.Tensor` of shape `(batch, num_updates)`, *optional*):
@@ -455,6 +451,9 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
             inputs_embeds = self.model.embed_tokens(input_ids)
         batch_size, seq_len = inputs_embeds.shape[:2]
         use_cache = use_cache if use_cache is not None else self.model.config.use_cache
+        return_dict = kwargs.pop("return_dict", None)
+        hidden_wanted = kwargs.pop("output_hidden_states", None)
+        hidden_wanted = self.config.output_hidden_states if hidden_wanted is None else hidden_wanted
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.model.config)
         past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -478,6 +477,7 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
                 position_ids=position_ids,
                 past_key_values=past_key_values,
                 use_cache=use_cache,
+                output_hidden_states=hidden_wanted,
                 duplex_read=read,
                 **kwargs,
             )
@@ -500,13 +500,15 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
                 loss = loss + self.config.decision_loss_weight * decision_loss(
                     decision_logits, update_is_correction, update_positions != NO_UPDATE
                 )
-        return DuplexCausalLMOutputWithPast(
+        all_hidden = None if outputs.hidden_states is None else tuple(h[:, :seq_len] for h in outputs.hidden_states)
+        output = DuplexCausalLMOutputWithPast(
             update_decision_logits=decision_logits,
             loss=loss,
             logits=logits,
             past_key_values=past_key_values if use_cache else None,
-            hidden_states=outputs.hidden_states,
+            hidden_states=all_hidden,
         )
+        return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
 
     def with_entering_slots(
         self, read: ContextRead, inputs_embeds: torch.Tensor, attention_mask, position_ids, past_seen: int
@@ -521,69 +523,6 @@ class DuplexForCausalLM(DuplexPreTrainedModel, GenerationMixin):
         if attention_mask is not None:
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, slots.shape[1])], dim=1)
         return torch.cat([inputs_embeds, slots], dim=1), attention_mask, position_ids
-
-    # -- Generation ----------------------------------------------------------------------------------------------------
-    # `generate` runs transformers' own decoding loop. It hooks two private GenerationMixin methods:
-    # `prepare_inputs_for_generation` (land due updates, hand the model its workspace) and
-    # `_update_model_kwargs_for_generation` (time-stamp landings, keep in-band insertions in mask and positions).
-
-    def generate(
-        self,
-        inputs: torch.Tensor | None = None,
-        generation_config=None,
-        updates=None,
-        update_mode: str = "workspace",
-        tokenizer=None,
-        **kwargs,
-    ):
-        """`GenerationMixin.generate` plus mid-stream corrections.
-
-        updates: None; a list of `(at, text)`, `(at, token_ids)` or `DuplexUpdate` (one list per row for a batch);
-            or an `UpdateStream` fed from another thread. An update at `at` conditions new token `at` onwards.
-        update_mode: "workspace" (write into the workspace), "ignore" (drop updates: ablation), or "inband"
-            (splice `config.inband_template` with the correction into the context, continuing from the same cache).
-        With `return_dict_in_generate=True` the output's `update_landings[row]` tells where each update landed.
-        """
-        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
-        if input_ids is None:
-            raise ValueError(
-                "DuplexForCausalLM.generate needs `input_ids` (the prompt is also written into the workspace)"
-            )
-        if kwargs.get("inputs_embeds") is not None:
-            raise ValueError("DuplexForCausalLM.generate does not support `inputs_embeds`; pass `input_ids`")
-        batch_size = input_ids.shape[0]
-        if not has_updates(updates, batch_size, update_mode, tokenizer):  # the backbone's generate, every option
-            output = super().generate(inputs, generation_config, tokenizer=tokenizer, **kwargs)
-            if isinstance(output, GenerateDecoderOnlyOutput):
-                output = DuplexGenerateOutput(**output, update_landings=[[] for _ in range(len(output.sequences))])
-            return output
-        refuse_options_with_updates(generation_config or self.generation_config, kwargs)
-        state = DuplexGenerationState(self, batch_size, updates, update_mode, tokenizer)
-        try:
-            state.check_decoding_options(generation_config or self.generation_config, kwargs)
-            if tokenizer is not None:
-                kwargs["tokenizer"] = tokenizer
-            output = super().generate(inputs, generation_config, duplex_state=state, **kwargs)
-        finally:
-            state.close()
-        landings = state.finish()
-        if isinstance(output, GenerateDecoderOnlyOutput):
-            output = DuplexGenerateOutput(**output, update_landings=landings)
-        return output
-
-    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, duplex_state=None, **kwargs):
-        model_inputs = super().prepare_inputs_for_generation(
-            input_ids, next_sequence_length=next_sequence_length, **kwargs
-        )
-        if duplex_state is not None:
-            duplex_state.prepare_step(input_ids, model_inputs)
-        return model_inputs
-
-    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):
-        state = model_kwargs.get("duplex_state")
-        if state is not None:
-            state.after_forward(model_kwargs)
-        return super()._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder, num_new_tokens)
 
 
 DuplexConfig.register_for_auto_class()

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
+from transformers import GenerationMixin
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 try:
@@ -27,7 +28,9 @@ try:
         UpdateLanding,
         UpdateStream,
         check_row,
+        has_updates,
         normalize_updates,
+        refuse_options_with_updates,
         tokenize_update,
     )
 except ImportError:  # imported as a plain module from a checkout, not through trust_remote_code
@@ -38,7 +41,9 @@ except ImportError:  # imported as a plain module from a checkout, not through t
         UpdateLanding,
         UpdateStream,
         check_row,
+        has_updates,
         normalize_updates,
+        refuse_options_with_updates,
         tokenize_update,
     )
 
@@ -325,7 +330,101 @@ class DuplexGenerateOutput(GenerateDecoderOnlyOutput):
 
 
 @dataclass
-class DuplexGenerationState:
+class InbandSplice:
+    """`update_mode="inband"` (the baseline): a correction's tokens, wrapped in the config's `inband_template`,
+    follow the current input chunk of their row in the same cache. Rows are laid out [masked padding | usual chunk
+    | inserted tokens], so every row's last position is real; the longer mask and positions persist afterwards."""
+
+    template: str
+    tokenizer: object = None
+    inserted: tuple[torch.Tensor, torch.Tensor, int] | None = None  # (mask, positions, chunk length) until persisted
+
+    def tokens(self, update: PendingUpdate) -> list[int]:
+        """The template around the correction, as token ids."""
+        before, after = self.template.split("{text}")
+        if self.tokenizer is None and (before or after):
+            raise ValueError("`update_mode='inband'` needs `tokenizer=` to encode `config.inband_template`")
+        if update.text is not None:
+            return self.tokenizer(before + update.text + after, add_special_tokens=False)["input_ids"]
+        encode = lambda s: self.tokenizer(s, add_special_tokens=False)["input_ids"] if s else []  # noqa: E731
+        return encode(before) + update.token_ids + encode(after)
+
+    def splice(self, inserts: list[list[int]], model_inputs: dict) -> None:
+        """Each row's inserted tokens (possibly none) after its chunk, in `model_inputs`."""
+        batch_size = len(inserts)
+        chunk = model_inputs["input_ids"]  # (B, T)
+        device, length = chunk.device, chunk.shape[1]
+        position_ids = model_inputs.get("position_ids")
+        if position_ids is None:
+            cache = model_inputs.get("past_key_values")
+            past = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(past, past + length, device=device)[None].expand(batch_size, -1)
+        full_mask = model_inputs.get("attention_mask")
+        if full_mask is None:
+            cache = model_inputs.get("past_key_values")
+            past = cache.get_seq_length() if cache is not None else 0
+            full_mask = torch.ones((batch_size, past + length), dtype=torch.long, device=device)
+        own_mask = full_mask[:, full_mask.shape[1] - length :]  # the chunk's own mask: the prompt's left padding
+        width = max(len(ins) for ins in inserts)
+        ids, mask, positions = [], [], []
+        for b, ins in enumerate(inserts):
+            lead = torch.zeros(width - len(ins), dtype=torch.long, device=device)
+            inserted = torch.tensor(ins, dtype=torch.long, device=device)
+            ids.append(torch.cat([lead, chunk[b], inserted]))
+            mask.append(torch.cat([lead, own_mask[b].long(), torch.ones(len(ins), dtype=torch.long, device=device)]))
+            positions.append(
+                torch.cat([lead, position_ids[b], position_ids[b, -1] + 1 + torch.arange(len(ins), device=device)])
+            )
+        chunk_mask, chunk_positions = torch.stack(mask), torch.stack(positions)
+        model_inputs["input_ids"] = torch.stack(ids)
+        model_inputs["attention_mask"] = torch.cat([full_mask[:, : full_mask.shape[1] - length], chunk_mask], dim=1)
+        model_inputs["position_ids"] = chunk_positions
+        self.inserted = (model_inputs["attention_mask"], chunk_positions, length)
+
+    def persist(self, model_kwargs: dict) -> None:
+        """After the forward: generation goes on with the spliced mask and positions."""
+        if self.inserted is None:
+            return
+        full_mask, chunk_positions, length = self.inserted
+        model_kwargs["attention_mask"] = full_mask
+        if (pos := model_kwargs.get("position_ids")) is not None:
+            model_kwargs["position_ids"] = torch.cat([pos[:, : pos.shape[1] - length], chunk_positions], dim=1)
+        self.inserted = None
+
+
+class ServingRows:
+    """How a serving loop changes a `DuplexGenerationState`'s rows between steps, as sessions join and leave (the
+    filter / concatenate of TGI's `CausalLMBatch`): every per-row field follows its row."""
+
+    def select_rows(self, rows: Sequence[int]) -> None:
+        """Keep only the batch rows `rows`, in that order (sessions that finished leave)."""
+        index = torch.tensor(list(rows), dtype=torch.long, device=self.versions.starts.device)
+        for name in ("modes", "generated", "prompt_ids", "pending", "landings"):
+            setattr(self, name, [getattr(self, name)[b] for b in rows])
+        self.versions = self.versions.select(index)
+        if self.context is not None:
+            self.context = self.context.select(index)
+        self.batch_size = len(rows)
+
+    def shift_columns(self, columns: int) -> None:
+        """`columns` columns were added (> 0: left padding) or removed (< 0) on the left of every row's sequence."""
+        self.versions = self.versions.shift(columns)
+        if self.context is not None:
+            self.context = self.context.shift(columns)
+
+    def concat(self, other: ServingRows) -> None:
+        """Append the rows of `other` (same model, same number of columns): sessions that were prefilled apart join."""
+        for name in ("modes", "generated", "prompt_ids", "pending", "landings"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.versions = self.versions.concat(other.versions)
+        if self.context is not None:  # in_context: every row has stepped, so both sides have one
+            self.context = self.context.concat(other.context)
+        self.placed_versions = self.versions.starts.shape[1]
+        self.batch_size += other.batch_size
+
+
+@dataclass
+class DuplexGenerationState(ServingRows):
     """Per-`generate` state: pending updates, the workspace versions of every row and the adapters' cached K/V.
 
     Lives in generate's model kwargs (a mutable object, like the KV cache), so it persists across steps. A serving
@@ -363,7 +462,7 @@ class DuplexGenerationState:
         self.generated: list[int] = [0] * self.batch_size  # per row: new tokens before the current step
         self.versions: WorkspaceVersions | None = None
         self.landed_this_step: list[tuple[int, UpdateLanding]] = []  # (row, landing)
-        self.inserted: tuple[torch.Tensor, torch.Tensor, int] | None = None  # inband: (mask, positions, chunk len)
+        self.inband = InbandSplice(self.model.config.inband_template, self.tokenizer)
         self.context: ContextWorkspace | None = None  # in_context: the slots placed so far, with their keys/values
         self.placed_versions = 1  # in_context: versions whose slots are in `context` (version 0 is empty)
 
@@ -517,54 +616,15 @@ class DuplexGenerationState:
 
     def _written_tokens(self, update: _PendingUpdate) -> list[int]:
         """The correction as text writes it (`config.inband_template`); raw token ids when there is no tokenizer."""
-        return self._inband_tokens(update) if self.tokenizer is not None else update.token_ids
-
-    def _inband_tokens(self, update: _PendingUpdate) -> list[int]:
-        """`config.inband_template` around the correction, as token ids."""
-        before, after = self.model.config.inband_template.split("{text}")
-        if self.tokenizer is None and (before or after):
-            raise ValueError("`update_mode='inband'` needs `tokenizer=` to encode `config.inband_template`")
-        if update.text is not None:
-            return self.tokenizer(before + update.text + after, add_special_tokens=False)["input_ids"]
-        encode = lambda s: self.tokenizer(s, add_special_tokens=False)["input_ids"] if s else []  # noqa: E731
-        return encode(before) + update.token_ids + encode(after)
+        return self.inband.tokens(update) if self.tokenizer is not None else update.token_ids
 
     def _splice_inband(self, due: list[tuple[int, _PendingUpdate]], model_inputs: dict) -> None:
-        """`inband` (the baseline): the correction's tokens follow the current input chunk of their row, in the same
-        cache. Rows are laid out [masked padding | usual chunk | inserted tokens], so every row's last position is
-        real."""
+        """`inband`: the due corrections' tokens follow their rows' chunks (`InbandSplice`)."""
         inserts: list[list[int]] = [[] for _ in range(self.batch_size)]
         for b, update in due:
-            inserts[b] += self._inband_tokens(update)
+            inserts[b] += self.inband.tokens(update)
             self._record(b, update, applied=True)
-        chunk = model_inputs["input_ids"]  # (B, T)
-        device, length = chunk.device, chunk.shape[1]
-        position_ids = model_inputs.get("position_ids")
-        if position_ids is None:
-            cache = model_inputs.get("past_key_values")
-            past = cache.get_seq_length() if cache is not None else 0
-            position_ids = torch.arange(past, past + length, device=device)[None].expand(self.batch_size, -1)
-        full_mask = model_inputs.get("attention_mask")
-        if full_mask is None:
-            cache = model_inputs.get("past_key_values")
-            past = cache.get_seq_length() if cache is not None else 0
-            full_mask = torch.ones((self.batch_size, past + length), dtype=torch.long, device=device)
-        own_mask = full_mask[:, full_mask.shape[1] - length :]  # the chunk's own mask: the prompt's left padding
-        width = max(len(ins) for ins in inserts)
-        ids, mask, positions = [], [], []
-        for b, ins in enumerate(inserts):
-            lead = torch.zeros(width - len(ins), dtype=torch.long, device=device)
-            inserted = torch.tensor(ins, dtype=torch.long, device=device)
-            ids.append(torch.cat([lead, chunk[b], inserted]))
-            mask.append(torch.cat([lead, own_mask[b].long(), torch.ones(len(ins), dtype=torch.long, device=device)]))
-            positions.append(
-                torch.cat([lead, position_ids[b], position_ids[b, -1] + 1 + torch.arange(len(ins), device=device)])
-            )
-        chunk_mask, chunk_positions = torch.stack(mask), torch.stack(positions)
-        model_inputs["input_ids"] = torch.stack(ids)
-        model_inputs["attention_mask"] = torch.cat([full_mask[:, : full_mask.shape[1] - length], chunk_mask], dim=1)
-        model_inputs["position_ids"] = chunk_positions
-        self.inserted = (model_inputs["attention_mask"], chunk_positions, length)
+        self.inband.splice(inserts, model_inputs)
 
     def after_forward(self, model_kwargs: dict) -> list[tuple[int, UpdateLanding]]:
         """After each forward: time-stamp the updates it used (and tell the stream's `on_landing`); persist in-band
@@ -578,41 +638,8 @@ class DuplexGenerationState:
             landing.landed_time = now
             if self.stream is not None and self.stream.on_landing is not None:
                 self.stream.on_landing(row, landing)
-        if self.inserted is not None:
-            full_mask, chunk_positions, length = self.inserted
-            model_kwargs["attention_mask"] = full_mask
-            if (pos := model_kwargs.get("position_ids")) is not None:
-                model_kwargs["position_ids"] = torch.cat([pos[:, : pos.shape[1] - length], chunk_positions], dim=1)
-            self.inserted = None
+        self.inband.persist(model_kwargs)
         return landed
-
-    # -- changing the rows between steps (a serving loop whose sessions join and leave) --------------------------------
-
-    def select_rows(self, rows: Sequence[int]) -> None:
-        """Keep only the batch rows `rows`, in that order (sessions that finished leave)."""
-        index = torch.tensor(list(rows), dtype=torch.long, device=self.versions.starts.device)
-        for name in ("modes", "generated", "prompt_ids", "pending", "landings"):
-            setattr(self, name, [getattr(self, name)[b] for b in rows])
-        self.versions = self.versions.select(index)
-        if self.context is not None:
-            self.context = self.context.select(index)
-        self.batch_size = len(rows)
-
-    def shift_columns(self, columns: int) -> None:
-        """`columns` columns were added (> 0: left padding) or removed (< 0) on the left of every row's sequence."""
-        self.versions = self.versions.shift(columns)
-        if self.context is not None:
-            self.context = self.context.shift(columns)
-
-    def concat(self, other: DuplexGenerationState) -> None:
-        """Append the rows of `other` (same model, same number of columns): sessions that were prefilled apart join."""
-        for name in ("modes", "generated", "prompt_ids", "pending", "landings"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.versions = self.versions.concat(other.versions)
-        if self.context is not None:  # in_context: every row has stepped, so both sides have one
-            self.context = self.context.concat(other.context)
-        self.placed_versions = self.versions.starts.shape[1]
-        self.batch_size += other.batch_size
 
     def take_landings(self, row: int) -> list[UpdateLanding]:
         """Row `row`'s landings, plus its updates that never landed (`at` None), when its generation ends."""
@@ -650,11 +677,79 @@ class DuplexGenerationState:
 _PendingUpdate = PendingUpdate  # the names the generation state uses
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# generate
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class DuplexGenerationMixin(GenerationMixin):
+    """`generate` with mid-stream corrections. It runs transformers' own decoding loop and hooks two private
+    GenerationMixin methods: `prepare_inputs_for_generation` (land due updates, hand the model its workspace) and
+    `_update_model_kwargs_for_generation` (time-stamp landings, keep in-band insertions in mask and positions)."""
+
+    def generate(
+        self,
+        inputs: torch.Tensor | None = None,
+        generation_config=None,
+        updates=None,
+        update_mode: str = "workspace",
+        tokenizer=None,
+        **kwargs,
+    ):
+        """`GenerationMixin.generate` plus mid-stream corrections.
+
+        updates: None; a list of `(at, text)`, `(at, token_ids)` or `DuplexUpdate` (one list per row for a batch);
+            or an `UpdateStream` fed from another thread. An update at `at` conditions new token `at` onwards.
+        update_mode: "workspace" (write into the workspace), "ignore" (drop updates: ablation), or "inband"
+            (splice `config.inband_template` with the correction into the context, continuing from the same cache).
+        With `return_dict_in_generate=True` the output's `update_landings[row]` tells where each update landed.
+        """
+        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if input_ids is None:
+            raise ValueError("Duplex's generate needs `input_ids` (the prompt is also written into the workspace)")
+        if kwargs.get("inputs_embeds") is not None:
+            raise ValueError("Duplex's generate does not support `inputs_embeds`; pass `input_ids`")
+        batch_size = input_ids.shape[0]
+        if not has_updates(updates, batch_size, update_mode, tokenizer):  # the backbone's generate, every option
+            output = super().generate(inputs, generation_config, tokenizer=tokenizer, **kwargs)
+            if isinstance(output, GenerateDecoderOnlyOutput):
+                output = DuplexGenerateOutput(**output, update_landings=[[] for _ in range(len(output.sequences))])
+            return output
+        refuse_options_with_updates(generation_config or self.generation_config, kwargs)
+        state = DuplexGenerationState(self, batch_size, updates, update_mode, tokenizer)
+        try:
+            state.check_decoding_options(generation_config or self.generation_config, kwargs)
+            if tokenizer is not None:
+                kwargs["tokenizer"] = tokenizer
+            output = super().generate(inputs, generation_config, duplex_state=state, **kwargs)
+        finally:
+            state.close()
+        landings = state.finish()
+        if isinstance(output, GenerateDecoderOnlyOutput):
+            output = DuplexGenerateOutput(**output, update_landings=landings)
+        return output
+
+    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, duplex_state=None, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, next_sequence_length=next_sequence_length, **kwargs
+        )
+        if duplex_state is not None:
+            duplex_state.prepare_step(input_ids, model_inputs)
+        return model_inputs
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):
+        state = model_kwargs.get("duplex_state")
+        if state is not None:
+            state.after_forward(model_kwargs)
+        return super()._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder, num_new_tokens)
+
+
 __all__ = [
     "NO_UPDATE",
     "UPDATE_MODES",
     "ContextWorkspace",
     "DuplexGenerateOutput",
+    "DuplexGenerationMixin",
     "DuplexGenerationState",
     "DuplexUpdate",
     "UpdateLanding",
