@@ -20,8 +20,11 @@ The GPU run (well under 5 minutes on one H100; progress on stderr, the table on 
 
 Its CPU smoke run (what tests/test_bench.py runs; seconds):
 
-    python bench/bench_gpu.py --device cpu --shape micro --train-seq 64 --train-batch 2 --contexts 128 \\
-        --decode-tokens 8 --repeats 2 --threads 1
+    python bench/bench_gpu.py --device cpu --shape micro --dtype float32 --train-seq 64 --train-batch 2 \\
+        --contexts 128 --decode-tokens 8 --repeats 2 --threads 1
+
+(fp32 on CPU: there a bf16 backbone decoding with a correction fails, the CPU fused read returning an fp32 output;
+the tests run the GPU's bf16 code path on CPU with the reference read instead.)
 
 Only ratios measured in the same run compare; figures from another card or another run do not.
 """

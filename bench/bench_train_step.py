@@ -301,6 +301,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         row = rows["duplex (compared checkout)"]
         results["this_over_compared_speed"] = 1 / row["speed_vs_this_checkout"]
         results["this_over_compared_paired_speed"] = 1 / row["paired_speed_vs_this_checkout"]
+        results["this_over_compared_cpu_speed"] = row["cpu_s"] / rows["duplex (this checkout)"]["cpu_s"]
     print(markdown(results), flush=True)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -337,7 +338,8 @@ def markdown(results: dict) -> str:
         lines += [
             "",
             f"This checkout's duplex step / the compared checkout's, speed: {results['this_over_compared_speed']:.3f}x "
-            f"(paired per round: {results['this_over_compared_paired_speed']:.3f}x)",
+            f"(paired per round: {results['this_over_compared_paired_speed']:.3f}x; in process CPU time: "
+            f"{results['this_over_compared_cpu_speed']:.3f}x)",
         ]
     return "\n".join(lines) + "\n"
 
