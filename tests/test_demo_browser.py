@@ -44,7 +44,7 @@ def demo_url():
     port = free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
     process = subprocess.Popen(
-        [sys.executable, "app.py", "--port", str(port)],
+        [sys.executable, "app.py", "--trust-remote-code", "--port", str(port)],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,

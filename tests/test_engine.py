@@ -6,11 +6,11 @@ import threading
 import pytest
 import torch
 from conftest import perturb_duplex, tiny_backbone
+from serving import load_shipped
 
 from data import build_byte_tokenizer
 from engine_duplex import DuplexEngine, SessionFinished
 from modeling_duplex import DuplexForCausalLM
-from serve_duplex import DEFAULT_MODEL, load_model
 
 
 def random_duplex(workspace_update: str):
@@ -96,7 +96,7 @@ def test_batched_sessions_write_what_each_writes_alone(which):
     """Sessions join at different times, take corrections mid-flight (in every update mode, one of them inside a word
     of the shipped model's answer), end early or are cancelled; each one's text and landings equal offline `generate`
     of it alone with the updates at the tokens where they landed."""
-    model, tokenizer = load_model(DEFAULT_MODEL, device="cpu") if which == "shipped" else random_duplex(which)
+    model, tokenizer = load_shipped() if which == "shipped" else random_duplex(which)
     torch.manual_seed(0)
     _, events = run_plans(model, tokenizer)
     for i, (prompt, mode, max_new, corrections, _) in enumerate(PLANS):
