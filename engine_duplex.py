@@ -186,7 +186,7 @@ class EngineSession:
         self.done = threading.Event()
         self.lock = threading.Lock()  # orders `correct()` against the end of the session
         self.generator = None
-        if self.do_sample and self.sampling.seed is not None:
+        if self.do_sample and self.sampling.seed is not None:  # its own random stream: the same seed, the same answer
             self.generator = torch.Generator(device=self.engine.device).manual_seed(self.sampling.seed)
 
     def correct(self, text: str) -> None:
@@ -354,8 +354,18 @@ class DuplexEngine:
                 self.max_context,
             )
         sampling = self._sampling(sampling) if do_sample else SamplingOptions()
-        session = EngineSession(self, prompt, emit, max_new_tokens, update_mode, do_sample, min_new_tokens)
-        session.prompt_ids, session.stop, session.sampling = prompt_ids, tuple(stop), sampling
+        session = EngineSession(
+            self,
+            prompt,
+            emit,
+            max_new_tokens,
+            update_mode,
+            do_sample,
+            min_new_tokens,
+            prompt_ids,
+            tuple(stop),
+            sampling,
+        )
         with self._submit_lock:  # against `close`: a session is either refused or ended by the loop
             if self._closed.is_set():
                 raise RuntimeError("the engine is closed")
