@@ -34,10 +34,10 @@ session ends that session only; one in the shared decoding step ends the session
 from __future__ import annotations
 
 import logging
-import queue
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -301,12 +301,11 @@ class DuplexEngine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos_ids), 0)
         self.default_sampling = SamplingOptions(config.temperature, config.top_p, config.top_k)
         self.device = next(model.parameters()).device
-        self._waiting: queue.SimpleQueue[EngineSession] = queue.SimpleQueue()
+        self._waiting: deque[EngineSession] = deque()  # in order of arrival; guarded by `_submit_lock`
         self._wake = threading.Event()
         self._closed = threading.Event()
         self._submit_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="duplex-engine", daemon=True)
-        self._next_waiting: EngineSession | None = None  # taken from the queue, admitted at the next step
         self._reset_batch()
 
     # -- the public side -----------------------------------------------------------------------------------------------
@@ -369,7 +368,7 @@ class DuplexEngine:
         with self._submit_lock:  # against `close`: a session is either refused or ended by the loop
             if self._closed.is_set():
                 raise RuntimeError("the engine is closed")
-            self._waiting.put(session)
+            self._waiting.append(session)
         self.wake()
         return session
 
@@ -426,8 +425,7 @@ class DuplexEngine:
                 self._finish(session, self.batch.state, row)
         self._reset_batch()
         while True:
-            with self._submit_lock:
-                session, self._next_waiting = self._next_waiting or self._pop_waiting(), None
+            session = self._pop_waiting()  # (`submit` takes no more: `_closed` is set)
             if session is None:
                 break
             session.cancelled.set()
@@ -436,16 +434,20 @@ class DuplexEngine:
     def _admit(self) -> None:
         """Prefill sessions waiting for a row together, then splice them into the batch: as many as fit in
         `prefill_tokens_per_step` prompt tokens (at least one), the rest at the next steps."""
+        with self._submit_lock:  # waiting sessions that were cancelled end now, without waiting for a row
+            cancelled = [s for s in self._waiting if s.cancelled.is_set()]
+            if cancelled:
+                self._waiting = deque(s for s in self._waiting if not s.cancelled.is_set())
+        for session in cancelled:
+            self._finish(session)
         newcomers, budget = [], self.prefill_tokens_per_step
         while self.live_sessions + len(newcomers) < self.max_batch_size:
-            session, self._next_waiting = self._next_waiting or self._pop_waiting(), None
+            session = self._pop_waiting()
             if session is None:
                 break
-            if session.cancelled.is_set():
-                self._finish(session)
-                continue
             if newcomers and len(session.prompt_ids) > budget:
-                self._next_waiting = session  # over this step's budget: first in line at the next
+                with self._submit_lock:
+                    self._waiting.appendleft(session)  # over this step's budget: first in line at the next
                 break
             newcomers.append(session)
             budget -= len(session.prompt_ids)
@@ -470,10 +472,8 @@ class DuplexEngine:
         self._admitting = []
 
     def _pop_waiting(self) -> EngineSession | None:
-        try:
-            return self._waiting.get_nowait()
-        except queue.Empty:
-            return None
+        with self._submit_lock:
+            return self._waiting.popleft() if self._waiting else None
 
     def _step(self) -> None:
         """One decoding step of every live row; the rows that ended leave, and the columns no row uses any more."""
