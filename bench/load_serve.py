@@ -241,8 +241,8 @@ class MemoryWatch:
     """The resident memory of a process, sampled every 50 ms in a thread: at the start and at its peak (MiB)."""
 
     def __init__(self, pid: int):
-        self.pid, self.start, self.peak = pid, self.rss(), 0.0
-        self.peak = self.start
+        self.pid = pid
+        self.start = self.peak = self.rss()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
         self._thread.start()
