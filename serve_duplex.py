@@ -748,6 +748,13 @@ async def raw_events(session_id: str, session: EngineSession, channel: EventChan
 
 async def start_chat(context: ServerContext, chat: ChatRequest) -> StreamingResponse | JSONResponse:
     """Render the messages with the chat template, start the session, and answer as a stream or at its end."""
+    if getattr(context.tokenizer, "chat_template", None) is None:
+        raise RequestError(
+            400,
+            "this model's tokenizer has no chat template: use POST /v1/generate with a prompt",
+            param="messages",
+            code="no_chat_template",
+        )
     prompt = context.tokenizer.apply_chat_template(chat.messages, tokenize=False, add_generation_prompt=True)
     prompt_tokens = len(context.tokenizer(prompt, add_special_tokens=True)["input_ids"])
     room = context.engine.max_context - prompt_tokens

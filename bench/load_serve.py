@@ -425,9 +425,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     process, base = (None, args.url) if args.url else start_server(args)
-    memory = MemoryWatch(process.pid) if process is not None else None
-    loads, abused = {}, {}
+    memory, loads, abused = None, {}, {}
     try:
+        memory = MemoryWatch(process.pid) if process is not None else None
         for sessions in args.sessions:
             if args.abuse:
                 print("-- quiet --")
