@@ -8,13 +8,18 @@ import json
 import shutil
 import subprocess
 import threading
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 from serving import MODEL_NAME, error_of, load_shipped, serve
+from transformers import AutoTokenizer
 
-from serve_duplex import Access, Limits, create_app
+from data import build_byte_tokenizer
+from data.prompts import PromptFormat
+from data.tokenizer import CHAT_TEMPLATE
+from serve_duplex import DEFAULT_MODEL, Access, Limits, create_app
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -54,10 +59,19 @@ def offline(shipped, messages: list[dict], max_new_tokens: int, updates=None) ->
     return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
-def test_the_chat_template_renders_a_user_turn_as_the_prompt_format(shipped):
+def test_the_chat_template_renders_a_user_turn_as_the_prompt_format(shipped, tmp_path):
+    """The shipped tokenizer (AutoTokenizer on the checkpoint folder) and every byte tokenizer that training saves
+    carry the template; the tasks' own prompts stay plain text."""
     _, tokenizer = shipped
     rendered = tokenizer.apply_chat_template(COUNT, tokenize=False, add_generation_prompt=True)
     assert rendered == "Count from 3 to 9.\n"
+    assert (Path(DEFAULT_MODEL) / "chat_template.jinja").read_text() == CHAT_TEMPLATE
+    build_byte_tokenizer().save_pretrained(tmp_path)
+    saved = AutoTokenizer.from_pretrained(tmp_path)
+    assert saved.apply_chat_template(COUNT, tokenize=False, add_generation_prompt=True) == "Count from 3 to 9.\n"
+    follow_up = [*COUNT, {"role": "user", "content": "Stop at 6."}]  # the restart prompt's format
+    assert saved.apply_chat_template(follow_up, tokenize=False) == "Count from 3 to 9.\nStop at 6.\n"
+    assert not PromptFormat.for_tokenizer(saved).chat
 
 
 def test_the_client_lists_the_served_model(base):
