@@ -25,9 +25,10 @@ Events go to each session's `emit` (called from the engine's thread; it must not
 Every text is checked where it enters (`check_text`: a string, not empty, valid UTF-8, no lone surrogates) and the
 prompt is tokenized in `submit`, in the caller's thread, so that a bad input is refused there and never reaches the
 shared loop. Work per client is bounded: the prompt and its answer must fit the model's context, a session takes at
-most `max_corrections` corrections and holds at most `max_pending_corrections` not yet landed (`TooManyCorrections`
-beyond), and newcomers are prefilled at most `prefill_tokens_per_step` prompt tokens per step, so that a long prompt
-delays the live sessions by one prefill, not by a queue of them. A failure while prefilling or correcting one
+most `max_corrections` corrections of at most `max_correction_tokens` tokens in all (what its workspace row holds)
+and at most `max_pending_corrections` not yet landed (`TooManyCorrections` beyond), and newcomers are prefilled
+at most `prefill_tokens_per_step` prompt tokens per step, so that a long prompt delays the live sessions by one
+prefill, not by a queue of them. A failure while prefilling or correcting one
 session ends that session only; one in the shared decoding step ends the sessions of that step.
 """
 
@@ -179,7 +180,7 @@ class EngineSession:
         self.decoder = IncrementalDecoder(self.engine.tokenizer)
         self.corrections: list[tuple[str, float]] = []  # arrived, not yet handed to the decoding loop
         self.accepted_corrections = 0
-        self.correction_tokens = 0  # in-band corrections lengthen the context by their tokens
+        self.correction_tokens = 0  # the workspace (or, in-band, the context) grows by the corrections' tokens
         self.streamed_chars = 0  # of the text so far, what went out in token events (stop strings hold some back)
         self.stop_hit = False
         self.cancelled = threading.Event()
@@ -207,6 +208,10 @@ class EngineSession:
                     f"{engine.max_pending_corrections} corrections are already waiting to land; retry after the next "
                     "token"
                 )
+            if self.correction_tokens + tokens > engine.max_correction_tokens:  # what the row's workspace may hold
+                raise TooManyCorrections(
+                    f"a completion's corrections may hold at most {engine.max_correction_tokens} tokens in all"
+                )
             if self.update_mode == "inband":
                 needed = len(self.prompt_ids) + self.max_new_tokens + self.correction_tokens + tokens
                 if needed > engine.max_context:
@@ -216,7 +221,7 @@ class EngineSession:
                         needed,
                         engine.max_context,
                     )
-                self.correction_tokens += tokens
+            self.correction_tokens += tokens
             self.accepted_corrections += 1
             self.corrections.append((text, time.perf_counter()))
         engine.wake()
@@ -281,11 +286,13 @@ class DuplexEngine:
         max_corrections: int = 16,
         max_pending_corrections: int = 4,
         prefill_tokens_per_step: int = 512,
+        max_correction_tokens: int = 2048,
     ):
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.pace_s = max_batch_size, pace_s
         self.max_corrections, self.max_pending_corrections = max_corrections, max_pending_corrections
         self.prefill_tokens_per_step = prefill_tokens_per_step
+        self.max_correction_tokens = max_correction_tokens  # per session: bounds the slots of its workspace row
         text_config = model.config.get_text_config()
         self.max_context = getattr(text_config, "max_position_embeddings", None) or tokenizer.model_max_length
         self.state_class = generation_state_class(model)

@@ -331,6 +331,17 @@ def test_bad_texts_and_too_much_work_are_refused_where_they_enter():
         assert session.wait(30)
     finally:
         engine.close()
+    engine = DuplexEngine(model, tokenizer, max_correction_tokens=20, pace_s=0.05).start()
+    try:
+        session, _ = collect(engine, "Spell cat.\n", max_new_tokens=200, min_new_tokens=200)
+        session.correct("x" * 15)
+        with pytest.raises(TooManyCorrections, match="20 tokens"):
+            session.correct("y" * 6)  # 21 tokens of corrections: more than the row's workspace may hold
+        session.correct("y" * 5)
+        session.cancel()
+        assert session.wait(30)
+    finally:
+        engine.close()
 
 
 def test_long_prompts_are_prefilled_one_step_budget_at_a_time(monkeypatch):
