@@ -92,8 +92,10 @@ def load_model(
     dtype: str = "auto",
     trust_remote_code: bool = False,
     revision: str | None = None,
+    backbone: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a checkpoint (local path or Hub id, at `revision`) and its tokenizer the way a user does, in eval mode.
+    """Load a checkpoint (local path or Hub id, at `revision`) and its tokenizer the way a user does, in eval mode;
+    `backbone` loads an adapter-only checkpoint on a copy of its backbone stored elsewhere (`backbone_name_or_path`).
 
     Duplex checkpoints carry their modeling code (`auto_map`): it runs only with `trust_remote_code=True`, otherwise
     `RemoteCodeRefused`. `dtype="auto"` keeps the checkpoint's dtype on the CPU and uses bfloat16 on a GPU that
@@ -105,10 +107,11 @@ def load_model(
     else:
         torch_dtype = getattr(torch, dtype)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "revision": revision}
+    model_kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
+    if backbone is not None:
+        model_kwargs["backbone_name_or_path"] = backbone
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, **kwargs, **({"dtype": torch_dtype} if torch_dtype is not None else {})
-        )
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs, **model_kwargs)
     except ValueError as error:
         if not trust_remote_code and "trust_remote_code" in str(error):
             raise RemoteCodeRefused(
@@ -882,6 +885,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="run the model code the checkpoint ships (Duplex checkpoints need it; read it first)",
     )
     parser.add_argument("--revision", default=None, help="the Hub revision (commit) of --model to load")
+    parser.add_argument("--backbone", default=None, help="for an adapter-only --model: where its backbone is stored")
     parser.add_argument("--served-model-name", default=None, help="the id clients use (default: the folder's name)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
@@ -937,7 +941,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        model, tokenizer = load_model(args.model, args.device, args.dtype, args.trust_remote_code, args.revision)
+        model, tokenizer = load_model(
+            args.model, args.device, args.dtype, args.trust_remote_code, args.revision, args.backbone
+        )
     except RemoteCodeRefused as error:
         raise SystemExit(str(error)) from None
     limits = Limits(
