@@ -2,7 +2,10 @@
 
 A Gradio Blocks app, runnable as a Hugging Face Space:
 
-    python app.py [--model checkpoints/duplex-tiny] [--host 127.0.0.1] [--port 7860]
+    python app.py --trust-remote-code [--model checkpoints/duplex-tiny] [--host 127.0.0.1] [--port 7860]
+
+Duplex checkpoints carry their own model code: it runs only with `--trust-remote-code` (pin a Hub model's code with
+`--revision`).
 
 One prompt runs four ways at once, each in its own pane:
   Duplex (workspace)  the correction is written into the latent workspace; decoding goes on from the same KV cache
@@ -32,7 +35,7 @@ import gradio as gr
 import torch
 
 from engine_duplex import DuplexEngine, EngineSession, SessionFinished
-from serve_duplex import DEFAULT_MODEL, load_model
+from serve_duplex import DEFAULT_MODEL, RemoteCodeRefused, load_model
 
 PANES = ("workspace", "inband", "restart", "ignore")
 TITLES = {
@@ -367,6 +370,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default=os.environ.get("DUPLEX_MODEL", DEFAULT_MODEL), help="path or Hub id")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        default=os.environ.get("DUPLEX_TRUST_REMOTE_CODE") == "1",
+        help="run the model code the checkpoint ships (Duplex checkpoints need it; read it first)",
+    )
+    parser.add_argument("--revision", default=None, help="the Hub revision (commit) of --model to load")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: a GPU if there is one)")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="the slider's maximum")
@@ -378,7 +388,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model, args.device, args.dtype)
+    try:
+        model, tokenizer = load_model(args.model, args.device, args.dtype, args.trust_remote_code, args.revision)
+    except RemoteCodeRefused as error:
+        raise SystemExit(str(error)) from None
     demo = build_demo(model, tokenizer, args.max_new_tokens)
     demo.queue(default_concurrency_limit=None).launch(server_name=args.host, server_port=args.port, css=CSS)
 

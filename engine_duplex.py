@@ -17,17 +17,28 @@ Events go to each session's `emit` (called from the engine's thread; it must not
                                                                update; "kind" is the model's decision (correction or
                                                                backchannel); latency from `correct()` to the forward
                                                                pass that first read it
-  {"done": true, "text", "tokens", "stopped", "landings"}      at the end (`stopped`: eos, length or cancelled);
-                                                               `landings` includes corrections that came too late
-  {"error": message}                                           if decoding failed
+  {"done": true, "text", "tokens", "stopped", "landings"}      at the end (`stopped`: eos, stop, length or
+                                                               cancelled); `landings` includes corrections that came
+                                                               too late
+  {"error": message}                                           if serving this session failed (no internal detail)
+
+Every text is checked where it enters (`check_text`: a string, not empty, valid UTF-8, no lone surrogates) and the
+prompt is tokenized in `submit`, in the caller's thread, so that a bad input is refused there and never reaches the
+shared loop. Work per client is bounded: the prompt and its answer must fit the model's context, a session takes at
+most `max_corrections` corrections of at most `max_correction_tokens` tokens in all (what its workspace row holds)
+and at most `max_pending_corrections` not yet landed (`TooManyCorrections` beyond), and newcomers are prefilled
+at most `prefill_tokens_per_step` prompt tokens per step, so that a long prompt delays the live sessions by one
+prefill, not by a queue of them. A failure while prefilling or correcting one
+session ends that session only; one in the shared decoding step ends the sessions of that step.
 """
 
 from __future__ import annotations
 
-import queue
+import logging
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,8 +46,11 @@ from typing import Any
 import torch
 from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+logger = logging.getLogger(__name__)
+
 Event = dict[str, Any]
 EmitFn = Callable[[Event], None]
+GENERATION_FAILED = "generation failed; the server log has the details"
 
 # generation_config options the engine does not implement: refused rather than silently dropped
 UNSUPPORTED_OPTIONS = {
@@ -58,6 +72,32 @@ UNSUPPORTED_OPTIONS = {
 
 class SessionFinished(RuntimeError):
     """A correction arrived after its session had ended."""
+
+
+class TooManyCorrections(RuntimeError):
+    """A session already holds as many corrections as the engine lets one session send (in all, or not yet landed)."""
+
+
+class ContextLengthError(ValueError):
+    """A prompt (and the answer asked for) that does not fit the model's context."""
+
+    def __init__(self, message: str, prompt_tokens: int, max_context: int):
+        super().__init__(message)
+        self.prompt_tokens, self.max_context = prompt_tokens, max_context
+
+
+def check_text(text: Any, name: str) -> str:
+    """`text` if it is a non-empty string that encodes to UTF-8 (no lone surrogates), else a ValueError naming
+    `name`: what a tokenizer is handed has passed here."""
+    if not isinstance(text, str):
+        raise ValueError(f"`{name}` must be a string, got {type(text).__name__}")
+    if not text.strip():
+        raise ValueError(f"`{name}` is empty")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"`{name}` is not valid Unicode (a lone surrogate at character {error.start})") from None
+    return text
 
 
 def generation_state_class(model: torch.nn.Module) -> type | None:
@@ -109,6 +149,16 @@ def landing_event(landing) -> dict[str, Any]:
 
 
 @dataclass
+class SamplingOptions:
+    """How a sampling session picks its tokens; None keeps the model's generation_config value."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+
+
+@dataclass
 class EngineSession:
     """One live generation of the engine: its events go to `emit`; `correct` and `cancel` work from any thread."""
 
@@ -119,29 +169,65 @@ class EngineSession:
     update_mode: str = "workspace"
     do_sample: bool = False
     min_new_tokens: int = 0
+    prompt_ids: list[int] = field(default_factory=list)
+    stop: tuple[str, ...] = ()  # the answer ends before the first of these strings (not included)
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
     started_time: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
     tokens: int = 0  # new tokens so far (EOS included)
     last_token: int | None = None
+    stopped: str | None = None  # once done: eos, stop, length or cancelled
+    failure: str | None = None  # serving this session failed: it ends with an error event
 
     def __post_init__(self) -> None:
         self.decoder = IncrementalDecoder(self.engine.tokenizer)
         self.corrections: list[tuple[str, float]] = []  # arrived, not yet handed to the decoding loop
+        self.accepted_corrections = 0
+        self.correction_tokens = 0  # the workspace (or, in-band, the context) grows by the corrections' tokens
+        self.streamed_chars = 0  # of the text so far, what went out in token events (stop strings hold some back)
+        self.stop_hit = False
         self.cancelled = threading.Event()
         self.done = threading.Event()
         self.lock = threading.Lock()  # orders `correct()` against the end of the session
+        self.generator = None
+        if self.do_sample and self.sampling.seed is not None:  # its own random stream: the same seed, the same answer
+            self.generator = torch.Generator(device=self.engine.device).manual_seed(self.sampling.seed)
 
     def correct(self, text: str) -> None:
-        """Queue a correction; it lands before the session's next token. Raises `SessionFinished` once it ended."""
-        if not self.engine.takes_corrections:
-            raise TypeError(f"{type(self.engine.model).__name__} takes no corrections")
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError("`text`: a correction must be a non-empty string")
+        """Queue a correction; it lands before the session's next token. Raises `SessionFinished` once it ended,
+        `TooManyCorrections` over the engine's caps, ValueError (naming `text`) for a text the tokenizer cannot take."""
+        engine = self.engine
+        if not engine.takes_corrections:
+            raise TypeError(f"{type(engine.model).__name__} takes no corrections")
+        check_text(text, "text")
+        tokens = len(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
         with self.lock:
             if self.done.is_set():
                 raise SessionFinished("generation has ended")
+            if self.accepted_corrections >= engine.max_corrections:
+                raise TooManyCorrections(f"a completion takes at most {engine.max_corrections} corrections")
+            if len(self.corrections) >= engine.max_pending_corrections:
+                raise TooManyCorrections(
+                    f"{engine.max_pending_corrections} corrections are already waiting to land; retry after the next "
+                    "token"
+                )
+            if self.correction_tokens + tokens > engine.max_correction_tokens:  # what the row's workspace may hold
+                raise TooManyCorrections(
+                    f"a completion's corrections may hold at most {engine.max_correction_tokens} tokens in all"
+                )
+            if self.update_mode == "inband":
+                needed = len(self.prompt_ids) + self.max_new_tokens + self.correction_tokens + tokens
+                if needed > engine.max_context:
+                    raise ContextLengthError(
+                        f"`text`: spliced in-band, it would take the completion to {needed} tokens; the model's "
+                        f"context is {engine.max_context}",
+                        needed,
+                        engine.max_context,
+                    )
+            self.correction_tokens += tokens
+            self.accepted_corrections += 1
             self.corrections.append((text, time.perf_counter()))
-        self.engine.wake()
+        engine.wake()
 
     def cancel(self) -> None:
         """Stop after the current step (the done event reports `stopped: "cancelled"`)."""
@@ -161,18 +247,57 @@ class EngineSession:
             taken, self.corrections = self.corrections, []
         return taken
 
+    def _push(self, token_id: int) -> str:
+        """Record a new token; the text it lets out (held back while it could still begin a stop string)."""
+        self.decoder.push(token_id)
+        self.tokens += 1
+        self.last_token = token_id
+        text = self.decoder.emitted
+        if not self.stop:
+            piece, self.streamed_chars = text[self.streamed_chars :], len(text)
+            return piece
+        found = [i for i in (text.find(s, max(0, self.streamed_chars - len(s) + 1)) for s in self.stop) if i >= 0]
+        if found:
+            self.stop_hit = True
+            end = min(found)
+        else:
+            end = max(self.streamed_chars, len(text) - max(len(s) for s in self.stop) + 1)
+        piece, self.streamed_chars = text[self.streamed_chars : end], end
+        return piece
+
+    def final_text(self) -> str:
+        """The answer: the decoded tokens, cut before a stop string that was written."""
+        text = self.decoder.text()
+        return text[: self.streamed_chars] if self.stop_hit else text
+
 
 class DuplexEngine:
     """Decodes every live session in one batched forward pass per step (see the module docstring).
 
     `max_batch_size` sessions decode at once (later ones wait for a row); `pace_s` spaces the steps out to a
     human's reading speed (the demo), a correction cutting the pause short. A plain causal LM is served too (its
-    sessions take no corrections).
+    sessions take no corrections). `max_corrections`, `max_pending_corrections` and `prefill_tokens_per_step` bound
+    the work one client can cause (see the module docstring).
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer, max_batch_size: int = 32, pace_s: float = 0.0):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        max_batch_size: int = 32,
+        pace_s: float = 0.0,
+        max_corrections: int = 16,
+        max_pending_corrections: int = 4,
+        prefill_tokens_per_step: int = 512,
+        max_correction_tokens: int = 2048,
+    ):
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.pace_s = max_batch_size, pace_s
+        self.max_corrections, self.max_pending_corrections = max_corrections, max_pending_corrections
+        self.prefill_tokens_per_step = prefill_tokens_per_step
+        self.max_correction_tokens = max_correction_tokens  # per session: bounds the slots of its workspace row
+        text_config = model.config.get_text_config()
+        self.max_context = getattr(text_config, "max_position_embeddings", None) or tokenizer.model_max_length
         self.state_class = generation_state_class(model)
         self.takes_corrections = self.state_class is not None
         config = model.generation_config
@@ -184,15 +309,9 @@ class DuplexEngine:
         eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos_ids), 0)
-        self.warpers = LogitsProcessorList()  # sampling rows only, in generate's order
-        if config.temperature is not None and config.temperature != 1.0:
-            self.warpers.append(TemperatureLogitsWarper(config.temperature))
-        if config.top_k is not None and config.top_k != 0:
-            self.warpers.append(TopKLogitsWarper(config.top_k))
-        if config.top_p is not None and config.top_p < 1.0:
-            self.warpers.append(TopPLogitsWarper(config.top_p))
+        self.default_sampling = SamplingOptions(config.temperature, config.top_p, config.top_k)
         self.device = next(model.parameters()).device
-        self._waiting: queue.SimpleQueue[EngineSession] = queue.SimpleQueue()
+        self._waiting: deque[EngineSession] = deque()  # in order of arrival; guarded by `_submit_lock`
         self._wake = threading.Event()
         self._closed = threading.Event()
         self._submit_lock = threading.Lock()
@@ -222,21 +341,56 @@ class DuplexEngine:
         update_mode: str = "workspace",
         do_sample: bool = False,
         min_new_tokens: int = 0,
+        stop: Sequence[str] = (),
+        sampling: SamplingOptions | None = None,
     ) -> EngineSession:
-        """A new session: it joins the batch at the next step (or as soon as a row is free)."""
-        if not prompt:
-            raise ValueError("`prompt` is empty")
+        """A new session: it joins the batch at the next step (or as soon as a row is free). The prompt is checked and
+        tokenized here: ValueError naming `prompt`, or `ContextLengthError` when it and `max_new_tokens` do not fit
+        the model's context."""
+        check_text(prompt, "prompt")
         if max_new_tokens < 1:
             raise ValueError(f"`max_new_tokens` must be positive, got {max_new_tokens}")
         if update_mode not in ("workspace", "ignore", "inband"):
             raise ValueError(f"`update_mode` must be workspace, ignore or inband, got {update_mode!r}")
-        session = EngineSession(self, prompt, emit, max_new_tokens, update_mode, do_sample, min_new_tokens)
+        for text in stop:
+            check_text(text, "stop")
+        prompt_ids = list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        if len(prompt_ids) + max_new_tokens > self.max_context:
+            raise ContextLengthError(
+                f"the model's context is {self.max_context} tokens; the prompt has {len(prompt_ids)} and "
+                f"{max_new_tokens} new tokens were asked for",
+                len(prompt_ids),
+                self.max_context,
+            )
+        sampling = self._sampling(sampling) if do_sample else SamplingOptions()
+        session = EngineSession(
+            self,
+            prompt,
+            emit,
+            max_new_tokens,
+            update_mode,
+            do_sample,
+            min_new_tokens,
+            prompt_ids,
+            tuple(stop),
+            sampling,
+        )
         with self._submit_lock:  # against `close`: a session is either refused or ended by the loop
             if self._closed.is_set():
                 raise RuntimeError("the engine is closed")
-            self._waiting.put(session)
+            self._waiting.append(session)
         self.wake()
         return session
+
+    def _sampling(self, asked: SamplingOptions | None) -> SamplingOptions:
+        """`asked`, its unset fields taken from the model's generation_config."""
+        asked, default = asked or SamplingOptions(), self.default_sampling
+        return SamplingOptions(
+            asked.temperature if asked.temperature is not None else default.temperature,
+            asked.top_p if asked.top_p is not None else default.top_p,
+            asked.top_k if asked.top_k is not None else default.top_k,
+            asked.seed,
+        )
 
     def wake(self) -> None:
         self._wake.set()
@@ -257,12 +411,19 @@ class DuplexEngine:
             try:
                 with torch.inference_mode():
                     self._admit()
+            except Exception:  # the newcomers' prefill failed: they end; the live batch goes on
+                logger.exception("prefill failed")
+                for session in self._admitting:
+                    self._end(session, {"error": GENERATION_FAILED})
+                self._admitting = []
+            try:
+                with torch.inference_mode():
                     if self.batch is not None:
                         self._step()
-            except Exception as error:  # every live session hears of it; the loop goes on for later ones
-                live = self.batch.rows if self.batch is not None else []
-                for session in [*live, *self._admitting]:
-                    self._end(session, {"error": f"generation failed: {type(error).__name__}: {error}"})
+            except Exception:  # the shared step failed: its sessions end; the loop goes on for later ones
+                logger.exception("decoding step failed")
+                for session in self.batch.rows if self.batch is not None else []:
+                    self._end(session, {"error": GENERATION_FAILED})
                 self._reset_batch()
             if self.batch is None:
                 self._wake.wait(0.5)
@@ -274,30 +435,36 @@ class DuplexEngine:
                 self._finish(session, self.batch.state, row)
         self._reset_batch()
         while True:
-            try:
-                with self._submit_lock:
-                    session = self._waiting.get_nowait()
-            except queue.Empty:
+            session = self._pop_waiting()  # (`submit` takes no more: `_closed` is set)
+            if session is None:
                 break
             session.cancelled.set()
             self._finish(session)
 
     def _admit(self) -> None:
-        """Prefill the sessions waiting for a row together, then splice them into the batch."""
-        newcomers = []
+        """Prefill sessions waiting for a row together, then splice them into the batch: as many as fit in
+        `prefill_tokens_per_step` prompt tokens (at least one), the rest at the next steps."""
+        with self._submit_lock:  # waiting sessions that were cancelled end now, without waiting for a row
+            cancelled = [s for s in self._waiting if s.cancelled.is_set()]
+            if cancelled:
+                self._waiting = deque(s for s in self._waiting if not s.cancelled.is_set())
+        for session in cancelled:
+            self._finish(session)
+        newcomers, budget = [], self.prefill_tokens_per_step
         while self.live_sessions + len(newcomers) < self.max_batch_size:
-            try:
-                session = self._waiting.get_nowait()
-            except queue.Empty:
+            session = self._pop_waiting()
+            if session is None:
                 break
-            if session.cancelled.is_set():
-                self._finish(session)
-            else:
-                newcomers.append(session)
+            if newcomers and len(session.prompt_ids) > budget:
+                with self._submit_lock:
+                    self._waiting.appendleft(session)  # over this step's budget: first in line at the next
+                break
+            newcomers.append(session)
+            budget -= len(session.prompt_ids)
         if not newcomers:
             return
         self._admitting = newcomers
-        encoded = [self.tokenizer(s.prompt, add_special_tokens=True)["input_ids"] for s in newcomers]
+        encoded = [s.prompt_ids for s in newcomers]
         width = max(len(ids) for ids in encoded)
         input_ids = torch.tensor([[self.pad_id] * (width - len(ids)) + ids for ids in encoded], device=self.device)
         mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=self.device)
@@ -313,6 +480,10 @@ class DuplexEngine:
         if self._leave(group):
             self._merge(group)
         self._admitting = []
+
+    def _pop_waiting(self) -> EngineSession | None:
+        with self._submit_lock:
+            return self._waiting.popleft() if self._waiting else None
 
     def _step(self) -> None:
         """One decoding step of every live row; the rows that ended leave, and the columns no row uses any more."""
@@ -331,7 +502,11 @@ class DuplexEngine:
         if batch.state is not None:
             for row, session in enumerate(batch.rows):
                 for text, arrived in session._take_corrections():
-                    batch.state.put(row, text, arrived)
+                    try:
+                        batch.state.put(row, text, arrived)
+                    except Exception:  # this session's correction cannot be taken: it ends, the others go on
+                        logger.exception("a correction could not be queued")
+                        session.failure = GENERATION_FAILED
         inputs |= {"past_key_values": batch.cache, "use_cache": True, "logits_to_keep": 1}
         if batch.state is not None:
             batch.state.step([session.tokens for session in batch.rows], inputs)
@@ -344,9 +519,8 @@ class DuplexEngine:
         now = time.perf_counter()
         for session, token_id in zip(batch.rows, next_ids.tolist(), strict=True):
             session.first_token_time = session.first_token_time or now
-            session.emit({"token": session.decoder.push(token_id), "index": session.tokens})  # EOS: ""
-            session.tokens += 1
-            session.last_token = token_id
+            index = session.tokens
+            session.emit({"token": session._push(token_id), "index": index})  # EOS: ""
         batch.next_ids = next_ids[:, None]
 
     def _pick(self, rows: Sequence[EngineSession], logits: torch.Tensor) -> torch.Tensor:
@@ -355,11 +529,11 @@ class DuplexEngine:
             if session.tokens < session.min_new_tokens:
                 logits[row, list(self.eos_ids)] = float("-inf")
         picked = logits.argmax(dim=-1)
-        sampled = [row for row, session in enumerate(rows) if session.do_sample]
-        if sampled:
-            index = torch.tensor(sampled, device=logits.device)
-            warped = self.warpers(None, logits[index])
-            picked[index] = torch.multinomial(torch.softmax(warped, dim=-1), 1)[:, 0]
+        for row, session in enumerate(rows):
+            if session.do_sample:
+                warped = _warpers(session.sampling)(None, logits[row : row + 1])
+                probs = torch.softmax(warped, dim=-1)
+                picked[row] = torch.multinomial(probs, 1, generator=session.generator)[0, 0]
         return picked
 
     def _merge(self, group: _Batch) -> None:
@@ -388,15 +562,24 @@ class DuplexEngine:
     def _ended(self, session: EngineSession) -> bool:
         """EOS written, `max_new_tokens` reached, or cancelled (the client left)."""
         return (
-            session.cancelled.is_set() or session.tokens >= session.max_new_tokens or session.last_token in self.eos_ids
+            session.cancelled.is_set()
+            or session.failure is not None
+            or session.stop_hit
+            or session.tokens >= session.max_new_tokens
+            or session.last_token in self.eos_ids
         )
 
     def _finish(self, session: EngineSession, state=None, row: int | None = None) -> None:
         """The done event of a session (row `row` of `state`, or not admitted yet), with every correction it
         received (those that never landed: `at` None)."""
         landings = [landing_event(x) for x in state.take_landings(row)] if state is not None else []
+        if session.failure is not None:
+            self._end(session, {"error": session.failure})
+            return
         if session.cancelled.is_set():
             stopped = "cancelled"
+        elif session.stop_hit:
+            stopped = "stop"
         elif session.tokens >= session.max_new_tokens and session.last_token not in self.eos_ids:
             stopped = "length"
         else:
@@ -409,6 +592,7 @@ class DuplexEngine:
         with session.lock:
             late = session.corrections
             session.corrections = []
+            session.stopped = stopped or "error"
             session.done.set()
         if error is not None:
             session.emit(error)
@@ -418,12 +602,24 @@ class DuplexEngine:
         session.emit(
             {
                 "done": True,
-                "text": session.decoder.text(),
+                "text": session.final_text(),
                 "tokens": session.tokens,
                 "stopped": stopped,
                 "landings": landings,
             }
         )
+
+
+def _warpers(sampling: SamplingOptions) -> LogitsProcessorList:
+    """The logits warpers of a sampling row, in generate's order."""
+    warpers = LogitsProcessorList()
+    if sampling.temperature is not None and sampling.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(sampling.temperature))
+    if sampling.top_k is not None and sampling.top_k != 0:
+        warpers.append(TopKLogitsWarper(sampling.top_k))
+    if sampling.top_p is not None and sampling.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(sampling.top_p))
+    return warpers
 
 
 @dataclass
@@ -483,4 +679,14 @@ class _Batch:
             self.state.concat(other.state)
 
 
-__all__ = ["DuplexEngine", "EngineSession", "IncrementalDecoder", "SessionFinished", "landing_event"]
+__all__ = [
+    "ContextLengthError",
+    "DuplexEngine",
+    "EngineSession",
+    "IncrementalDecoder",
+    "SamplingOptions",
+    "SessionFinished",
+    "TooManyCorrections",
+    "check_text",
+    "landing_event",
+]

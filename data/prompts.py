@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .tasks import CATEGORIES, FAMILIES, NAMES, TOPICS, WORDS, Instance, get_family, tokens
+from .tokenizer import CHAT_TEMPLATE as BYTE_CHAT_TEMPLATE
 
 PLAIN_INBAND_TEMPLATE = "\n{text}\n"
 _MARK = "\x00DUPLEX-ANSWER\x00"  # a stand-in answer, to cut the in-band template out of a rendered chat
@@ -32,7 +33,8 @@ class PromptFormat:
         """The chat format where the tokenizer has a chat template, plain text otherwise (the byte-level backbone)."""
         if shots < 0:
             raise ValueError(f"`shots` must be >= 0, got {shots}")
-        chat = bool(getattr(tokenizer, "chat_template", None))
+        template = getattr(tokenizer, "chat_template", None)
+        chat = bool(template) and template != BYTE_CHAT_TEMPLATE  # the byte tokenizer's template writes plain text
         if shots and not chat:
             raise ValueError(f"`shots={shots}` needs a tokenizer with a chat template; this one writes plain text")
         return cls(tokenizer if chat else None, shots)

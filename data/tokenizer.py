@@ -7,6 +7,10 @@ from transformers import PreTrainedTokenizerFast
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
+# Every turn is its text and a newline: a user turn renders as the prompt format the tasks speak
+# ("Count from 3 to 9." -> "Count from 3 to 9.\n"), and a follow-up turn as the restart prompt
+# `{instruction}\n{correction}\n`.
+CHAT_TEMPLATE = "{%- for message in messages %}{{ message['content'] }}\n{% endfor %}"
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -24,7 +28,8 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 def build_byte_tokenizer(model_max_length: int = 4096) -> PreTrainedTokenizerFast:
     """A 258-token byte-level tokenizer: 256 bytes, then `<|endoftext|>` (eos, 256) and
-    `<|pad|>` (pad, 257); no BOS and nothing added by add_special_tokens; pads on the left, as generation needs."""
+    `<|pad|>` (pad, 257); no BOS and nothing added by add_special_tokens; pads on the left, as generation needs.
+    Its chat template (`CHAT_TEMPLATE`) is saved with it (`chat_template.jinja`)."""
     vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
     assert set(vocab) == set(pre_tokenizers.ByteLevel.alphabet())
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
@@ -39,4 +44,5 @@ def build_byte_tokenizer(model_max_length: int = 4096) -> PreTrainedTokenizerFas
         model_max_length=model_max_length,
         clean_up_tokenization_spaces=False,
         padding_side="left",  # decoder-only generation: a batch's prompts end where their answers begin
+        chat_template=CHAT_TEMPLATE,
     )

@@ -16,7 +16,7 @@ FIRST, SECOND = "Name animals instead.", "Name fruits instead."
 def shipped():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as app.py does: one thread per generation, four at once
-    yield load_model(DEFAULT_MODEL, device="cpu")
+    yield load_model(DEFAULT_MODEL, device="cpu", trust_remote_code=True)
     torch.set_num_threads(threads)
 
 

@@ -21,6 +21,9 @@ CHROMIUM = os.environ.get("DUPLEX_CHROMIUM", "/usr/bin/chromium")
 PROMPT, CORRECTION = "Name 5 tools.", "Name animals instead."
 
 
+pytestmark = pytest.mark.timeout(600)
+
+
 def require_browser() -> None:
     """Skip (or, under DUPLEX_REQUIRE_BROWSER=1, fail) with how to install what is missing."""
     missing = []
@@ -37,34 +40,44 @@ def require_browser() -> None:
         pytest.skip(message)
 
 
-@pytest.fixture(scope="module")
-def demo_url():
-    """`python app.py` as a user starts it (the shipped checkpoint, 127.0.0.1), on a free port."""
-    require_browser()
-    port = free_port()
+def start_demo() -> tuple[subprocess.Popen, str]:
+    """`python app.py` on a free port; another process may take that port between our check and its bind, so a
+    start that exits early is retried on a new port (up to three times)."""
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
-    process = subprocess.Popen(
-        [sys.executable, "app.py", "--port", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 240
-    try:
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"app.py exited with {process.returncode}:\n{process.stdout.read()[-3000:]}")
+    for _attempt in range(3):
+        port = free_port()
+        process = subprocess.Popen(
+            [sys.executable, "app.py", "--trust-remote-code", "--port", str(port)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        url = f"http://127.0.0.1:{port}/"
+        deadline = time.monotonic() + 240
+        while process.poll() is None and time.monotonic() < deadline:
             try:
                 if httpx.get(url, timeout=2).status_code == 200:
-                    break
+                    return process, url
             except httpx.HTTPError:
                 pass
-            if time.monotonic() > deadline:
-                pytest.fail("app.py did not answer within 240 s")
             time.sleep(0.5)
+        if process.poll() is None:
+            process.terminate()
+            pytest.fail("app.py did not answer within 240 s")
+        output = process.stdout.read()
+        if "address already in use" not in output.lower() and "empty port" not in output.lower():
+            pytest.fail(f"app.py exited with {process.returncode}:\n{output[-3000:]}")
+    pytest.fail("app.py found no free port in three tries")
+
+
+@pytest.fixture(scope="module")
+def demo_url():
+    """`python app.py --trust-remote-code` as a user starts it (the shipped checkpoint, 127.0.0.1)."""
+    require_browser()
+    process, url = start_demo()
+    try:
         yield url
     finally:
         process.terminate()

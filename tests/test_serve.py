@@ -1,5 +1,7 @@
-"""The streaming server (`serve_duplex.py`), end to end: a real uvicorn on 127.0.0.1 serving the shipped checkpoint,
-driven by a real HTTP client (httpx) that streams a generation and posts corrections to it mid-stream."""
+"""The streaming server's raw endpoint (`POST /v1/generate`), end to end: a real uvicorn on 127.0.0.1 serving the
+shipped checkpoint, driven by a real HTTP client (httpx) that streams a generation and posts corrections to it
+mid-stream. Sessions that must stay alive while a test acts on them run on a paced engine (one step every
+`PACE_S`), so that no test races the model's speed."""
 
 import importlib.util
 import json
@@ -11,37 +13,24 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
-from conftest import free_port
+from serving import assert_refused, events, load_shipped, serve
 
-from serve_duplex import DEFAULT_MODEL, Limits, create_app, load_model
+from serve_duplex import Limits, create_app
+
+pytestmark = pytest.mark.timeout(300)
 
 LOAD_TEST = Path(__file__).resolve().parents[1] / "bench" / "load_serve.py"
 
 PROMPT = "Name 5 tools.\n"
 CORRECTION = "Name animals instead."
 CORRECT_AFTER = 2  # post once "ham" has streamed: the correction lands inside a word, as a user sends it
-LIMITS = Limits(max_new_tokens=300, max_prompt_chars=200, max_update_chars=50, max_sessions=8)
+LIMITS = Limits(max_new_tokens=300, max_update_chars=50, max_sessions=8, max_body_bytes=64 * 1024)
+PACE_S = 0.02  # a paced session of 300 tokens lives at least 6 s
 
 
 @pytest.fixture(scope="module")
 def shipped():
-    return load_model(DEFAULT_MODEL, device="cpu")
-
-
-def serve(app) -> Iterator[str]:
-    """`app` on a real uvicorn, in a thread, on a free port of 127.0.0.1; yields its base url."""
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not uv.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    uv.should_exit = True
-    thread.join(10)
+    return load_shipped()
 
 
 @pytest.fixture(scope="module")
@@ -54,20 +43,20 @@ def server(shipped) -> Iterator[tuple[str, object]]:
 
 @pytest.fixture(scope="module")
 def long_server(shipped) -> Iterator[tuple[str, object]]:
-    """The same, made to write all of `max_new_tokens` (the tiny model's answers are short): for stopping mid-way."""
-    app = create_app(*shipped, limits=LIMITS, session_options={"min_new_tokens": LIMITS.max_new_tokens})
+    """The same, made to write all of `max_new_tokens` (the tiny model's answers are short), one token every PACE_S:
+    for stopping mid-way."""
+    app = create_app(
+        *shipped,
+        limits=LIMITS,
+        session_options={"min_new_tokens": LIMITS.max_new_tokens},
+        engine_options={"pace_s": PACE_S},
+    )
     for base in serve(app):
         yield base, app
 
 
 def long_generation(client: httpx.Client):
     return client.stream("POST", "/v1/generate", json={"prompt": PROMPT, "max_new_tokens": LIMITS.max_new_tokens})
-
-
-def events(response: httpx.Response) -> Iterator[dict]:
-    for line in response.iter_lines():
-        if line.startswith("data: "):
-            yield json.loads(line[len("data: ") :])
 
 
 def run_session(base: str, prompt: str, correct_after: int | None = None, text: str = CORRECTION, **body) -> dict:
@@ -158,8 +147,8 @@ def test_every_update_mode_reports_its_landing(server):
 
 @pytest.mark.slow
 def test_a_client_that_disconnects_frees_its_session(long_server):
-    """Close the stream after the first token of a long answer: the session is gone and its generation stopped long
-    before `max_new_tokens`."""
+    """Close the stream after the first token of a long (paced) answer: the session is gone and its generation
+    stopped, as cancelled, long before `max_new_tokens`."""
     base, app = long_server
     with httpx.Client(base_url=base, timeout=60) as client:
         with long_generation(client) as r:
@@ -168,7 +157,7 @@ def test_a_client_that_disconnects_frees_its_session(long_server):
             generation = app.state.sessions.get(session_id)
             assert next(stream)["index"] == 0
     assert generation.wait(30), "the session did not end"
-    assert generation.cancelled.is_set() and generation.tokens < LIMITS.max_new_tokens
+    assert generation.stopped == "cancelled" and generation.tokens < LIMITS.max_new_tokens // 2
     deadline = time.monotonic() + 10
     while httpx.get(f"{base}/health").json()["sessions"] and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -178,27 +167,23 @@ def test_a_client_that_disconnects_frees_its_session(long_server):
     assert reply.status_code == 404
 
 
-def assert_refused(reply: httpx.Response, status: int, field: str) -> None:
-    assert reply.status_code == status, reply.text
-    assert field in reply.json()["error"], reply.json()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("body", "status", "field"),
     [
         (b"{not json", 400, "JSON"),
         (b"[1, 2]", 400, "object"),
-        (json.dumps({"max_new_tokens": 8}).encode(), 422, "`prompt`"),
-        (json.dumps({"prompt": "  "}).encode(), 422, "`prompt`"),
-        (json.dumps({"prompt": 5}).encode(), 422, "`prompt`"),
-        (json.dumps({"prompt": "x" * 201}).encode(), 422, "`prompt`"),
-        (json.dumps({"prompt": PROMPT, "max_new_tokens": 301}).encode(), 422, "`max_new_tokens`"),
-        (json.dumps({"prompt": PROMPT, "max_new_tokens": 0}).encode(), 422, "`max_new_tokens`"),
-        (json.dumps({"prompt": PROMPT, "max_new_tokens": "8"}).encode(), 422, "`max_new_tokens`"),
-        (json.dumps({"prompt": PROMPT, "update_mode": "shout"}).encode(), 422, "`update_mode`"),
-        (json.dumps({"prompt": PROMPT, "do_sample": "yes"}).encode(), 422, "`do_sample`"),
-        (json.dumps({"prompt": PROMPT, "temperature": 0.5}).encode(), 422, "`temperature`"),
+        (json.dumps({"max_new_tokens": 8}).encode(), 400, "prompt"),
+        (json.dumps({"prompt": "  "}).encode(), 400, "prompt"),
+        (json.dumps({"prompt": 5}).encode(), 400, "prompt"),
+        (json.dumps({"prompt": "\ud800 lone"}).encode(), 400, "prompt"),
+        (json.dumps({"prompt": "x" * 500}).encode(), 400, "prompt"),  # 500 tokens + 64 new: over 512 positions
+        (json.dumps({"prompt": PROMPT, "max_new_tokens": 301}).encode(), 400, "max_new_tokens"),
+        (json.dumps({"prompt": PROMPT, "max_new_tokens": 0}).encode(), 400, "max_new_tokens"),
+        (json.dumps({"prompt": PROMPT, "max_new_tokens": "8"}).encode(), 400, "max_new_tokens"),
+        (json.dumps({"prompt": PROMPT, "update_mode": "shout"}).encode(), 400, "update_mode"),
+        (json.dumps({"prompt": PROMPT, "do_sample": "yes"}).encode(), 400, "do_sample"),
+        (json.dumps({"prompt": PROMPT, "temperature": 0.5}).encode(), 400, "temperature"),
         (json.dumps({"prompt": "x" * 100_000}).encode(), 413, "body"),
     ],
 )
@@ -216,6 +201,8 @@ def test_bad_updates_get_a_4xx_naming_the_field(server, long_server):
     assert_refused(httpx.post(f"{base}/v1/sessions/nope/updates", json={"text": CORRECTION}), 404, "session")
     finished = run_session(base, PROMPT, max_new_tokens=4)["session"]
     assert_refused(httpx.post(f"{base}/v1/sessions/{finished}/updates", json={"text": CORRECTION}), 404, "session")
+    lone_surrogate = {"content": b'{"text": "\\ud800"}', "headers": {"content-type": "application/json"}}
+    assert_refused(httpx.post(f"{base}/v1/sessions/{finished}/updates", **lone_surrogate), 400, "text")
 
     with httpx.Client(base_url=long_server[0], timeout=60) as client:
         with long_generation(client) as r:
@@ -223,12 +210,14 @@ def test_bad_updates_get_a_4xx_naming_the_field(server, long_server):
             session_id = next(stream)["session"]
             url = f"/v1/sessions/{session_id}/updates"
             assert client.post(url, json={"text": CORRECTION}).status_code == 202  # a live session
-            assert_refused(client.post(url, content=b"{oops"), 400, "JSON")
-            assert_refused(client.post(url, json={}), 422, "`text`")
-            assert_refused(client.post(url, json={"text": " "}), 422, "`text`")
-            assert_refused(client.post(url, json={"text": ["a"]}), 422, "`text`")
-            assert_refused(client.post(url, json={"text": "x" * 51}), 422, "`text`")
-            assert_refused(client.post(url, json={"text": CORRECTION, "row": 1}), 422, "`row`")
+            json_type = {"content-type": "application/json"}
+            assert_refused(client.post(url, content=b"{oops", headers=json_type), 400, "JSON")
+            assert_refused(client.post(url, json={}), 400, "text")
+            assert_refused(client.post(url, json={"text": " "}), 400, "text")
+            assert_refused(client.post(url, json={"text": ["a"]}), 400, "text")
+            assert_refused(client.post(url, json={"text": "x" * 51}), 400, "text")
+            assert_refused(client.post(url, **lone_surrogate), 400, "text")
+            assert_refused(client.post(url, json={"text": CORRECTION, "row": 1}), 400, "row")
 
 
 @pytest.mark.slow
@@ -257,7 +246,12 @@ def test_load_test_reports_every_figure_and_loses_nothing(server, capsys):
 
 @pytest.mark.slow
 def test_sessions_over_the_limit_are_refused_not_queued(shipped):
-    app = create_app(*shipped, limits=Limits(max_sessions=1), session_options={"min_new_tokens": 200})
+    app = create_app(
+        *shipped,
+        limits=Limits(max_sessions=1),
+        session_options={"min_new_tokens": 200},
+        engine_options={"pace_s": PACE_S},
+    )
     for base in serve(app):
         with httpx.Client(base_url=base, timeout=60) as client:
             body = {"prompt": PROMPT, "max_new_tokens": 200}
