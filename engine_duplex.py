@@ -157,6 +157,15 @@ class SamplingOptions:
     top_k: int | None = None
     seed: int | None = None
 
+    def filled_from(self, default: SamplingOptions) -> SamplingOptions:
+        """These options, their unset fields taken from `default` (the model's generation_config)."""
+        return SamplingOptions(
+            self.temperature if self.temperature is not None else default.temperature,
+            self.top_p if self.top_p is not None else default.top_p,
+            self.top_k if self.top_k is not None else default.top_k,
+            self.seed,
+        )
+
 
 @dataclass
 class EngineSession:
@@ -270,6 +279,93 @@ class EngineSession:
         text = self.decoder.text()
         return text[: self.streamed_chars] if self.stop_hit else text
 
+    def ended(self, eos_ids: set[int]) -> bool:
+        """EOS written, `max_new_tokens` reached, or cancelled (the client left)."""
+        return (
+            self.cancelled.is_set()
+            or self.failure is not None
+            or self.stop_hit
+            or self.tokens >= self.max_new_tokens
+            or self.last_token in eos_ids
+        )
+
+    def finish(self, eos_ids: set[int], state=None, row: int | None = None) -> None:
+        """The done event of a session (row `row` of `state`, or not admitted yet), with every correction it
+        received (those that never landed: `at` None)."""
+        landings = [landing_event(x) for x in state.take_landings(row)] if state is not None else []
+        if self.failure is not None:
+            self.end({"error": self.failure})
+            return
+        if self.cancelled.is_set():
+            stopped = "cancelled"
+        elif self.stop_hit:
+            stopped = "stop"
+        elif self.tokens >= self.max_new_tokens and self.last_token not in eos_ids:
+            stopped = "length"
+        else:
+            stopped = "eos"
+        self.end(None, landings, stopped)
+
+    def end(self, error: Event | None, landings: list | None = None, stopped: str = "") -> None:
+        """Close the session: its final event (done, or the error), and the corrections that came too late."""
+        with self.lock:
+            late = self.corrections
+            self.corrections = []
+            self.stopped = stopped or "error"
+            self.done.set()
+        if error is not None:
+            self.emit(error)
+            return
+        for text, _arrived in late:  # posted after the last step that could land them
+            landings.append({"at": None, "text": text, "applied": False, "kind": None, "latency_ms": None})
+        self.emit(
+            {
+                "done": True,
+                "text": self.final_text(),
+                "tokens": self.tokens,
+                "stopped": stopped,
+                "landings": landings,
+            }
+        )
+
+
+def special_ids(config, tokenizer) -> tuple[set[int], int]:
+    """The end-of-sequence ids and the padding id the engine decodes with, from the model's generation_config;
+    refuses, naming them, the generation_config options the engine does not implement."""
+    refused = [
+        name for name, default in UNSUPPORTED_OPTIONS.items() if getattr(config, name, None) not in (None, default)
+    ]
+    if refused:
+        raise ValueError(f"the engine does not implement generation_config options {refused}")
+    eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
+    eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+    return eos_ids, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos_ids), 0)
+
+
+def check_submission(prompt: str, max_new_tokens: int, update_mode: str, stop: Sequence[str]) -> None:
+    """Refuse, naming the argument, a session the engine cannot run."""
+    check_text(prompt, "prompt")
+    if max_new_tokens < 1:
+        raise ValueError(f"`max_new_tokens` must be positive, got {max_new_tokens}")
+    if update_mode not in ("workspace", "ignore", "inband"):
+        raise ValueError(f"`update_mode` must be workspace, ignore or inband, got {update_mode!r}")
+    for text in stop:
+        check_text(text, "stop")
+
+
+def pick_tokens(rows: Sequence[EngineSession], logits: torch.Tensor, eos_ids: set[int]) -> torch.Tensor:
+    """Each row's next token: greedy, or sampled with the model's generation_config warpers."""
+    for row, session in enumerate(rows):
+        if session.tokens < session.min_new_tokens:
+            logits[row, list(eos_ids)] = float("-inf")
+    picked = logits.argmax(dim=-1)
+    for row, session in enumerate(rows):
+        if session.do_sample:
+            warped = _warpers(session.sampling)(None, logits[row : row + 1])
+            probs = torch.softmax(warped, dim=-1)
+            picked[row] = torch.multinomial(probs, 1, generator=session.generator)[0, 0]
+    return picked
+
 
 class DuplexEngine:
     """Decodes every live session in one batched forward pass per step (see the module docstring).
@@ -301,14 +397,7 @@ class DuplexEngine:
         self.state_class = generation_state_class(model)
         self.takes_corrections = self.state_class is not None
         config = model.generation_config
-        refused = [
-            name for name, default in UNSUPPORTED_OPTIONS.items() if getattr(config, name, None) not in (None, default)
-        ]
-        if refused:
-            raise ValueError(f"the engine does not implement generation_config options {refused}")
-        eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos_ids), 0)
+        self.eos_ids, self.pad_id = special_ids(config, tokenizer)
         self.default_sampling = SamplingOptions(config.temperature, config.top_p, config.top_k)
         self.device = next(model.parameters()).device
         self._waiting: deque[EngineSession] = deque()  # in order of arrival; guarded by `_submit_lock`
@@ -347,13 +436,7 @@ class DuplexEngine:
         """A new session: it joins the batch at the next step (or as soon as a row is free). The prompt is checked and
         tokenized here: ValueError naming `prompt`, or `ContextLengthError` when it and `max_new_tokens` do not fit
         the model's context."""
-        check_text(prompt, "prompt")
-        if max_new_tokens < 1:
-            raise ValueError(f"`max_new_tokens` must be positive, got {max_new_tokens}")
-        if update_mode not in ("workspace", "ignore", "inband"):
-            raise ValueError(f"`update_mode` must be workspace, ignore or inband, got {update_mode!r}")
-        for text in stop:
-            check_text(text, "stop")
+        check_submission(prompt, max_new_tokens, update_mode, stop)
         prompt_ids = list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
         if len(prompt_ids) + max_new_tokens > self.max_context:
             raise ContextLengthError(
@@ -362,35 +445,17 @@ class DuplexEngine:
                 len(prompt_ids),
                 self.max_context,
             )
-        sampling = self._sampling(sampling) if do_sample else SamplingOptions()
-        session = EngineSession(
-            self,
-            prompt,
-            emit,
-            max_new_tokens,
-            update_mode,
-            do_sample,
-            min_new_tokens,
-            prompt_ids,
-            tuple(stop),
-            sampling,
+        sampling = (
+            (sampling or SamplingOptions()).filled_from(self.default_sampling) if do_sample else SamplingOptions()
         )
+        options = (max_new_tokens, update_mode, do_sample, min_new_tokens, prompt_ids, tuple(stop), sampling)
+        session = EngineSession(self, prompt, emit, *options)
         with self._submit_lock:  # against `close`: a session is either refused or ended by the loop
             if self._closed.is_set():
                 raise RuntimeError("the engine is closed")
             self._waiting.append(session)
         self.wake()
         return session
-
-    def _sampling(self, asked: SamplingOptions | None) -> SamplingOptions:
-        """`asked`, its unset fields taken from the model's generation_config."""
-        asked, default = asked or SamplingOptions(), self.default_sampling
-        return SamplingOptions(
-            asked.temperature if asked.temperature is not None else default.temperature,
-            asked.top_p if asked.top_p is not None else default.top_p,
-            asked.top_k if asked.top_k is not None else default.top_k,
-            asked.seed,
-        )
 
     def wake(self) -> None:
         self._wake.set()
@@ -414,7 +479,7 @@ class DuplexEngine:
             except Exception:  # the newcomers' prefill failed: they end; the live batch goes on
                 logger.exception("prefill failed")
                 for session in self._admitting:
-                    self._end(session, {"error": GENERATION_FAILED})
+                    session.end({"error": GENERATION_FAILED})
                 self._admitting = []
             try:
                 with torch.inference_mode():
@@ -423,7 +488,7 @@ class DuplexEngine:
             except Exception:  # the shared step failed: its sessions end; the loop goes on for later ones
                 logger.exception("decoding step failed")
                 for session in self.batch.rows if self.batch is not None else []:
-                    self._end(session, {"error": GENERATION_FAILED})
+                    session.end({"error": GENERATION_FAILED})
                 self._reset_batch()
             if self.batch is None:
                 self._wake.wait(0.5)
@@ -432,14 +497,14 @@ class DuplexEngine:
         if self.batch is not None:  # closed: live and waiting sessions end as cancelled
             for row, session in enumerate(self.batch.rows):
                 session.cancelled.set()
-                self._finish(session, self.batch.state, row)
+                session.finish(self.eos_ids, self.batch.state, row)
         self._reset_batch()
         while True:
             session = self._pop_waiting()  # (`submit` takes no more: `_closed` is set)
             if session is None:
                 break
             session.cancelled.set()
-            self._finish(session)
+            session.finish(self.eos_ids)
 
     def _admit(self) -> None:
         """Prefill sessions waiting for a row together, then splice them into the batch: as many as fit in
@@ -449,7 +514,7 @@ class DuplexEngine:
             if cancelled:
                 self._waiting = deque(s for s in self._waiting if not s.cancelled.is_set())
         for session in cancelled:
-            self._finish(session)
+            session.finish(self.eos_ids)
         newcomers, budget = [], self.prefill_tokens_per_step
         while self.live_sessions + len(newcomers) < self.max_batch_size:
             session = self._pop_waiting()
@@ -513,7 +578,7 @@ class DuplexEngine:
         logits = self.model(**inputs).logits[:, -1, :].float()  # (B, V)
         landed = batch.state.after_forward({}) if batch.state is not None else []
         batch.mask = inputs["attention_mask"]  # in-band rows spliced their corrections in
-        next_ids = self._pick(batch.rows, logits)
+        next_ids = pick_tokens(batch.rows, logits, self.eos_ids)
         for row, landing in landed:
             batch.rows[row].emit({"landed": landing_event(landing)})
         now = time.perf_counter()
@@ -522,19 +587,6 @@ class DuplexEngine:
             index = session.tokens
             session.emit({"token": session._push(token_id), "index": index})  # EOS: ""
         batch.next_ids = next_ids[:, None]
-
-    def _pick(self, rows: Sequence[EngineSession], logits: torch.Tensor) -> torch.Tensor:
-        """Each row's next token: greedy, or sampled with the model's generation_config warpers."""
-        for row, session in enumerate(rows):
-            if session.tokens < session.min_new_tokens:
-                logits[row, list(self.eos_ids)] = float("-inf")
-        picked = logits.argmax(dim=-1)
-        for row, session in enumerate(rows):
-            if session.do_sample:
-                warped = _warpers(session.sampling)(None, logits[row : row + 1])
-                probs = torch.softmax(warped, dim=-1)
-                picked[row] = torch.multinomial(probs, 1, generator=session.generator)[0, 0]
-        return picked
 
     def _merge(self, group: _Batch) -> None:
         """Splice a prefilled group into the batch: the shorter side is padded on the left to the same columns."""
@@ -549,65 +601,15 @@ class DuplexEngine:
     def _leave(self, batch: _Batch) -> bool:
         """The sessions of `batch` that ended (EOS, length, cancelled) get their done event and leave it; False when
         none is left."""
-        ended = [row for row, session in enumerate(batch.rows) if self._ended(session)]
+        ended = [row for row, session in enumerate(batch.rows) if session.ended(self.eos_ids)]
         if not ended:
             return True
         for row in ended:
-            self._finish(batch.rows[row], batch.state, row)
+            batch.rows[row].finish(self.eos_ids, batch.state, row)
         keep = [row for row in range(len(batch.rows)) if row not in ended]
         if keep:
             batch.select(keep)
         return bool(keep)
-
-    def _ended(self, session: EngineSession) -> bool:
-        """EOS written, `max_new_tokens` reached, or cancelled (the client left)."""
-        return (
-            session.cancelled.is_set()
-            or session.failure is not None
-            or session.stop_hit
-            or session.tokens >= session.max_new_tokens
-            or session.last_token in self.eos_ids
-        )
-
-    def _finish(self, session: EngineSession, state=None, row: int | None = None) -> None:
-        """The done event of a session (row `row` of `state`, or not admitted yet), with every correction it
-        received (those that never landed: `at` None)."""
-        landings = [landing_event(x) for x in state.take_landings(row)] if state is not None else []
-        if session.failure is not None:
-            self._end(session, {"error": session.failure})
-            return
-        if session.cancelled.is_set():
-            stopped = "cancelled"
-        elif session.stop_hit:
-            stopped = "stop"
-        elif session.tokens >= session.max_new_tokens and session.last_token not in self.eos_ids:
-            stopped = "length"
-        else:
-            stopped = "eos"
-        self._end(session, None, landings, stopped)
-
-    def _end(
-        self, session: EngineSession, error: Event | None, landings: list | None = None, stopped: str = ""
-    ) -> None:
-        with session.lock:
-            late = session.corrections
-            session.corrections = []
-            session.stopped = stopped or "error"
-            session.done.set()
-        if error is not None:
-            session.emit(error)
-            return
-        for text, _arrived in late:  # posted after the last step that could land them
-            landings.append({"at": None, "text": text, "applied": False, "kind": None, "latency_ms": None})
-        session.emit(
-            {
-                "done": True,
-                "text": session.final_text(),
-                "tokens": session.tokens,
-                "stopped": stopped,
-                "landings": landings,
-            }
-        )
 
 
 def _warpers(sampling: SamplingOptions) -> LogitsProcessorList:
