@@ -1029,7 +1029,11 @@ class Stop(_HeldOutPhrasings, Items):
     def score(self, inst: Instance, generated_response: str, landed: Sequence[int] | None = None) -> dict:
         cat = inst.meta["params"]["cat"]
         wanted = ([inst.meta["params"]["n"], *inst.meta.get("values", [])])[-1]
-        members = [item for item in list_items(generated_response) if is_member(item, cat)]
+        members = [  # (`horses`: the suffix rules make `hors`; a plain `-s` plural is tried too)
+            item
+            for item in list_items(generated_response)
+            if is_member(item, cat) or (item.endswith("s") and is_member(item[:-1], cat))
+        ]
         first = _past_word(generated_response, _landed(inst, landed, last=False)) if inst.has_correction else 0
         return {
             "correct": len(members) == wanted,
@@ -1078,8 +1082,10 @@ class Include(_HeldOutPhrasings, TaskFamily):
 
     def instruction_after(self, inst: Instance, n: int) -> str:
         values = inst.meta["values"][:n]
-        return self._instruction(inst.meta["params"]) if not values else self._instruction_with_word(
-            dict(inst.meta["params"], word=values[-1])
+        return (
+            self._instruction(inst.meta["params"])
+            if not values
+            else self._instruction_with_word(dict(inst.meta["params"], word=values[-1]))
         )
 
     def _value(self, rng, split, p, prev):

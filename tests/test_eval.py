@@ -292,3 +292,18 @@ def test_checkpoint_curve_evaluates_each_checkpoint_once(checkpoint, tmp_path, m
     assert (tmp_path / "curve" / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     monkeypatch.setattr(eval_duplex, "main", lambda argv: pytest.fail("evaluated again"))
     checkpoint_curve.main(argv)
+
+
+def test_join_check_tells_clean_joins_from_glued_and_restarted_ones():
+    from eval_duplex import join_check, join_excerpt
+
+    assert join_check("1. Bananas\n2. Apples\n3. Dogs", [len("1. Bananas\n2. Apples\n")]) == "clean"
+    assert join_check("I hope thisDear Ben, I hope", [len("I hope this")]) == "glued"
+    assert join_check("since IRome was born", [len("since I")]) == "glued"
+    assert join_check("1. Red: The1. Red: The most", [len("1. Red: The")]) == "glued"
+    assert join_check("1. Red\n2. Blue\n1. Dogs\n2. Cats", [len("1. Red\n2. Blue\n")]) == "restart"
+    assert join_check("Dear Anna, I hope this Dear Ben, hi", [len("Dear Anna, I hope this")]) == "restart"
+    assert join_check("1. Bananas\n2. Ap", [len("1. Bananas\n2. Ap")]) == "ended"
+    assert join_check("1. Bananas\n2. Apples\n3. Cats", [len("1. Bananas\n2. Ap")], in_word=True) == "clean"
+    assert join_check("1. Bananas\n2. ApDogs", [len("1. Bananas\n2. Ap")], in_word=True) == "glued"
+    assert join_excerpt("abc def", 3, "x") == "abc⟨x⟩ def"
