@@ -1110,6 +1110,64 @@ class Include(_HeldOutPhrasings, TaskFamily):
         }
 
 
+class Topic(_HeldOutPhrasings, TaskFamily):
+    """`Write one sentence about rain.` answered in a chat model's own words; `Make it about cats instead.` switches
+    the topic. Right when the text after the last correction landed (the correction repeated back does not count)
+    names the new topic and the text after the first correction no replaced topic (any case, singular or plural);
+    with no correction, when the answer names the topic."""
+
+    name = "topic"
+    landings = ("before_space", "after_space")
+    phrasings = ("Make it about {v} instead.", "Actually, write about {v}.", "Switch to {v}.", "Change it to {v}.")
+    held_out_phrasings = ("Talk about {v} instead.", "Let's do {v} instead.", "No, {v}.", "Write about {v} instead.")
+    template = "I think {topic} is a lovely thing, and many people enjoy it every day.".split(" ")
+
+    def _params(self, rng, split):
+        return {"topic": pick(rng, "topics", split)}
+
+    def _instruction(self, p):
+        return f"Write one sentence about {p['topic']}."
+
+    def _start(self, p):
+        return {"topic": p["topic"], "at": 0}
+
+    def _emit(self, p, state, i):  # a correction starts the sentence again about the new topic
+        j = i - state["at"]
+        return self.template[j].format(**state) if j < len(self.template) else None
+
+    def _apply(self, p, state, value, i):
+        state.update(topic=value, at=i)
+
+    def _corrected_params(self, p, value):
+        return dict(p, topic=value)
+
+    def _value(self, rng, split, p, prev):
+        return pick(rng, "topics", split, exclude=[p["topic"], *prev])
+
+    def _superseded(self, p, edits):
+        return {p["topic"], *(v for _, v in edits[:-1])}
+
+    def score(self, inst: Instance, generated_response: str, landed: Sequence[int] | None = None) -> dict:
+        topics = [inst.meta["params"]["topic"], *inst.meta.get("values", [])]
+        post = generated_response[_landed(inst, landed, last=False) :]
+        if not inst.has_correction:
+            correct = mentions(generated_response, topics[0])
+            return {"correct": correct, "contradiction": False, "post": post, "oracle_post": inst.response}
+        tail = generated_response[_landed(inst, landed, last=True) :]
+        for update in inst.updates:  # repeating the correction back is not writing about the topic
+            tail = re.sub(re.escape(update.text), "", tail, flags=re.IGNORECASE)
+            post = re.sub(re.escape(update.text), "", post, flags=re.IGNORECASE)
+        replaced = [t for t in topics[:-1] if t.lower() != topics[-1].lower()]  # (between two corrections: fine)
+        bad = mentions(post, topics[0]) if topics[0] in replaced else False
+        bad = bad or any(mentions(tail, t) for t in replaced)
+        return {
+            "correct": mentions(tail, topics[-1]) and not bad,
+            "contradiction": bad,
+            "post": post,
+            "oracle_post": self.oracle_continuation(inst),
+        }
+
+
 def _landed(inst: Instance, landed: Sequence[int] | None, last: bool) -> int:
     """Character of the generated text where the first (or the last) update landed: from `landed`, or the oracle's
     own cut where it is not given."""
@@ -1124,7 +1182,7 @@ def _past_word(text: str, cut: int) -> int:
     return cut
 
 
-CHAT_FAMILIES: dict[str, TaskFamily] = {f.name: f for f in (Items(), Letter(), Stop(), Include())}
+CHAT_FAMILIES: dict[str, TaskFamily] = {f.name: f for f in (Items(), Letter(), Stop(), Include(), Topic())}
 
 
 def get_family(name: str) -> TaskFamily:

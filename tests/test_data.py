@@ -456,7 +456,7 @@ def test_include_rule_needs_the_word_after_the_correction_not_echoed():
 def test_new_chat_families_hold_out_phrasings_and_values():
     """The held-out splits phrase corrections only in ways training never does, and their values are not in the
     training rows; the oracle is right by the rule at its own landing points."""
-    for name in ("stop", "include"):
+    for name in ("stop", "include", "topic"):
         fam = CHAT_FAMILIES[name]
         train = build_dataset("train", 200, 0, families=[name], mix={"one": 1.0, "two": 1.0})
         test = build_dataset("test", 60, 0, families=[name], mix={"one": 1.0, "two": 1.0})
@@ -473,3 +473,15 @@ def test_new_chat_families_hold_out_phrasings_and_values():
             assert fam.score(inst, inst.response, cuts)["correct"], row
     cats = {json.loads(r["meta"])["params"]["cat"] for r in build_dataset("outside", 20, 0, families=["stop"])}
     assert cats <= set(OUTSIDE_CATEGORIES)
+
+
+def test_topic_rule_needs_the_new_topic_and_not_the_old():
+    fam = CHAT_FAMILIES["topic"]
+    inst = fam._build({"topic": "rain"}, ["cats"], [TaskUpdate(2, "Make it about cats instead.", "correction")])
+    assert fam.instruction_after(inst, 1) == "Write one sentence about cats."
+    landed = [len("I love")]
+    assert fam.score(inst, "I love my cat, she sleeps all day.", landed)["correct"]
+    wrong = fam.score(inst, "I love cats in the rain.", landed)
+    assert not wrong["correct"] and wrong["contradiction"]
+    assert not fam.score(inst, "I loveMake it about cats instead.", landed)["correct"]  # the correction echoed back
+    assert fam.score(fam._build({"topic": "rain"}, [], []), "Rain is wet.")["correct"]
