@@ -565,7 +565,10 @@ def evaluate(
             "examples": [
                 {"family": r["family"], "kind": r["kind"], "join": r["join"], "excerpt": r["join_excerpt"]}
                 for reason in ("glued", "restart", "ended", "clean")
-                for r in [r for r in records if r["mode"] == mode and r.get("join") == reason][:3]
+                for r in sorted(  # mid-text landings first: a landing before the first word joins trivially
+                    (r for r in records if r["mode"] == mode and r.get("join") == reason),
+                    key=lambda r: r["join_excerpt"].startswith("⟨"),
+                )[:3]
             ],
         }
         for mode in modes
