@@ -89,7 +89,9 @@ PROPORTIONS: dict[str, tuple[tuple[str, ...], str]] = {
     "retention": (("none",), "exact"),
     "two_update_accuracy": (("two",), "correct"),
     "three_update_accuracy": (("three",), "correct"),
+    "clean_join": (("one", "one_after_space", "one_in_word", "two", "three"), "clean_join"),
 }
+JOIN_KINDS = PROPORTIONS["clean_join"][0]
 METRIC_LABELS = {
     "revision_accuracy": "revision accuracy",
     "revision_accuracy_after_space": "revision accuracy, landing after the space",
@@ -101,6 +103,7 @@ METRIC_LABELS = {
     "retention": "retention (no updates)",
     "two_update_accuracy": "two-update accuracy",
     "three_update_accuracy": "three-update accuracy",
+    "clean_join": "clean join (corrected answers, mid-stream)",
     "tokens_to_revision": "tokens-to-revision (mean)",
 }
 # The toy prototype's figures (the reference column of the targets), shown beside ours.
@@ -363,6 +366,43 @@ def tokens_to_revision(tokenizer: Any, target: Instance, at: int, generated_ids:
     return next((i for i, (g, p) in enumerate(zip(gen, pre, strict=False)) if g != p), min(len(gen), len(pre)))
 
 
+def join_check(text: str, landed: Sequence[int], in_word: bool = False) -> str:
+    """How an answer goes on where each correction landed (characters of `text`): "clean" where every continuation
+    goes on with the text in progress; "glued" where new text is stuck onto a finished word (`thisDear`, `IRome`);
+    "restart" where it starts the answer again from its opening (`1. Red: The1. Red: ...`, `... this Dear Ben,`);
+    "ended" where nothing follows the correction. `in_word`: the first update lands inside a word, which the text
+    may finish (only a capital stuck onto a lowercase letter then counts as glued)."""
+    opening = next(iter(text.split()), "")
+    for j, cut in enumerate(landed):
+        after = text[cut:]
+        if not after.strip():
+            return "ended"
+        if 0 < cut < len(text):
+            before, first = text[cut - 1], text[cut]
+            if (
+                before.isalnum()
+                and first.isalnum()
+                and (not (in_word and j == 0) or (before.islower() and first.isupper()))
+            ):
+                return "glued"
+        rest = text[_finish_word(text, cut) :].lstrip(" \n\t,.;:!?-")
+        if len(opening) >= 2 and cut >= len(opening) and rest.startswith(opening):
+            return "restart"
+    return "clean"
+
+
+def _finish_word(text: str, cut: int) -> int:
+    """`cut` moved past the lowercase rest of a word it lies inside (the word in progress, finished)."""
+    while 0 < cut < len(text) and text[cut - 1].isalnum() and text[cut].isalnum() and not text[cut].isupper():
+        cut += 1
+    return cut
+
+
+def join_excerpt(text: str, cut: int, update: str, width: int = 40) -> str:
+    """The text around a landing, the correction shown where it landed: `...this⟨The name is Ben.⟩Dear Ben,...`."""
+    return f"{text[max(0, cut - width) : cut]}⟨{update}⟩{text[cut : cut + width]}"
+
+
 def _score(item: _Item, done: dict[Job, Generation], tokenizer) -> dict[str, Any]:
     """Per-instance record: correct / contradiction (corrected kinds), stable (distractor), exact (none), ttr."""
     gen = done[item.job]
@@ -386,6 +426,11 @@ def _score(item: _Item, done: dict[Job, Generation], tokenizer) -> dict[str, Any
         record |= {"correct": bool(scores["correct"]), "contradiction": bool(scores["contradiction"])}
         if item.kind == "one" and scores["correct"]:
             record["ttr"] = tokens_to_revision(tokenizer, item.target, item.at, gen.ids, gen.ended)
+        if item.job.updates and item.kind in JOIN_KINDS and not gen.unlanded:  # a correction landed mid-answer
+            in_word = landing_kind(item.target.updates[0].shift) == "in_word"
+            record["join"] = join_check(gen.text, landed, in_word)
+            record["clean_join"] = record["join"] == "clean"
+            record["join_excerpt"] = join_excerpt(gen.text, landed[0], item.job.updates[0][1])
     if gen.decisions and all(gen.decisions):  # a mode that decides: every update of the row decided right
         expected = "backchannel" if item.kind in DISTRACTOR_KINDS else "correction"
         record["decided"] = all(decision == expected for decision in gen.decisions)
@@ -525,6 +570,24 @@ def evaluate(
         ][:3]
         for mode in modes
     }
+    joins = {
+        mode: {
+            "reasons": {
+                reason: sum(r.get("join") == reason for r in records if r["mode"] == mode)
+                for reason in ("clean", "glued", "restart", "ended")
+            },
+            "examples": [
+                {"family": r["family"], "kind": r["kind"], "join": r["join"], "excerpt": r["join_excerpt"]}
+                for reason in ("glued", "restart", "ended", "clean")
+                for r in sorted(  # mid-text landings first: a landing before the first word joins trivially
+                    (r for r in records if r["mode"] == mode and r.get("join") == reason),
+                    key=lambda r: r["join_excerpt"].startswith("⟨"),
+                )[:3]
+            ],
+        }
+        for mode in modes
+        if any("join" in r for r in records if r["mode"] == mode)
+    }
     return {
         "config": {
             "n_per_family": n_per_family,
@@ -551,6 +614,7 @@ def evaluate(
             "seconds_per_100_generations": 100 * seconds / max(len(done), 1),
         },
         "examples": examples,
+        "joins": joins,
     }
 
 
@@ -723,10 +787,23 @@ def render_markdown(results: dict[str, Any]) -> str:
                     )
                 ),
             )
+    if joins := results.get("joins"):
+        lines += ["", "### How corrected answers join (every corrected answer whose correction landed mid-answer)", ""]
+        lines += _table(
+            ["mode", "clean", "glued onto a word", "restarts the answer", "nothing after it"],
+            ([m, *(str(j["reasons"][k]) for k in ("clean", "glued", "restart", "ended"))] for m, j in joins.items()),
+        )
+        lines += ["", "Examples (the correction shown where it landed):", ""]
+        for mode, j in joins.items():
+            lines += [f"- {mode}, {e['family']}, {e['join']}: `{_excerpt_md(e['excerpt'])}`" for e in j["examples"]]
     unlanded = {m: n for m, n in results.get("unlanded_updates", {}).items() if n}
     if unlanded:
         lines += ["", f"Updates that never landed (generation ended before `at`): {unlanded}."]
     return "\n".join(lines) + "\n"
+
+
+def _excerpt_md(text: str) -> str:
+    return text.replace("\n", "\\n").replace("`", "'")
 
 
 def plot_sweep(results: dict[str, Any], path: str | Path) -> Path:

@@ -150,6 +150,13 @@ class DuplexArguments:
     own_answer_samples: int = field(
         default=2, metadata={"help": "--own_answers: sampled answers tried where the greedy ones fail the rule"}
     )
+    own_answer_afresh: bool = field(
+        default=True,
+        metadata={
+            "help": "--own_answers: accept the backbone's answer asked afresh after a correction (it restarts the "
+            "answer from its first line mid-text); --own_answer_afresh False keeps only answers that go on"
+        },
+    )
     eval_per_family: int = field(default=8, metadata={"help": "held-out instances per family and kind at the end"})
     curve_steps: int = field(
         default=0,
@@ -267,6 +274,8 @@ def cached_own_answers(
     `cache_dir` after (a resumed run, the other processes of a distributed one)."""
     key = [args.backbone, args.family_names, args.shots, len(rows), seed]
     key += [args.own_answer_tokens, args.own_answer_samples]
+    if not args.own_answer_afresh:  # (the default keeps the keys of caches written before the option)
+        key.append("no afresh")
     path = cache_dir / hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]
     if not (path / "dataset_info.json").exists():
         logger.info("writing the backbone's own answers to %d rows into %s", len(rows), path)
@@ -278,6 +287,7 @@ def cached_own_answers(
             max_new_tokens=args.own_answer_tokens,
             samples=args.own_answer_samples,
             seed=seed,
+            afresh=args.own_answer_afresh,
         )
         answered.save_to_disk(str(path))
     return datasets.load_from_disk(str(path))

@@ -1,4 +1,4 @@
-"""Duplex task data: the seven task families (and two free-form ones for chat models), dataset building and the
+"""Duplex task data: the seven task families (and five free-form ones for chat models), dataset building and the
 byte-level tokenizer."""
 
 from .dataset import (

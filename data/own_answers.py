@@ -58,10 +58,13 @@ def own_answer_rows(
     batch_size: int = 32,
     seed: int = 0,
     progress: bool = True,
+    afresh: bool = True,
 ) -> datasets.Dataset:
     """`rows` (the families' instances, e.g. from `build_dataset`) rewritten in `model`'s own words, at most
     `max_new_tokens` answer tokens each (the evaluation's budget); `ends_with_eos` tells whether the answer ended
-    within it. Updates land after as many answer tokens as the instance's oracle writes before them."""
+    within it. Updates land after as many answer tokens as the instance's oracle writes before them. `afresh=False`
+    leaves out the answer asked afresh (it starts the answer over from its first line mid-text): every kept correction
+    then goes on from what was written."""
     torch.manual_seed(seed)
     writer = _Writer(model, tokenizer, prompt_format, max_new_tokens, batch_size, progress)
     todo = [_Row(inst, update_ats(tokenizer, row["segments"])) for row in rows for inst in [instance_from_row(row)]]
@@ -81,7 +84,7 @@ def own_answer_rows(
             r.corrections += 1
         dropped |= {r for r in corrected if len(r.written) >= max_new_tokens}  # no budget left to follow it
         corrected = [r for r in corrected if r not in dropped]
-        for kind in ["going on", "afresh"] + ["sampled"] * samples:
+        for kind in ["going on"] + ["afresh"] * afresh + ["sampled"] * samples:
             left = []
             for r, (ids, ends) in zip(corrected, writer.candidates(kind, corrected), strict=True):
                 if _accept(writer, r, j, ids):

@@ -959,6 +959,215 @@ class Letter(Note):
         }
 
 
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+
+
+class _HeldOutPhrasings:
+    """A family whose held-out splits phrase corrections only in ways no training row does (`held_out_phrasings`;
+    the first one is their canonical phrasing): the model must take a correction it was never shown."""
+
+    held_out_phrasings: tuple[str, ...] = ()
+    _split = "train"
+
+    def sample(self, rng, split="train", *args, **kwargs):
+        self._split = split
+        try:
+            return super().sample(rng, split, *args, **kwargs)
+        finally:
+            self._split = "train"
+
+    def _templates(self, value):
+        return self.phrasings if self._split == "train" else self.held_out_phrasings
+
+
+class Stop(_HeldOutPhrasings, Items):
+    """`Name 6 animals.` answered as a chat model lists things; `Stop after three.` cuts the list short (a count, or
+    scope, correction). Right when the whole answer names exactly the number of members of the category that the
+    last correction asked for, in any list format (a lead-in or a closing line is not an item of the category)."""
+
+    name = "stop"
+    phrasings = ("Stop after {w}.", "Only {w}, please.", "Just {w} is enough.", "Make it {w} instead.")
+    held_out_phrasings = ("That's enough after {w}.", "Cut it to {w}.", "I only need {w}.", "Keep it to {w}.")
+
+    def _params(self, rng, split):
+        return {"cat": rng.choice(self._pool(split)), "n": rng.randint(4, 7)}
+
+    def _split_key(self, p, values):
+        return None if p["cat"] in OUTSIDE_CATEGORIES else "stop:" + "|".join(map(str, [p["cat"], p["n"], *values]))
+
+    def _instruction(self, p):
+        return f"Name {p['n']} {p['cat']}."
+
+    def _start(self, p):
+        return {"cat": p["cat"], "used": 0, "n": p["n"]}
+
+    def _emit(self, p, state, i):
+        if i >= state["n"]:
+            return None
+        word = self.categories[state["cat"]][state["used"]]
+        state["used"] += 1
+        return word + ("," if i < state["n"] - 1 else "")
+
+    def _apply(self, p, state, value, i):
+        if value <= i:  # the list already holds more items than the correction asks for
+            raise _Invalid
+        state["n"] = value
+
+    def _corrected_params(self, p, value):
+        return dict(p, n=value)
+
+    def _value(self, rng, split, p, prev):
+        current = prev[-1] if prev else p["n"]
+        return rng.choice([v for v in range(2, p["n"]) if v != current and v not in prev])
+
+    def _superseded(self, p, edits):
+        return set()  # the answer's words stay valid; only its length changes
+
+    def _fmt(self, value):
+        return {"w": NUMBER_WORDS[value], "v": value}
+
+    def score(self, inst: Instance, generated_response: str, landed: Sequence[int] | None = None) -> dict:
+        cat = inst.meta["params"]["cat"]
+        wanted = ([inst.meta["params"]["n"], *inst.meta.get("values", [])])[-1]
+        members = [  # (`horses`: the suffix rules make `hors`; a plain `-s` plural is tried too)
+            item
+            for item in list_items(generated_response)
+            if is_member(item, cat) or (item.endswith("s") and is_member(item[:-1], cat))
+        ]
+        first = _past_word(generated_response, _landed(inst, landed, last=False)) if inst.has_correction else 0
+        return {
+            "correct": len(members) == wanted,
+            "contradiction": inst.has_correction and len(members) > wanted,
+            "post": generated_response[first:],
+            "oracle_post": self.oracle_continuation(inst),
+        }
+
+
+class Include(_HeldOutPhrasings, TaskFamily):
+    """`Write one sentence about rain.` answered in a chat model's own words; `Use the word lantern.` asks for a word
+    it must use from then on (a required word). Right when the text after the last correction landed (the correction
+    repeated back does not count) uses the word the last correction asked for (any case, singular or plural); with
+    no correction, when the answer names the topic."""
+
+    name = "include"
+    landings = ("before_space", "after_space")
+    phrasings = ("Use the word {v}.", "Include the word {v}.", "Mention {v} too.", "Put the word {v} in it.")
+    held_out_phrasings = ("Work in the word {v}.", "Make sure it says {v}.", "Add {v} to it.", "Say {v} somewhere.")
+    template = "I think {topic} is a lovely thing, and many people enjoy it every day.".split(" ")
+
+    def _params(self, rng, split):
+        return {"topic": pick(rng, "topics", split)}
+
+    def _instruction(self, p):
+        return f"Write one sentence about {p['topic']}."
+
+    def _start(self, p):
+        return {"word": None, "at": None}
+
+    def _emit(self, p, state, i):
+        if state["word"] is None:
+            return self.template[i].format(**p) if i < len(self.template) else None
+        tail = f"with a {state['word']} too.".split(" ")  # the oracle works the word in where it was asked for
+        j = i - state["at"]
+        return tail[j] if 0 <= j < len(tail) else None
+
+    def _apply(self, p, state, value, i):
+        state.update(word=value, at=i)
+
+    def _corrected_params(self, p, value):
+        return dict(p, word=value)
+
+    def _instruction_with_word(self, p):
+        return f"Write one sentence about {p['topic']}. Use the word {p['word']}."
+
+    def instruction_after(self, inst: Instance, n: int) -> str:
+        values = inst.meta["values"][:n]
+        return (
+            self._instruction(inst.meta["params"])
+            if not values
+            else self._instruction_with_word(dict(inst.meta["params"], word=values[-1]))
+        )
+
+    def _value(self, rng, split, p, prev):
+        return pick(rng, "words", split, exclude=[p["topic"], *prev])
+
+    def _superseded(self, p, edits):
+        return set()  # nothing the answer wrote becomes wrong
+
+    def score(self, inst: Instance, generated_response: str, landed: Sequence[int] | None = None) -> dict:
+        post = generated_response[_landed(inst, landed, last=False) :]
+        if not inst.has_correction:
+            correct = mentions(generated_response, inst.meta["params"]["topic"])
+            return {"correct": correct, "contradiction": False, "post": post, "oracle_post": inst.response}
+        tail = generated_response[_landed(inst, landed, last=True) :]
+        for update in inst.updates:  # repeating the correction back is not using the word
+            tail = re.sub(re.escape(update.text), "", tail, flags=re.IGNORECASE)
+        return {
+            "correct": mentions(tail, inst.meta["values"][-1]),
+            "contradiction": False,
+            "post": post,
+            "oracle_post": self.oracle_continuation(inst),
+        }
+
+
+class Topic(_HeldOutPhrasings, TaskFamily):
+    """`Write one sentence about rain.` answered in a chat model's own words; `Make it about cats instead.` switches
+    the topic. Right when the text after the last correction landed (the correction repeated back does not count)
+    names the new topic and the text after the first correction no replaced topic (any case, singular or plural);
+    with no correction, when the answer names the topic."""
+
+    name = "topic"
+    landings = ("before_space", "after_space")
+    phrasings = ("Make it about {v} instead.", "Actually, write about {v}.", "Switch to {v}.", "Change it to {v}.")
+    held_out_phrasings = ("Talk about {v} instead.", "Let's do {v} instead.", "No, {v}.", "Write about {v} instead.")
+    template = "I think {topic} is a lovely thing, and many people enjoy it every day.".split(" ")
+
+    def _params(self, rng, split):
+        return {"topic": pick(rng, "topics", split)}
+
+    def _instruction(self, p):
+        return f"Write one sentence about {p['topic']}."
+
+    def _start(self, p):
+        return {"topic": p["topic"], "at": 0}
+
+    def _emit(self, p, state, i):  # a correction starts the sentence again about the new topic
+        j = i - state["at"]
+        return self.template[j].format(**state) if j < len(self.template) else None
+
+    def _apply(self, p, state, value, i):
+        state.update(topic=value, at=i)
+
+    def _corrected_params(self, p, value):
+        return dict(p, topic=value)
+
+    def _value(self, rng, split, p, prev):
+        return pick(rng, "topics", split, exclude=[p["topic"], *prev])
+
+    def _superseded(self, p, edits):
+        return {p["topic"], *(v for _, v in edits[:-1])}
+
+    def score(self, inst: Instance, generated_response: str, landed: Sequence[int] | None = None) -> dict:
+        topics = [inst.meta["params"]["topic"], *inst.meta.get("values", [])]
+        post = generated_response[_landed(inst, landed, last=False) :]
+        if not inst.has_correction:
+            correct = mentions(generated_response, topics[0])
+            return {"correct": correct, "contradiction": False, "post": post, "oracle_post": inst.response}
+        tail = generated_response[_landed(inst, landed, last=True) :]
+        for update in inst.updates:  # repeating the correction back is not writing about the topic
+            tail = re.sub(re.escape(update.text), "", tail, flags=re.IGNORECASE)
+            post = re.sub(re.escape(update.text), "", post, flags=re.IGNORECASE)
+        replaced = [t for t in topics[:-1] if t.lower() != topics[-1].lower()]  # (between two corrections: fine)
+        bad = mentions(post, topics[0]) if topics[0] in replaced else False
+        bad = bad or any(mentions(tail, t) for t in replaced)
+        return {
+            "correct": mentions(tail, topics[-1]) and not bad,
+            "contradiction": bad,
+            "post": post,
+            "oracle_post": self.oracle_continuation(inst),
+        }
+
+
 def _landed(inst: Instance, landed: Sequence[int] | None, last: bool) -> int:
     """Character of the generated text where the first (or the last) update landed: from `landed`, or the oracle's
     own cut where it is not given."""
@@ -973,7 +1182,7 @@ def _past_word(text: str, cut: int) -> int:
     return cut
 
 
-CHAT_FAMILIES: dict[str, TaskFamily] = {f.name: f for f in (Items(), Letter())}
+CHAT_FAMILIES: dict[str, TaskFamily] = {f.name: f for f in (Items(), Letter(), Stop(), Include(), Topic())}
 
 
 def get_family(name: str) -> TaskFamily:

@@ -419,3 +419,69 @@ def test_case_training_inputs_look_like_sentences_without_held_out_words():
     held_out = {w.lower() for pool in POOLS.values() for w in split_pool(pool, "test")}
     held_out |= {w.lower() for pool in OUTSIDE_POOLS.values() for w in pool} | set(" ".join(OUTSIDE_SENTENCES).split())
     assert not held_out & {w.lower() for words in inputs for w in words}
+
+
+def test_stop_rule_counts_the_members_the_last_correction_asked_for():
+    """`Stop after three.` is right when the whole answer names exactly three members, in any list format; a lead-in
+    or closing line is not an item; going on past the count is wrong (and a contradiction)."""
+    fam = CHAT_FAMILIES["stop"]
+    inst = fam._build({"cat": "animals", "n": 6}, [3], [TaskUpdate(1, "Stop after three.", "correction")])
+    assert inst.response == "dog, cat, horse" and fam.instruction_after(inst, 1) == "Name 3 animals."
+    landed = [len("1. Dogs\n")]
+    assert fam.score(inst, "1. Dogs\n2. Cats\n3. Horses", landed)["correct"]
+    assert fam.score(inst, "Here are some animals:\n- Dogs\n- Lions\n- Wolves\nThese are animals.", landed)["correct"]
+    too_many = fam.score(inst, "1. Dogs\n2. Cats\n3. Horses\n4. Cows", landed)
+    assert not too_many["correct"] and too_many["contradiction"]
+    assert not fam.score(inst, "1. Dogs\n2. Cats", landed)["correct"]
+    plain = fam._build({"cat": "colors", "n": 4}, [], [])
+    assert fam.score(plain, "red, blue, green and yellow")["correct"]
+    with pytest.raises(ValueError):  # a stop behind what is already written cannot apply
+        fam._build({"cat": "animals", "n": 6}, [2], [TaskUpdate(3, "Stop after two.", "correction")])
+
+
+def test_include_rule_needs_the_word_after_the_correction_not_echoed():
+    fam = CHAT_FAMILIES["include"]
+    inst = fam._build({"topic": "rain"}, ["lantern"], [TaskUpdate(3, "Use the word lantern.", "correction")])
+    assert fam.instruction_after(inst, 1) == "Write one sentence about rain. Use the word lantern."
+    landed = [len("I love the")]
+    assert fam.score(inst, "I love the sound of rain by my Lantern at night.", landed)["correct"]
+    assert fam.score(inst, "I love the lanterns in the rain.", landed)["correct"]
+    assert not fam.score(inst, "I love the sound of rain.", landed)["correct"]
+    assert not fam.score(inst, "I love theUse the word lantern.", landed)["correct"]  # the correction echoed back
+    assert not fam.score(inst, "A lantern: I love the sound of rain.", landed)["correct"]  # only before the landing
+    plain = fam._build({"topic": "rain"}, [], [])
+    assert fam.score(plain, "Rain makes the garden green.")["correct"]
+
+
+def test_new_chat_families_hold_out_phrasings_and_values():
+    """The held-out splits phrase corrections only in ways training never does, and their values are not in the
+    training rows; the oracle is right by the rule at its own landing points."""
+    for name in ("stop", "include", "topic"):
+        fam = CHAT_FAMILIES[name]
+        train = build_dataset("train", 200, 0, families=[name], mix={"one": 1.0, "two": 1.0})
+        test = build_dataset("test", 60, 0, families=[name], mix={"one": 1.0, "two": 1.0})
+        outside = build_dataset("outside", 60, 0, families=[name], mix={"one": 1.0})
+        train_texts = {t for r in train for t in r["update_texts"]}
+        assert not train_texts & {t for r in [*test, *outside] for t in r["update_texts"]}
+        held_out_starts = {p.split("{")[0] for p in fam.held_out_phrasings}
+        held_out_texts = {t for r in [*test, *outside] for t in r["update_texts"]}
+        assert all(any(t.startswith(s) for s in held_out_starts) for t in held_out_texts)
+        assert not any(t.startswith(s) for t in train_texts for s in held_out_starts)
+        for row in [*train, *test, *outside]:
+            inst = instance_from_row(row)
+            cuts = [sum(map(len, row["segments"][: j + 1])) for j in range(len(inst.updates))]
+            assert fam.score(inst, inst.response, cuts)["correct"], row
+    cats = {json.loads(r["meta"])["params"]["cat"] for r in build_dataset("outside", 20, 0, families=["stop"])}
+    assert cats <= set(OUTSIDE_CATEGORIES)
+
+
+def test_topic_rule_needs_the_new_topic_and_not_the_old():
+    fam = CHAT_FAMILIES["topic"]
+    inst = fam._build({"topic": "rain"}, ["cats"], [TaskUpdate(2, "Make it about cats instead.", "correction")])
+    assert fam.instruction_after(inst, 1) == "Write one sentence about cats."
+    landed = [len("I love")]
+    assert fam.score(inst, "I love my cat, she sleeps all day.", landed)["correct"]
+    wrong = fam.score(inst, "I love cats in the rain.", landed)
+    assert not wrong["correct"] and wrong["contradiction"]
+    assert not fam.score(inst, "I loveMake it about cats instead.", landed)["correct"]  # the correction echoed back
+    assert fam.score(fam._build({"topic": "rain"}, [], []), "Rain is wet.")["correct"]

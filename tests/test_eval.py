@@ -307,3 +307,18 @@ def test_default_kinds_skip_what_the_families_cannot_have():
     assert results["metrics"]["ignore"]
     with pytest.raises(ValueError, match="none of"), pytest.warns(UserWarning):
         eval_duplex.evaluate(model, tok, modes=("ignore",), progress=False, kinds=["one_in_word"], **kwargs)
+
+
+def test_join_check_tells_clean_joins_from_glued_and_restarted_ones():
+    from eval_duplex import join_check, join_excerpt
+
+    assert join_check("1. Bananas\n2. Apples\n3. Dogs", [len("1. Bananas\n2. Apples\n")]) == "clean"
+    assert join_check("I hope thisDear Ben, I hope", [len("I hope this")]) == "glued"
+    assert join_check("since IRome was born", [len("since I")]) == "glued"
+    assert join_check("1. Red: The1. Red: The most", [len("1. Red: The")]) == "glued"
+    assert join_check("1. Red\n2. Blue\n1. Dogs\n2. Cats", [len("1. Red\n2. Blue\n")]) == "restart"
+    assert join_check("Dear Anna, I hope this Dear Ben, hi", [len("Dear Anna, I hope this")]) == "restart"
+    assert join_check("1. Bananas\n2. Ap", [len("1. Bananas\n2. Ap")]) == "ended"
+    assert join_check("1. Bananas\n2. Apples\n3. Cats", [len("1. Bananas\n2. Ap")], in_word=True) == "clean"
+    assert join_check("1. Bananas\n2. ApDogs", [len("1. Bananas\n2. Ap")], in_word=True) == "glued"
+    assert join_excerpt("abc def", 3, "x") == "abc⟨x⟩ def"
