@@ -82,7 +82,7 @@ def test_duplex_rows_in_chat_format_carry_the_correction_turn_to_the_workspace()
     prompt = encode(tokenizer, fmt.prompt(row["family"], row["instruction"]))
     turn = encode(tokenizer, fmt.inband_template.replace("{text}", row["update_texts"][0]))
     assert features["input_ids"][: len(prompt)] == prompt
-    assert features["update_token_ids"] == [prompt + turn]  # the first update brings its prompt
+    assert features["update_token_ids"] == [turn]  # the correction as a user turn spliced in-band writes it
     labelled = [t for t, label in zip(features["input_ids"], features["labels"], strict=True) if label != -100]
     assert tokenizer.decode(labelled) == row["response"] + tokenizer.eos_token
 

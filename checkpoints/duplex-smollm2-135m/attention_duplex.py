@@ -18,6 +18,7 @@ their landing and the slots before them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -42,7 +43,7 @@ SUPPORTED_IMPLEMENTATIONS = ("eager", "sdpa")  # tested with corrections; others
 
 
 def attention_with_lse(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible: torch.Tensor, scaling: float
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible: torch.Tensor | None, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention over the visible keys and its log-sum-exp: query (B, h, Q, hd), key/value
     (B, kv_heads, K, hd), bool visible broadcastable to (B, 1, Q, K) -> out (B, h, Q, hd) (zeros where nothing is
@@ -51,7 +52,8 @@ def attention_with_lse(
     batch, heads, length, head_dim = query.shape
     grouped = query.reshape(batch, key.shape[1], -1, head_dim)  # (B, kv_heads, groups * Q, hd)
     scores = (torch.matmul(grouped, key.transpose(-1, -2)) * scaling).view(batch, heads, length, -1)
-    scores = scores.masked_fill(~visible, float("-inf"))
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)
     weights = torch.exp(scores - lse.clamp_min(torch.finfo(scores.dtype).min)).nan_to_num(0.0)
     out = torch.matmul(weights.view(batch, key.shape[1], -1, key.shape[2]), value).view(batch, heads, length, -1)
@@ -59,7 +61,7 @@ def attention_with_lse(
 
 
 def cpu_flash_attention_with_lse(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible: torch.Tensor, scaling: float
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible: torch.Tensor | None, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`attention_with_lse` through torch's fused CPU flash kernel, which returns the log-sum-exp. Grouped query
     heads become extra query rows of their key head, so keys and values are never copied per head."""
@@ -67,6 +69,11 @@ def cpu_flash_attention_with_lse(
     kv_heads = key.shape[1]
     groups = heads // kv_heads
     grouped = query.reshape(batch, kv_heads, groups * length, head_dim)
+    if visible is None:  # every key visible to every query: the unmasked kernel
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            grouped, key, value, 0.0, False, scale=scaling
+        )
+        return out.reshape(batch, heads, length, head_dim), lse.reshape(batch, heads, length, 1)
     visible = visible.expand(batch, 1, length, key.shape[2])
     bias = torch.zeros(visible.shape, dtype=query.dtype, device=query.device).masked_fill_(~visible, float("-inf"))
     bias = bias[:, :, None].expand(-1, -1, groups, -1, -1).reshape(batch, 1, groups * length, -1)
@@ -80,7 +87,7 @@ def cpu_flash_attention_with_lse(
 
 
 def fast_attention_with_lse(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible: torch.Tensor, scaling: float
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible: torch.Tensor | None, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused kernel where one exists for this device and dtype (CPU flash, fp32/bf16, no gradient), else the
     reference."""
@@ -212,15 +219,20 @@ class ContextGeometry:
         queries = torch.arange(past_seen, num_keys, device=device)
         self.readout = (own_start[:, None, :] == queries[None, :, None]) & last[:, None, :]  # (B, T, M_new)
 
-    def level_visibility(self, context: torch.Tensor) -> torch.Tensor:
-        """The tokens' context visibility (B|1, 1, T, K) split by level -> (B, 1, V * T, K), level-major; computed
-        once per prepared mask and shared by the layers that use it."""
-        cached = self._visible.get(id(context))
-        if cached is None or cached[0] is not context:
-            levels = torch.arange(len(self.level_ranges), device=context.device)[None, :, None, None]
-            by_level = context & (self.key_level[:, None, None, :] == levels)  # (B, V, T, K)
-            cached = (context, by_level.flatten(1, 2).unsqueeze(1))
-            self._visible[id(context)] = cached
+    def level_visibility(self, mask: torch.Tensor | None, context: Callable[[], torch.Tensor]) -> list:
+        """What each level's rotated query sees within its span of keys: (B, 1, Q, hi - lo) bool, or None where it
+        sees every key of the span (the kernels then run unmasked). From the queries' context visibility
+        (`context()`, (B|1, 1, Q, K)), computed once per prepared `mask` and shared by the layers that use it."""
+        key = ("causal",) if mask is None else id(mask)
+        cached = self._visible.get(key)
+        if cached is None or cached[0] is not mask:
+            visible = context()
+            spans = []
+            for level, (lo, hi) in enumerate(self.level_ranges):
+                span = visible[..., lo:hi] & (self.key_level[:, None, None, lo:hi] == level)
+                spans.append(None if bool(span.all()) else span)
+            cached = (mask, spans)
+            self._visible[key] = cached
         return cached[1]
 
 
@@ -229,20 +241,17 @@ def read_levels(
     shift: tuple[torch.Tensor, torch.Tensor],
     key: torch.Tensor,
     value: torch.Tensor,
-    visible: torch.Tensor,
+    spans: list[torch.Tensor | None],
     ranges: list[tuple[int, int]],
     scaling: float,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The context read by a query rotated once per level: query (B, h, Q, hd), shift cos/sin (B, Q, V, rd),
-    visible (B, 1, V * Q, K) level-major, each level's keys within `ranges[l]` -> one (out, lse) partial per level.
+    """The context read by a query rotated once per level: query (B, h, Q, hd), shift cos/sin (B, Q, V, rd), each
+    level's keys within `ranges[l]`, seen as `spans[l]` says (`level_visibility`) -> one (out, lse) per level.
     Each level reads only its own span of keys, so the context is read about once whatever the number of levels."""
     cos, sin = (t.permute(0, 2, 1, 3)[:, None] for t in shift)  # (B, 1, V, Q, rd)
     copies = rotate(query[:, :, None], cos.to(query.dtype), sin.to(query.dtype))  # (B, h, V, Q, hd)
-    visible = visible.chunk(copies.shape[2], dim=2)
     return [
-        fast_attention_with_lse(
-            copies[:, :, level], key[:, :, lo:hi], value[:, :, lo:hi], visible[level][..., lo:hi], scaling
-        )
+        fast_attention_with_lse(copies[:, :, level], key[:, :, lo:hi], value[:, :, lo:hi], spans[level], scaling)
         for level, (lo, hi) in enumerate(ranges)
     ]
 
@@ -294,23 +303,25 @@ class ContextRead:
         out, _ = inner(module, tokens, key, value, mask, **kwargs)  # (B, T, h, hd): the backbone's own attention
         gate = self.gates.get(layer)
         if gate is not None:
-            context = context_visibility(mask, length, num_context, query.device)
-            joint = self.joint_read(tokens, self.geometry.token_shift, key, value, context, slot_key, slot_value,
+            spans = self.geometry.level_visibility(
+                mask, lambda: context_visibility(mask, length, num_context, query.device)
+            )
+            joint = self.joint_read(tokens, self.geometry.token_shift, key, value, spans, slot_key, slot_value,
                                     self.geometry.token_reads, scaling)  # fmt: skip
             share = torch.tanh(gate).to(out.dtype)[:, None] * self.geometry.reads_any.transpose(1, 2)  # (B, T, h, 1)
             out = out + share * (joint.transpose(1, 2) - out)
         if entering:
-            slots = self.joint_read(query[:, :, length:], self.geometry.slot_shift, key, value,
-                                    self.geometry.slot_context, slot_key, slot_value, self.geometry.slot_reads,
-                                    scaling)  # fmt: skip
+            slot_context = self.geometry.slot_context
+            spans = self.geometry.level_visibility(slot_context, lambda: slot_context)
+            slots = self.joint_read(query[:, :, length:], self.geometry.slot_shift, key, value, spans, slot_key,
+                                    slot_value, self.geometry.slot_reads, scaling)  # fmt: skip
             out = torch.cat([out, slots.transpose(1, 2).to(out.dtype)], dim=1)
         return out, None
 
-    def joint_read(self, query, shift, key, value, context, slot_key, slot_value, slot_visible, scaling):
+    def joint_read(self, query, shift, key, value, spans, slot_key, slot_value, slot_visible, scaling):
         """query (B, h, Q, hd) reading the context at in-band distances (each level by its rotated copy) and the
         slots it may see, as one attention: (B, h, Q, hd)."""
-        visible = self.geometry.level_visibility(context)
-        parts = read_levels(query, shift, key, value, visible, self.geometry.level_ranges, scaling)
+        parts = read_levels(query, shift, key, value, spans, self.geometry.level_ranges, scaling)
         own = rotate(query, *(t[:, None, :, 0].to(query.dtype) for t in shift))  # level 0: the in-band position
         parts.append(fast_attention_with_lse(own, slot_key, slot_value, slot_visible, scaling))
         return merge_attentions(parts)
