@@ -307,7 +307,89 @@ class DemoRuns:
             run.cancel()
 
 
-def build_demo(model, tokenizer, max_new_tokens: int = 128) -> gr.Blocks:
+class ChatRun:
+    """One chat answer streaming from a shared engine, which takes corrections while it writes; each correction is
+    marked in the answer where it landed, with its latency and the model's decision."""
+
+    def __init__(self, engine: DuplexEngine, tokenizer, messages: list[dict], max_new_tokens: int):
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        self.events: queue.Queue = queue.Queue()
+        self.session = engine.submit(prompt, emit=self.events.put, max_new_tokens=max_new_tokens)
+        self.text, self.marks, self.finished = "", [], False  # marks: (offset in text, what landed)
+
+    def correct(self, text: str) -> bool:
+        """Send a correction; False once the answer is complete."""
+        try:
+            self.session.correct(text)
+        except SessionFinished:
+            return False
+        return True
+
+    def pump(self, timeout: float) -> None:
+        """Fold the events that arrived (waiting up to `timeout` for the first) into the answer."""
+        try:
+            event = self.events.get(timeout=timeout)
+            while True:
+                if "token" in event:
+                    self.text += event["token"]
+                elif "landed" in event:
+                    self.marks.append((len(self.text), event["landed"]))
+                elif "done" in event or "error" in event:
+                    self.finished = True
+                event = self.events.get_nowait()
+        except queue.Empty:
+            return
+
+    def render(self) -> str:
+        """The answer with each correction marked where it landed: ⟨text · decision, latency⟩."""
+        out, start = [], 0
+        for offset, landed in self.marks:
+            latency = "" if landed["latency_ms"] is None else f", {landed['latency_ms']:.0f} ms"
+            out += [self.text[start:offset], f"⟨{landed['text']} · {landed['kind'] or 'not read'}{latency}⟩"]
+            start = offset
+        return "".join([*out, self.text[start:]])
+
+
+def build_chat(model, tokenizer, max_new_tokens: int, pace_s: float) -> None:
+    """The chat tab: a conversation in the model's chat template; a correction typed while the answer streams
+    lands in it; the next turn carries each correction as a user turn after the answer it corrected."""
+    engine = DuplexEngine(model, tokenizer, max_batch_size=8, pace_s=pace_s).start()
+    runs: dict[str, ChatRun] = {}
+    turns: dict[str, list[dict]] = {}  # what the model is sent, per browser session
+
+    def chat(message: str, shown: list, request: gr.Request):
+        if not message or not message.strip():
+            raise gr.Error("Type a message first, e.g. “Name 5 fruits.”")
+        history = turns.setdefault(request.session_hash, [])
+        history.append({"role": "user", "content": message.strip()})
+        run = runs[request.session_hash] = ChatRun(engine, tokenizer, history, max_new_tokens)
+        shown = [*shown, {"role": "user", "content": message.strip()}, {"role": "assistant", "content": ""}]
+        while not run.finished:
+            run.pump(timeout=0.08)
+            shown[-1] = {"role": "assistant", "content": run.render()}
+            yield shown, ""
+        history.append({"role": "assistant", "content": run.text})
+        history += [{"role": "user", "content": landed["text"]} for _, landed in run.marks if landed["applied"]]
+        yield shown, ""
+
+    def correct(text: str, request: gr.Request) -> str:
+        run = runs.get(request.session_hash)
+        if run is None or not text or not text.strip():
+            return "Send a message, then type a correction while the answer streams."
+        return f"Sent “{text.strip()}”." if run.correct(text.strip()) else "The answer was complete."
+
+    chatbot = gr.Chatbot(label="Chat", elem_id="chatbot", height=360)
+    message = gr.Textbox(label="Message", elem_id="chat-message", placeholder="Name 5 fruits.")
+    with gr.Row():
+        correction = gr.Textbox(label="Correction while it answers", elem_id="chat-correction", scale=3)
+        send = gr.Button("Send correction", elem_id="chat-send")
+    status = gr.Markdown(elem_id="chat-status")
+    message.submit(chat, [message, chatbot], [chatbot, message], concurrency_limit=4)
+    send.click(correct, [correction], [status], concurrency_limit=None)
+    correction.submit(correct, [correction], [status], concurrency_limit=None)
+
+
+def build_demo(model, tokenizer, max_new_tokens: int = 128, chat_pace_s: float = 0.06) -> gr.Blocks:
     """The side-by-side demo for `model` (a Duplex checkpoint) and its tokenizer."""
     runs = DemoRuns()
 
@@ -345,22 +427,25 @@ def build_demo(model, tokenizer, max_new_tokens: int = 128) -> gr.Blocks:
             "workspace and goes on from the same KV cache; in-band splices it into the text; restart stops and starts "
             "over. Each correction is marked where it landed, with its measured latency."
         )
-        with gr.Row():
-            prompt = gr.Textbox(label="Prompt", value=EXAMPLES[0][0], elem_id="prompt", scale=3)
-            new_tokens = gr.Slider(8, max_new_tokens, value=min(64, max_new_tokens), step=8, label="max new tokens")
-            pace = gr.Slider(0, 300, value=80, step=10, label="ms per token (time to type)", elem_id="pace")
-        start_button = gr.Button("Start", variant="primary", elem_id="start")
-        with gr.Row():
-            correction = gr.Textbox(label="Correction", value=EXAMPLES[0][1], elem_id="correction", scale=3)
-            send_button = gr.Button("Send correction", elem_id="send")
-        status = gr.Markdown(elem_id="status")
-        sent = gr.Markdown(elem_id="sent")
-        with gr.Row(equal_height=True):
-            panes = [gr.HTML(Pane().render(name), elem_id=f"pane-{name}") for name in PANES]
-        gr.Examples(EXAMPLES, [prompt, correction])
-        start_button.click(start, [prompt, new_tokens, pace], [*panes, status], concurrency_limit=4)
-        send_button.click(send, [correction], [sent], concurrency_limit=None)
-        correction.submit(send, [correction], [sent], concurrency_limit=None)
+        with gr.Tab("Side by side"):
+            with gr.Row():
+                prompt = gr.Textbox(label="Prompt", value=EXAMPLES[0][0], elem_id="prompt", scale=3)
+                new_tokens = gr.Slider(8, max_new_tokens, value=min(64, max_new_tokens), step=8, label="max new tokens")
+                pace = gr.Slider(0, 300, value=80, step=10, label="ms per token (time to type)", elem_id="pace")
+            start_button = gr.Button("Start", variant="primary", elem_id="start")
+            with gr.Row():
+                correction = gr.Textbox(label="Correction", value=EXAMPLES[0][1], elem_id="correction", scale=3)
+                send_button = gr.Button("Send correction", elem_id="send")
+            status = gr.Markdown(elem_id="status")
+            sent = gr.Markdown(elem_id="sent")
+            with gr.Row(equal_height=True):
+                panes = [gr.HTML(Pane().render(name), elem_id=f"pane-{name}") for name in PANES]
+            gr.Examples(EXAMPLES, [prompt, correction])
+            start_button.click(start, [prompt, new_tokens, pace], [*panes, status], concurrency_limit=4)
+            send_button.click(send, [correction], [sent], concurrency_limit=None)
+            correction.submit(send, [correction], [sent], concurrency_limit=None)
+        with gr.Tab("Chat"):
+            build_chat(model, tokenizer, max_new_tokens, chat_pace_s)
         demo.unload(forget)
     return demo
 
@@ -377,9 +462,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="run the model code the checkpoint ships (Duplex checkpoints need it; read it first)",
     )
     parser.add_argument("--revision", default=None, help="the Hub revision (commit) of --model to load")
+    parser.add_argument("--backbone", default=None, help="an adapter-only --model's backbone, stored locally")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: a GPU if there is one)")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="the slider's maximum")
+    parser.add_argument("--chat-pace-ms", type=float, default=60, help="chat tab: at least this long per token")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     return parser.parse_args(argv)
 
@@ -389,10 +476,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        model, tokenizer = load_model(args.model, args.device, args.dtype, args.trust_remote_code, args.revision)
+        model, tokenizer = load_model(
+            args.model, args.device, args.dtype, args.trust_remote_code, args.revision, args.backbone
+        )
     except RemoteCodeRefused as error:
         raise SystemExit(str(error)) from None
-    demo = build_demo(model, tokenizer, args.max_new_tokens)
+    demo = build_demo(model, tokenizer, args.max_new_tokens, args.chat_pace_ms / 1000)
     demo.queue(default_concurrency_limit=None).launch(server_name=args.host, server_port=args.port, css=CSS)
 
 

@@ -47,7 +47,7 @@ def start_demo() -> tuple[subprocess.Popen, str]:
     for _attempt in range(3):
         port = free_port()
         process = subprocess.Popen(
-            [sys.executable, "app.py", "--trust-remote-code", "--port", str(port)],
+            [sys.executable, "app.py", "--trust-remote-code", "--port", str(port), "--chat-pace-ms", "150"],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
@@ -142,3 +142,34 @@ def test_a_correction_sent_while_it_streams_lands_in_every_pane(demo_url, tmp_pa
     restart = panes["restart"]["marker"]
     assert restart["cls"] == "landing restart" and "re-prefill" in restart["label"] and restart["label"].endswith(" ms")
     assert panes["restart"]["after"] and panes["restart"]["after"] == panes["restart"]["text"]
+
+
+CHAT_TEXT = "() => [...document.querySelectorAll('#chatbot .message')].map(m => m.textContent).join('\\n')"
+
+
+@pytest.mark.slow
+def test_a_chat_answer_takes_a_correction_typed_while_it_streams(demo_url, tmp_path):
+    """The chat tab: a message in the model's chat template; a correction typed while the answer streams lands in
+    it, marked where it landed with the model's decision and its latency, and the answer goes on after it."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 840})
+            page.goto(demo_url)
+            page.get_by_role("tab", name="Chat").click()
+            page.locator("#chat-message textarea").fill(PROMPT)
+            page.locator("#chat-message textarea").press("Enter")
+            page.wait_for_function(f"({CHAT_TEXT})().length >= {len(PROMPT) + 4}", timeout=120_000)
+            page.locator("#chat-correction textarea").fill(CORRECTION)
+            page.locator("#chat-send").click()
+            landed = f"/⟨{CORRECTION} · correction, [0-9]+ ms⟩.+, .+, .+/"  # marked, and two more items after it
+            page.wait_for_function(f"{landed}.test(({CHAT_TEXT})())", timeout=180_000)
+            text = page.evaluate(CHAT_TEXT)
+            page.screenshot(path=os.environ.get("DUPLEX_CHAT_SCREENSHOT") or str(tmp_path / "chat.png"))
+        finally:
+            browser.close()
+    before, after = text.split(f"⟨{CORRECTION}", 1)
+    assert PROMPT in before and before.strip() != PROMPT, text  # the answer had begun when the correction landed
+    assert after.split("⟩", 1)[1].strip(), text  # and went on after it
