@@ -91,13 +91,6 @@ def pack_updates(
     return {"update_input_ids": ids, "update_attention_mask": mask, "update_positions": positions}
 
 
-def left_padding(attention_mask: torch.Tensor | None, batch_size: int, device: torch.device) -> torch.Tensor:
-    """(B, L) 0/1 mask -> (B,) number of leading padding tokens (RoPE positions count from the first real token)."""
-    if attention_mask is None or isinstance(attention_mask, dict):
-        return torch.zeros(batch_size, dtype=torch.long, device=device)
-    return (attention_mask.long().cumsum(-1) == 0).sum(-1).to(device)
-
-
 NEVER = torch.iinfo(torch.long).max  # start of a version that a row never reaches
 
 
@@ -755,7 +748,6 @@ __all__ = [
     "UpdateLanding",
     "UpdateStream",
     "WorkspaceVersions",
-    "left_padding",
     "pack_updates",
     "update_position",
 ]
