@@ -150,11 +150,13 @@ class DuplexArguments:
     own_answer_samples: int = field(
         default=2, metadata={"help": "--own_answers: sampled answers tried where the greedy ones fail the rule"}
     )
-    own_answer_afresh: bool = field(
-        default=True,
+    own_answer_afresh: str = field(
+        default="first",
         metadata={
-            "help": "--own_answers: accept the backbone's answer asked afresh after a correction (it restarts the "
-            "answer from its first line mid-text); --own_answer_afresh False keeps only answers that go on"
+            "help": "--own_answers: where the backbone's answer asked afresh after a correction (it restarts the "
+            "answer from its first line mid-text) comes among the candidates: first (before sampled goings-on), "
+            "last (only where no going-on passes) or never (only answers that go on; rows none passes are dropped)",
+            "choices": ["first", "last", "never"],
         },
     )
     eval_per_family: int = field(default=8, metadata={"help": "held-out instances per family and kind at the end"})
@@ -274,8 +276,9 @@ def cached_own_answers(
     `cache_dir` after (a resumed run, the other processes of a distributed one)."""
     key = [args.backbone, args.family_names, args.shots, len(rows), seed]
     key += [args.own_answer_tokens, args.own_answer_samples]
-    if not args.own_answer_afresh:  # (the default keeps the keys of caches written before the option)
-        key.append("no afresh")
+    afresh = "first" if args.own_answer_afresh == "first" else "last"  # "never": the rows of "last" that go on
+    if afresh == "last":  # (the default keeps the keys of caches written before the option)
+        key.append("afresh last")
     path = cache_dir / hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]
     if not (path / "dataset_info.json").exists():
         logger.info("writing the backbone's own answers to %d rows into %s", len(rows), path)
@@ -287,10 +290,15 @@ def cached_own_answers(
             max_new_tokens=args.own_answer_tokens,
             samples=args.own_answer_samples,
             seed=seed,
-            afresh=args.own_answer_afresh,
+            afresh=afresh,
         )
         answered.save_to_disk(str(path))
-    return datasets.load_from_disk(str(path))
+    answered = datasets.load_from_disk(str(path))
+    if args.own_answer_afresh == "never":
+        kept = answered.filter(lambda r: "afresh" not in r["followed"])
+        logger.info("own answers that go on: %d of %d rows", len(kept), len(answered))
+        return kept
+    return answered
 
 
 def gated_optimizer(model: torch.nn.Module, args: TrainingArguments, gate_lr: float) -> torch.optim.Optimizer:

@@ -8,14 +8,16 @@ instruction (`Name 4 fruits.` + `Name animals instead.` -> `Name 4 animals.`), k
 it. The channel then only has to make the backbone take the corrected question as its own.
 
 After a correction the candidates, first accepted wins: the backbone asked the corrected question going on from what it
-has written (greedy), asked it afresh (greedy: it starts its answer over), then `samples` sampled goings-on. A row none
-of them passes is dropped. After a backchannel the answer goes on unchanged.
+has written (greedy), then `samples` sampled goings-on; its answer asked afresh (greedy: it starts its answer over) is
+tried first, last or never (`afresh`). A row none of them passes is dropped; `followed` records which kind each kept
+correction took. After a backchannel the answer goes on unchanged.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 import datasets
 import torch
@@ -28,7 +30,10 @@ from .tasks import Instance, get_family
 
 logger = logging.getLogger(__name__)
 
-OWN_ANSWER_FEATURES = datasets.Features({**FEATURES, "ends_with_eos": datasets.Value("bool")})
+OWN_ANSWER_FEATURES = datasets.Features(
+    {**FEATURES, "ends_with_eos": datasets.Value("bool"), "followed": datasets.List(datasets.Value("string"))}
+)
+AFRESH_ORDERS = ("first", "last", "never")  # where the answer asked afresh comes among the candidates
 
 
 @dataclass(eq=False)  # rows are told apart by identity
@@ -42,6 +47,7 @@ class _Row:
     going_on: list[int] = field(default_factory=list)  # what the backbone writes next if nothing lands
     ends: bool = False  # `going_on` ends the answer (EOS) within the budget
     corrections: int = 0
+    followed: list[str] = field(default_factory=list)  # the candidate kind each correction took
 
     @property
     def written(self) -> list[int]:
@@ -58,13 +64,15 @@ def own_answer_rows(
     batch_size: int = 32,
     seed: int = 0,
     progress: bool = True,
-    afresh: bool = True,
+    afresh: Literal["first", "last", "never"] = "first",
 ) -> datasets.Dataset:
     """`rows` (the families' instances, e.g. from `build_dataset`) rewritten in `model`'s own words, at most
     `max_new_tokens` answer tokens each (the evaluation's budget); `ends_with_eos` tells whether the answer ended
-    within it. Updates land after as many answer tokens as the instance's oracle writes before them. `afresh=False`
-    leaves out the answer asked afresh (it starts the answer over from its first line mid-text): every kept correction
-    then goes on from what was written."""
+    within it. Updates land after as many answer tokens as the instance's oracle writes before them. The answer asked
+    afresh starts over from its first line mid-text: `afresh="last"` takes it only where no going-on passes,
+    `"never"` not at all (every kept correction then goes on from what was written)."""
+    if afresh not in AFRESH_ORDERS:
+        raise ValueError(f"afresh must be one of {AFRESH_ORDERS}, got {afresh!r}")
     torch.manual_seed(seed)
     writer = _Writer(model, tokenizer, prompt_format, max_new_tokens, batch_size, progress)
     todo = [_Row(inst, update_ats(tokenizer, row["segments"])) for row in rows for inst in [instance_from_row(row)]]
@@ -84,11 +92,17 @@ def own_answer_rows(
             r.corrections += 1
         dropped |= {r for r in corrected if len(r.written) >= max_new_tokens}  # no budget left to follow it
         corrected = [r for r in corrected if r not in dropped]
-        for kind in ["going on"] + ["afresh"] * afresh + ["sampled"] * samples:
+        kinds = {
+            "first": ["going on", "afresh"] + ["sampled"] * samples,
+            "last": ["going on"] + ["sampled"] * samples + ["afresh"],
+            "never": ["going on"] + ["sampled"] * samples,
+        }[afresh]
+        for kind in kinds:
             left = []
             for r, (ids, ends) in zip(corrected, writer.candidates(kind, corrected), strict=True):
                 if _accept(writer, r, j, ids):
                     r.going_on, r.ends = ids, ends
+                    r.followed.append(kind)
                     accepted[kind] += 1
                 else:
                     left.append(r)
@@ -129,6 +143,7 @@ def _finished(r: _Row, tokenizer) -> dict:
         "segments": segments,
         "update_change_offsets": [-1] * len(r.inst.updates),  # not known for free text
         "ends_with_eos": r.ends,
+        "followed": r.followed,
     }
 
 

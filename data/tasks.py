@@ -947,9 +947,7 @@ class Letter(Note):
             return {"correct": correct, "contradiction": False, "post": post, "oracle_post": inst.response}
         final, changed = dict(params) | dict(values), {slot for slot, _ in values}
         replaced = {v for slot, v in [*params.items(), *values] if slot in changed and v != final[slot]}
-        tail = generated_response[_landed(inst, landed, last=True) :]
-        for update in inst.updates:  # repeating the correction back is not writing the note it asks for
-            tail = re.sub(re.escape(update.text), "", tail, flags=re.IGNORECASE)
+        tail = _without_updates(inst, generated_response[_landed(inst, landed, last=True) :])
         bad = any(mentions(post, v) for v in replaced)
         return {
             "correct": all(mentions(tail, final[slot]) for slot in changed) and not bad,
@@ -1097,11 +1095,8 @@ class Include(_HeldOutPhrasings, TaskFamily):
     def score(self, inst: Instance, generated_response: str, landed: Sequence[int] | None = None) -> dict:
         post = generated_response[_landed(inst, landed, last=False) :]
         if not inst.has_correction:
-            correct = mentions(generated_response, inst.meta["params"]["topic"])
-            return {"correct": correct, "contradiction": False, "post": post, "oracle_post": inst.response}
-        tail = generated_response[_landed(inst, landed, last=True) :]
-        for update in inst.updates:  # repeating the correction back is not using the word
-            tail = re.sub(re.escape(update.text), "", tail, flags=re.IGNORECASE)
+            return _names_topic(inst, generated_response, post)
+        tail = _without_updates(inst, generated_response[_landed(inst, landed, last=True) :])
         return {
             "correct": mentions(tail, inst.meta["values"][-1]),
             "contradiction": False,
@@ -1151,12 +1146,9 @@ class Topic(_HeldOutPhrasings, TaskFamily):
         topics = [inst.meta["params"]["topic"], *inst.meta.get("values", [])]
         post = generated_response[_landed(inst, landed, last=False) :]
         if not inst.has_correction:
-            correct = mentions(generated_response, topics[0])
-            return {"correct": correct, "contradiction": False, "post": post, "oracle_post": inst.response}
-        tail = generated_response[_landed(inst, landed, last=True) :]
-        for update in inst.updates:  # repeating the correction back is not writing about the topic
-            tail = re.sub(re.escape(update.text), "", tail, flags=re.IGNORECASE)
-            post = re.sub(re.escape(update.text), "", post, flags=re.IGNORECASE)
+            return _names_topic(inst, generated_response, post)
+        post = _without_updates(inst, post)
+        tail = _without_updates(inst, generated_response[_landed(inst, landed, last=True) :])
         replaced = [t for t in topics[:-1] if t.lower() != topics[-1].lower()]  # (between two corrections: fine)
         bad = mentions(post, topics[0]) if topics[0] in replaced else False
         bad = bad or any(mentions(tail, t) for t in replaced)
@@ -1166,6 +1158,19 @@ class Topic(_HeldOutPhrasings, TaskFamily):
             "post": post,
             "oracle_post": self.oracle_continuation(inst),
         }
+
+
+def _without_updates(inst: Instance, text: str) -> str:
+    """`text` without the updates' own words (any case): repeating a correction back is not following it."""
+    for update in inst.updates:
+        text = re.sub(re.escape(update.text), "", text, flags=re.IGNORECASE)
+    return text
+
+
+def _names_topic(inst: Instance, generated_response: str, post: str) -> dict:
+    """The score of an answer with no correction: right when it names the topic it was asked about."""
+    correct = mentions(generated_response, inst.meta["params"]["topic"])
+    return {"correct": correct, "contradiction": False, "post": post, "oracle_post": inst.response}
 
 
 def _landed(inst: Instance, landed: Sequence[int] | None, last: bool) -> int:

@@ -73,21 +73,37 @@ def test_a_corrected_answer_the_rule_rejects_is_answered_afresh_or_dropped():
 
 
 def test_without_answers_afresh_every_kept_correction_goes_on_from_what_was_written():
-    """`afresh=False`: an answer that would start over from its first line is never a target; where the backbone does
+    """`afresh="never"`: an answer that would start over from its first line is never a target; where the backbone does
     not follow the correction going on, the row is dropped."""
     tokenizer = build_byte_tokenizer()
     rows = build_dataset("train", 12, 1, families=["items"], mix={"one": 1}, landing="before_space")
     stubborn = ScriptedLM(tokenizer)  # followed only when asked afresh
     with_afresh = own_answer_rows(rows, stubborn, tokenizer, PromptFormat(), max_new_tokens=200, samples=0)
-    going_on = own_answer_rows(rows, stubborn, tokenizer, PromptFormat(), 200, samples=0, afresh=False)
+    going_on = own_answer_rows(rows, stubborn, tokenizer, PromptFormat(), 200, samples=0, afresh="never")
     assert len(going_on) < len(with_afresh)
     for row in going_on:  # the few its rule accepts going on: landing before the answer began
         assert row["segments"][0] == ""
     follows = ScriptedLM(tokenizer, follows=True)
-    own = own_answer_rows(rows, follows, tokenizer, PromptFormat(), max_new_tokens=200, samples=0, afresh=False)
+    own = own_answer_rows(rows, follows, tokenizer, PromptFormat(), max_new_tokens=200, samples=0, afresh="never")
     assert len(own) == len(rows)
     for row in own:  # going on from what it wrote: a new line after the landing, never the answer asked afresh
         if not row["segments"][0]:
             continue  # (landing before the answer began: going on is answering afresh)
         corrected = get_family("items").instruction_after(instance_from_row(row), 1)
         assert row["segments"][1] != follows.answer(corrected + "\n")
+
+
+def test_answers_afresh_last_come_only_where_no_going_on_passes_and_are_recorded():
+    """`afresh="last"`: a correction the backbone follows going on keeps that answer; one it follows only asked afresh
+    falls back to it, and `followed` says which kind each correction took (what `--own_answer_afresh never` drops)."""
+    tokenizer = build_byte_tokenizer()
+    rows = build_dataset("train", 12, 1, families=["items"], mix={"one": 1}, landing="before_space")
+    follows, stubborn = ScriptedLM(tokenizer, follows=True), ScriptedLM(tokenizer)
+    going_on = own_answer_rows(rows, follows, tokenizer, PromptFormat(), 200, samples=0, afresh="never")
+    last = own_answer_rows(rows, follows, tokenizer, PromptFormat(), 200, samples=0, afresh="last")
+    assert last["response"] == going_on["response"] and set(map(tuple, last["followed"])) == {("going on",)}
+    first = own_answer_rows(rows, stubborn, tokenizer, PromptFormat(), 200, samples=0, afresh="first")
+    fallback = own_answer_rows(rows, stubborn, tokenizer, PromptFormat(), 200, samples=0, afresh="last")
+    assert fallback["response"] == first["response"]  # the stubborn backbone follows only asked afresh
+    mid_text = [f for f, row in zip(fallback["followed"], fallback, strict=True) if row["segments"][0]]
+    assert mid_text and all(f == ["afresh"] for f in mid_text)
