@@ -127,6 +127,10 @@ class DuplexArguments:
     gate_lr: float = field(
         default=3e-2, metadata={"help": "learning rate of the adapters' zero-initialised gates (LLaMA-Adapter style)"}
     )
+    encoder_lr: float | None = field(
+        default=None,
+        metadata={"help": "learning rate of the update encoder's layers (default: --learning_rate, as the rest)"},
+    )
     tdm_lr: float = field(default=1e-3, metadata={"help": "learning rate of the tdm baseline's full fine-tune"})
     train_size: int = field(default=20000, metadata={"help": "training instances per phase"})
     families: str | None = field(default=None, metadata={"help": "comma-separated task families (default all)"})
@@ -301,13 +305,20 @@ def cached_own_answers(
     return answered
 
 
-def gated_optimizer(model: torch.nn.Module, args: TrainingArguments, gate_lr: float) -> torch.optim.Optimizer:
+def gated_optimizer(
+    model: torch.nn.Module, args: TrainingArguments, gate_lr: float, encoder_lr: float | None = None
+) -> torch.optim.Optimizer:
     """AdamW with the adapters' gates in a group of their own: zero-initialised scalars that must open far and
-    early, so they get a higher learning rate than the rest (as LLaMA-Adapter's gating does)."""
+    early, so they get a higher learning rate than the rest (as LLaMA-Adapter's gating does). `encoder_lr`: the update
+    encoder's layers in a group of their own too (on a pretrained backbone a small one keeps them near the identity,
+    where the backbone reads a correction as text), the decision head staying at the base rate."""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     gates = [p for n, p in trainable if n.endswith(".gate")]
-    rest = [p for n, p in trainable if not n.endswith(".gate")]
+    encoder = [p for n, p in trainable if encoder_lr is not None and ".update_encoder.layers." in f".{n}"]
+    rest = [p for n, p in trainable if not n.endswith(".gate") and not any(p is q for q in encoder)]
     groups = [{"params": rest}, {"params": gates, "lr": gate_lr, "weight_decay": 0.0}]
+    if encoder:
+        groups.append({"params": encoder, "lr": encoder_lr})
     return torch.optim.AdamW(
         groups,
         lr=args.learning_rate,
@@ -444,21 +455,23 @@ def onpolicy_batches(rollouts: list[Rollout], pad_token_id: int) -> tuple[dict, 
 
 
 class DuplexTrainer(Trainer):
-    """The Trainer, with `gated_optimizer` when `gate_lr` is given, and context distillation from the in-band
-    teacher when `distill_weight` > 0. The optimizer is built in `create_optimizer`, on the model the Trainer hands
-    it, because FSDP refuses a ready-made one (it must see the wrapped parameters)."""
+    """The Trainer, with `gated_optimizer` when `gate_lr` is given (the encoder's layers at `encoder_lr` if given),
+    and context distillation from the in-band teacher when `distill_weight` > 0. The optimizer is built in
+    `create_optimizer`, on the model the Trainer hands it, because FSDP refuses a ready-made one (it must see the
+    wrapped parameters)."""
 
     def __init__(
         self,
         *args,
         gate_lr: float | None = None,
+        encoder_lr: float | None = None,
         distill_weight: float = 0.0,
         onpolicy_weight: float = 0.0,
         onpolicy_rows: int = 8,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        self.gate_lr = gate_lr
+        self.gate_lr, self.encoder_lr = gate_lr, encoder_lr
         self.distill_weight = distill_weight
         self.onpolicy_weight, self.onpolicy_rows = onpolicy_weight, onpolicy_rows
 
@@ -499,7 +512,8 @@ class DuplexTrainer(Trainer):
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         if self.gate_lr is not None and self.optimizer is None:
-            self.optimizer = gated_optimizer(self.model if model is None else model, self.args, self.gate_lr)
+            model = self.model if model is None else model
+            self.optimizer = gated_optimizer(model, self.args, self.gate_lr, self.encoder_lr)
         return super().create_optimizer(model)
 
 
@@ -992,6 +1006,7 @@ def main(argv: list[str] | None = None) -> dict | None:
             tokenizer,
             trainer_options={
                 "gate_lr": args.gate_lr,
+                "encoder_lr": args.encoder_lr,
                 "distill_weight": args.distill_weight,
                 "onpolicy_weight": args.onpolicy_weight,
                 "onpolicy_rows": args.onpolicy_rows,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import ROOT, tiny_backbone
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, Trainer
+from transformers import AutoTokenizer, Trainer, TrainingArguments
 
 import eval_duplex
 import train_duplex
@@ -261,3 +261,21 @@ def test_held_out_curves_decode_without_the_trainers_autocast(duplex):
         assert prepared.forward == wrapped
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)  # later Trainers choose their own precision
+
+
+def test_gated_optimizer_gives_gates_and_the_encoder_their_own_learning_rates():
+    """Gates open fast (`gate_lr`); with `encoder_lr` the update encoder's layers move slowly; the decision head and
+    the rest keep the base rate. Every trainable parameter is in exactly one group."""
+    model = DuplexForCausalLM.from_backbone(tiny_backbone("qwen3"), encoder_layers=1)
+    args = TrainingArguments(output_dir="unused", learning_rate=1e-3, use_cpu=True, report_to=[])
+    groups = train_duplex.gated_optimizer(model, args, gate_lr=0.3, encoder_lr=1e-4).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_lr = {g["lr"]: {names[id(p)] for p in g["params"]} for g in groups}
+    assert set(by_lr) == {1e-3, 0.3, 1e-4}
+    assert by_lr[0.3] and all(n.endswith(".gate") for n in by_lr[0.3])
+    assert by_lr[1e-4] and all(".update_encoder.layers." in f".{n}" for n in by_lr[1e-4])
+    assert any("decision" in n for n in by_lr[1e-3])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert sorted(n for g in by_lr.values() for n in g) == sorted(trainable)
+    without = train_duplex.gated_optimizer(model, args, gate_lr=0.3).param_groups
+    assert [len(g["params"]) for g in without] == [len(by_lr[1e-3]) + len(by_lr[1e-4]), len(by_lr[0.3])]
