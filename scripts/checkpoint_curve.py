@@ -8,7 +8,8 @@
 
 Arguments after `--` go to eval_duplex for every checkpoint. `--reference` draws a report's in-band and restart
 revision (the frozen backbone's ceiling on the same instances) as dashed lines. Writes OUT/curve.png and
-OUT/curve.md; each checkpoint's report lies in OUT/step-N/.
+OUT/curve.md (with clean join and two-update revision where the evaluated kinds measure them); each checkpoint's
+report lies in OUT/step-N/.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     """(step, folder) of every `checkpoint-N` under run_dir, by step."""
     found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := re.fullmatch(r"checkpoint-(\d+)", p.name))]
     return sorted(found)
+
+
+EXTRA_COLUMNS = {"two_update_accuracy": "two-update", "clean_join": "clean join"}
 
 
 def evaluated(step_dir: Path, checkpoint: Path, eval_args: list[str]) -> dict:
@@ -47,10 +51,11 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--reference", type=Path, default=None, help="a results.json with in-band/restart columns")
     args = parser.parse_args(ours)
 
-    rows = []
+    rows, extras = [], []
     for step, folder in checkpoints(args.run_dir):
         metrics = evaluated(args.out / f"step-{step}", folder, eval_args)["metrics"]["workspace"]
         rows.append((step, metrics["revision_accuracy"], metrics["distractor_stability"]))
+        extras.append({name: metrics[name]["overall"] for name in EXTRA_COLUMNS if name in metrics})
     if not rows:
         raise SystemExit(f"no checkpoint-N folders under {args.run_dir}")
     reference = json.loads(args.reference.read_text())["metrics"] if args.reference else {}
@@ -81,13 +86,17 @@ def main(argv: list[str] | None = None) -> Path:
     def cell(stat: dict) -> str:
         return f"{100 * stat['rate']:.1f}% ({100 * stat['ci'][0]:.1f}-{100 * stat['ci'][1]:.1f})" if stat["n"] else ""
 
+    extra = [name for name in EXTRA_COLUMNS if any(e.get(name, {}).get("n") for e in extras)]
     lines = [
-        "| step | revision, overall | " + " | ".join(families) + " | distractor stability |",
-        "|---:|---|" + "---|" * len(families) + "---|",
+        "| step | revision, overall | "
+        + " | ".join([*families, "distractor stability", *(EXTRA_COLUMNS[name] for name in extra)])
+        + " |",
+        "|---:|---|" + "---|" * (len(families) + 1 + len(extra)),
     ]
-    for step, revision, stability in rows:
-        per_family = " | ".join(cell(revision["per_family"][f]) for f in families)
-        lines.append(f"| {step} | {cell(revision['overall'])} | {per_family} | {cell(stability['overall'])} |")
+    for (step, revision, stability), more in zip(rows, extras, strict=True):
+        cells = [cell(revision["per_family"][f]) for f in families] + [cell(stability["overall"])]
+        cells += [cell(more[name]) for name in extra]
+        lines.append(f"| {step} | {cell(revision['overall'])} | " + " | ".join(cells) + " |")
     (args.out / "curve.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return args.out / "curve.png"

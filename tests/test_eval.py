@@ -287,6 +287,7 @@ def test_checkpoint_curve_evaluates_each_checkpoint_once(checkpoint, tmp_path, m
     checkpoint_curve.main(argv)
     table = (tmp_path / "curve" / "curve.md").read_text().splitlines()
     assert [row.split(" | ")[0] for row in table[2:]] == ["| 0", "| 40"]
+    assert table[0].endswith("| clean join |") and table[1].count("---|") == 4  # corrections landed mid-answer
     assert table[2].split(" | ")[1].startswith("0.0% (0.0-")
     assert float(table[3].split(" | ")[1].split("%")[0]) >= 75.0
     assert (tmp_path / "curve" / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
