@@ -222,7 +222,8 @@ class _Item:
     job: Job
     target: Instance  # the oracle the output is scored against (restart: the update moved to word 0)
     at: int | None  # new tokens before the first update lands (for tokens-to-revision)
-    reference: Job | None = None  # distractor: the no-update generation the output must reproduce
+    reference: Job | None = None  # the no-update generation: a distractor's must reproduce it; a correction's join
+    # reads from it how the word in progress at the landing would have gone on
     position: float | None = None  # sweep: relative update position
     landing: str | None = None  # sweep: where in the text the update lands (data.LANDINGS)
 
@@ -246,7 +247,8 @@ def _make_item(mode: str, seed: int, kind: str, row: dict, tokenizer, prompt_for
         updates = tuple(zip(update_ats(tokenizer, row["segments"]), texts, strict=True))
         at = updates[0][0] if updates else None
     job = Job(model_key, prompt, updates, update_mode if updates else None)
-    reference = Job(model_key, plain, (), None) if kind in DISTRACTOR_KINDS else None
+    mid_answer = updates and kind in JOIN_KINDS and model_key != "backbone"
+    reference = Job(model_key, plain, (), None) if kind in DISTRACTOR_KINDS or mid_answer else None
     position = relative_position(row) if kind == "sweep" else None
     landing = landing_kind(inst.updates[0].shift) if kind == "sweep" else None
     return _Item(mode, seed, kind, inst.family, job, target, at, reference, position, landing)
@@ -366,12 +368,25 @@ def tokens_to_revision(tokenizer: Any, target: Instance, at: int, generated_ids:
     return next((i for i, (g, p) in enumerate(zip(gen, pre, strict=False)) if g != p), min(len(gen), len(pre)))
 
 
-def join_check(text: str, landed: Sequence[int], in_word: bool = False) -> str:
+def word_in_progress(reference: str, text: str, cut: int) -> str:
+    """The rest of the word the answer was writing where an update landed (`cut`, characters), as the answer went on
+    without the update (`reference`, sharing `text`'s first `cut` characters): `quet` for `bou|quet`; "" where the
+    cut lies between words or the two texts differ before it."""
+    if text[:cut] != reference[:cut]:
+        return ""
+    end = cut
+    while 0 < end < len(reference) and reference[end - 1].isalnum() and reference[end].isalnum():
+        end += 1
+    return reference[cut:end]
+
+
+def join_check(text: str, landed: Sequence[int], in_word: bool = False, finishing: str = "") -> str:
     """How an answer goes on where each correction landed (characters of `text`): "clean" where every continuation
     goes on with the text in progress; "glued" where new text is stuck onto a finished word (`thisDear`, `IRome`);
     "restart" where it starts the answer again from its opening (`1. Red: The1. Red: ...`, `... this Dear Ben,`);
     "ended" where nothing follows the correction. `in_word`: the first update lands inside a word, which the text
-    may finish (only a capital stuck onto a lowercase letter then counts as glued)."""
+    may finish (only a capital stuck onto a lowercase letter then counts as glued). `finishing`: the rest of the word
+    the answer was writing at the first landing (`word_in_progress`); going on with exactly it finishes that word."""
     opening = next(iter(text.split()), "")
     for j, cut in enumerate(landed):
         after = text[cut:]
@@ -379,9 +394,12 @@ def join_check(text: str, landed: Sequence[int], in_word: bool = False) -> str:
             return "ended"
         if 0 < cut < len(text):
             before, first = text[cut - 1], text[cut]
+            finishes = j == 0 and bool(finishing) and after.startswith(finishing)
+            finishes = finishes and not after[len(finishing) : len(finishing) + 1].isalnum()  # and ends it there
             if (
                 before.isalnum()
                 and first.isalnum()
+                and not finishes
                 and (not (in_word and j == 0) or (before.islower() and first.isupper()))
             ):
                 return "glued"
@@ -428,7 +446,8 @@ def _score(item: _Item, done: dict[Job, Generation], tokenizer) -> dict[str, Any
             record["ttr"] = tokens_to_revision(tokenizer, item.target, item.at, gen.ids, gen.ended)
         if item.job.updates and item.kind in JOIN_KINDS and not gen.unlanded:  # a correction landed mid-answer
             in_word = landing_kind(item.target.updates[0].shift) == "in_word"
-            record["join"] = join_check(gen.text, landed, in_word)
+            finishing = word_in_progress(done[item.reference].text, gen.text, landed[0]) if item.reference else ""
+            record["join"] = join_check(gen.text, landed, in_word, finishing)
             record["clean_join"] = record["join"] == "clean"
             record["join_excerpt"] = join_excerpt(gen.text, landed[0], item.job.updates[0][1])
     if gen.decisions and all(gen.decisions):  # a mode that decides: every update of the row decided right

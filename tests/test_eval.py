@@ -323,3 +323,22 @@ def test_join_check_tells_clean_joins_from_glued_and_restarted_ones():
     assert join_check("1. Bananas\n2. Apples\n3. Cats", [len("1. Bananas\n2. Ap")], in_word=True) == "clean"
     assert join_check("1. Bananas\n2. ApDogs", [len("1. Bananas\n2. Ap")], in_word=True) == "glued"
     assert join_excerpt("abc def", 3, "x") == "abc⟨x⟩ def"
+
+
+def test_a_join_that_finishes_the_word_the_answer_was_writing_is_clean():
+    """Updates land after a number of tokens, so in a model's own text the landing can fall inside a word
+    (`bou|quet`): going on with the rest of that word as the answer would have written it is a clean join, anything
+    else stuck onto it is glued."""
+    from eval_duplex import join_check, word_in_progress
+
+    reference = "The vibrant colors of a bouquet, a sight"
+    cut = len("The vibrant colors of a bou")
+    rest = word_in_progress(reference, "The vibrant colors of a bouquet, a perfect oven", cut)
+    assert rest == "quet"
+    assert join_check("The vibrant colors of a bouquet, a perfect oven", [cut], finishing=rest) == "clean"
+    assert join_check("The vibrant colors of a bouI, a warm oven", [cut], finishing=rest) == "glued"
+    assert join_check("The vibrant colors of a bouquets oven", [cut], finishing=rest) == "glued"  # not that word
+    assert join_check("The vibrant colors of a bouquet, a perfect oven", [cut]) == "glued"  # (without the reference)
+    assert word_in_progress(reference, "The vibrant colors of a bou", cut - 1) == "uquet"
+    assert word_in_progress(reference, "The vibrant colors of X", cut) == ""  # the texts differ before the landing
+    assert word_in_progress(reference, reference, len("The vibrant")) == ""  # between words
