@@ -247,7 +247,7 @@ def _make_item(mode: str, seed: int, kind: str, row: dict, tokenizer, prompt_for
         updates = tuple(zip(update_ats(tokenizer, row["segments"]), texts, strict=True))
         at = updates[0][0] if updates else None
     job = Job(model_key, prompt, updates, update_mode if updates else None)
-    mid_answer = updates and kind in JOIN_KINDS and model_key != "backbone"
+    mid_answer = bool(updates) and kind in JOIN_KINDS  # (restart has no updates: its correction is in the prompt)
     reference = Job(model_key, plain, (), None) if kind in DISTRACTOR_KINDS or mid_answer else None
     position = relative_position(row) if kind == "sweep" else None
     landing = landing_kind(inst.updates[0].shift) if kind == "sweep" else None

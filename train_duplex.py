@@ -313,9 +313,13 @@ def gated_optimizer(
     encoder's layers in a group of their own too (on a pretrained backbone a small one keeps them near the identity,
     where the backbone reads a correction as text), the decision head staying at the base rate."""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def in_encoder(name: str) -> bool:
+        return encoder_lr is not None and ".update_encoder.layers." in f".{name}"
+
     gates = [p for n, p in trainable if n.endswith(".gate")]
-    encoder = [p for n, p in trainable if encoder_lr is not None and ".update_encoder.layers." in f".{n}"]
-    rest = [p for n, p in trainable if not n.endswith(".gate") and not any(p is q for q in encoder)]
+    encoder = [p for n, p in trainable if in_encoder(n)]
+    rest = [p for n, p in trainable if not n.endswith(".gate") and not in_encoder(n)]
     groups = [{"params": rest}, {"params": gates, "lr": gate_lr, "weight_decay": 0.0}]
     if encoder:
         groups.append({"params": encoder, "lr": encoder_lr})

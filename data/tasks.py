@@ -1041,16 +1041,10 @@ class Stop(_HeldOutPhrasings, Items):
         }
 
 
-class Include(_HeldOutPhrasings, TaskFamily):
-    """`Write one sentence about rain.` answered in a chat model's own words; `Use the word lantern.` asks for a word
-    it must use from then on (a required word). Right when the text after the last correction landed (the correction
-    repeated back does not count) uses the word the last correction asked for (any case, singular or plural); with
-    no correction, when the answer names the topic."""
+class _OneSentence(_HeldOutPhrasings, TaskFamily):
+    """`Write one sentence about rain.`, answered in a chat model's own words; the oracle's sentence is `template`."""
 
-    name = "include"
     landings = ("before_space", "after_space")
-    phrasings = ("Use the word {v}.", "Include the word {v}.", "Mention {v} too.", "Put the word {v} in it.")
-    held_out_phrasings = ("Work in the word {v}.", "Make sure it says {v}.", "Add {v} to it.", "Say {v} somewhere.")
     template = "I think {topic} is a lovely thing, and many people enjoy it every day.".split(" ")
 
     def _params(self, rng, split):
@@ -1058,6 +1052,17 @@ class Include(_HeldOutPhrasings, TaskFamily):
 
     def _instruction(self, p):
         return f"Write one sentence about {p['topic']}."
+
+
+class Include(_OneSentence):
+    """`Write one sentence about rain.` answered in a chat model's own words; `Use the word lantern.` asks for a word
+    it must use from then on (a required word). Right when the text after the last correction landed (the correction
+    repeated back does not count) uses the word the last correction asked for (any case, singular or plural); with
+    no correction, when the answer names the topic."""
+
+    name = "include"
+    phrasings = ("Use the word {v}.", "Include the word {v}.", "Mention {v} too.", "Put the word {v} in it.")
+    held_out_phrasings = ("Work in the word {v}.", "Make sure it says {v}.", "Add {v} to it.", "Say {v} somewhere.")
 
     def _start(self, p):
         return {"word": None, "at": None}
@@ -1105,23 +1110,15 @@ class Include(_HeldOutPhrasings, TaskFamily):
         }
 
 
-class Topic(_HeldOutPhrasings, TaskFamily):
+class Topic(_OneSentence):
     """`Write one sentence about rain.` answered in a chat model's own words; `Make it about cats instead.` switches
     the topic. Right when the text after the last correction landed (the correction repeated back does not count)
     names the new topic and the text after the first correction no replaced topic (any case, singular or plural);
     with no correction, when the answer names the topic."""
 
     name = "topic"
-    landings = ("before_space", "after_space")
     phrasings = ("Make it about {v} instead.", "Actually, write about {v}.", "Switch to {v}.", "Change it to {v}.")
     held_out_phrasings = ("Talk about {v} instead.", "Let's do {v} instead.", "No, {v}.", "Write about {v} instead.")
-    template = "I think {topic} is a lovely thing, and many people enjoy it every day.".split(" ")
-
-    def _params(self, rng, split):
-        return {"topic": pick(rng, "topics", split)}
-
-    def _instruction(self, p):
-        return f"Write one sentence about {p['topic']}."
 
     def _start(self, p):
         return {"topic": p["topic"], "at": 0}
