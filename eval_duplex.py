@@ -48,6 +48,7 @@ from data import (
     word_boundary,
 )
 from data.collate import IGNORE_INDEX, DuplexCollator, encode, tokenize_row, update_ats
+from data.joins import join_check, word_in_progress
 from data.prompts import PromptFormat
 
 MODES = ("workspace", "ignore", "inband", "restart", "tdm")
@@ -368,54 +369,6 @@ def tokens_to_revision(tokenizer: Any, target: Instance, at: int, generated_ids:
     return next((i for i, (g, p) in enumerate(zip(gen, pre, strict=False)) if g != p), min(len(gen), len(pre)))
 
 
-def word_in_progress(reference: str, text: str, cut: int) -> str:
-    """The rest of the word the answer was writing where an update landed (`cut`, characters), as the answer went on
-    without the update (`reference`, sharing `text`'s first `cut` characters): `quet` for `bou|quet`; "" where the
-    cut lies between words or the two texts differ before it."""
-    if text[:cut] != reference[:cut]:
-        return ""
-    end = cut
-    while 0 < end < len(reference) and reference[end - 1].isalnum() and reference[end].isalnum():
-        end += 1
-    return reference[cut:end]
-
-
-def join_check(text: str, landed: Sequence[int], in_word: bool = False, finishing: str = "") -> str:
-    """How an answer goes on where each correction landed (characters of `text`): "clean" where every continuation
-    goes on with the text in progress; "glued" where new text is stuck onto a finished word (`thisDear`, `IRome`);
-    "restart" where it starts the answer again from its opening (`1. Red: The1. Red: ...`, `... this Dear Ben,`);
-    "ended" where nothing follows the correction. `in_word`: the first update lands inside a word, which the text
-    may finish (only a capital stuck onto a lowercase letter then counts as glued). `finishing`: the rest of the word
-    the answer was writing at the first landing (`word_in_progress`); going on with exactly it finishes that word."""
-    opening = next(iter(text.split()), "")
-    for j, cut in enumerate(landed):
-        after = text[cut:]
-        if not after.strip():
-            return "ended"
-        if 0 < cut < len(text):
-            before, first = text[cut - 1], text[cut]
-            finishes = j == 0 and bool(finishing) and after.startswith(finishing)
-            finishes = finishes and not after[len(finishing) : len(finishing) + 1].isalnum()  # and ends it there
-            if (
-                before.isalnum()
-                and first.isalnum()
-                and not finishes
-                and (not (in_word and j == 0) or (before.islower() and first.isupper()))
-            ):
-                return "glued"
-        rest = text[_finish_word(text, cut) :].lstrip(" \n\t,.;:!?-")
-        if len(opening) >= 2 and cut >= len(opening) and rest.startswith(opening):
-            return "restart"
-    return "clean"
-
-
-def _finish_word(text: str, cut: int) -> int:
-    """`cut` moved past the lowercase rest of a word it lies inside (the word in progress, finished)."""
-    while 0 < cut < len(text) and text[cut - 1].isalnum() and text[cut].isalnum() and not text[cut].isupper():
-        cut += 1
-    return cut
-
-
 def join_excerpt(text: str, cut: int, update: str, width: int = 40) -> str:
     """The text around a landing, the correction shown where it landed: `...this⟨The name is Ben.⟩Dear Ben,...`."""
     return f"{text[max(0, cut - width) : cut]}⟨{update}⟩{text[cut : cut + width]}"
@@ -570,6 +523,7 @@ def evaluate(
     seconds = time.perf_counter() - start
 
     records = [_score(it, done, tokenizer) for it in items]
+    generations = [_generation_record(it, record, done) for it, record in zip(items, records, strict=True)]
     diagnostics = None
     if hasattr(model, "workspace_versions"):  # a DuplexForCausalLM (not a generate-only stand-in)
         with _eval_mode(model):
@@ -634,7 +588,22 @@ def evaluate(
         },
         "examples": examples,
         "joins": joins,
+        "generations": generations,
     }
+
+
+def _generation_record(item: _Item, record: dict, done: dict[Job, Generation]) -> dict[str, Any]:
+    """One line of generations.jsonl: what was asked, where the updates landed, what came out and how it scored."""
+    scores = ("correct", "contradiction", "stable", "exact", "join")
+    return {
+        "mode": item.mode,
+        "kind": item.kind,
+        "family": item.family,
+        "instruction": item.target.instruction,
+        "updates": [list(update) for update in item.job.updates],
+        "generated": done[item.job].text,
+        "oracle": item.target.response,
+    } | {key: record[key] for key in scores if key in record}
 
 
 @torch.no_grad()
@@ -861,11 +830,19 @@ def plot_sweep(results: dict[str, Any], path: str | Path) -> Path:
 
 
 def write_report(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
-    """Write results.json, results.md and sweep.png into `out_dir` (created if needed)."""
+    """Write results.json, results.md, sweep.png and generations.jsonl (every output, scored) into `out_dir`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "results.json", "markdown": out / "results.md", "plot": out / "sweep.png"}
+    paths = {
+        "json": out / "results.json",
+        "markdown": out / "results.md",
+        "plot": out / "sweep.png",
+        "generations": out / "generations.jsonl",
+    }
+    results = dict(results)
+    generations = results.pop("generations", [])
     paths["json"].write_text(json.dumps(results, indent=2) + "\n")
+    paths["generations"].write_text("".join(json.dumps(g) + "\n" for g in generations))
     paths["markdown"].write_text(render_markdown(results))
     plot_sweep(results, paths["plot"])
     return paths

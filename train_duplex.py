@@ -31,7 +31,6 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     HfArgumentParser,
-    LogitsProcessor,
     LogitsProcessorList,
     PreTrainedModel,
     Qwen3ForCausalLM,
@@ -45,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from backbone_shapes import backbone_config
 from data import FAMILIES, LANDINGS, build_byte_tokenizer, build_dataset
 from data.collate import IGNORE_INDEX, DuplexCollator, tokenize_row
-from data.own_answers import own_answer_rows
+from data.own_answers import PrefixForcing, own_answer_rows
 from data.prompts import PromptFormat
 from generation_duplex import NO_UPDATE, pack_updates, update_position
 from hub_duplex import build_model_card, push_folder
@@ -163,6 +162,14 @@ class DuplexArguments:
             "choices": ["first", "last", "never"],
         },
     )
+    own_answer_channel: str | None = field(
+        default=None,
+        metadata={
+            "help": "--own_answers: a trained Duplex checkpoint on this backbone (an adapter-only one loads onto "
+            "--backbone) whose own answers through its channel (greedy, then sampled) are tried first, kept where "
+            "the rule accepts them and they join cleanly: a round of self-training on what it gets right"
+        },
+    )
     eval_per_family: int = field(default=8, metadata={"help": "held-out instances per family and kind at the end"})
     curve_steps: int = field(
         default=0,
@@ -211,6 +218,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[DuplexArguments, Training
         parser.error("--pretrain_backbone makes the tiny offline backbone; it cannot be combined with --backbone")
     if duplex_args.own_answers and (duplex_args.backbone is None or duplex_args.method != "duplex"):
         parser.error("--own_answers needs --backbone (a chat model) and --method duplex")
+    if duplex_args.own_answer_channel and not duplex_args.own_answers:
+        parser.error("--own_answer_channel needs --own_answers")
     if duplex_args.pretrain_only and not duplex_args.pretrain_backbone:
         parser.error("--pretrain_only needs --pretrain_backbone")
     resume = training_args.resume_from_checkpoint
@@ -283,6 +292,8 @@ def cached_own_answers(
     afresh = "first" if args.own_answer_afresh == "first" else "last"  # "never": the rows of "last" that go on
     if afresh == "last":  # (the default keeps the keys of caches written before the option)
         key.append("afresh last")
+    if args.own_answer_channel:
+        key.append(["channel", str(Path(args.own_answer_channel).resolve())])
     path = cache_dir / hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]
     if not (path / "dataset_info.json").exists():
         logger.info("writing the backbone's own answers to %d rows into %s", len(rows), path)
@@ -295,6 +306,7 @@ def cached_own_answers(
             samples=args.own_answer_samples,
             seed=seed,
             afresh=afresh,
+            channel=load_channel(args.own_answer_channel, args.backbone) if args.own_answer_channel else None,
         )
         answered.save_to_disk(str(path))
     answered = datasets.load_from_disk(str(path))
@@ -303,6 +315,11 @@ def cached_own_answers(
         logger.info("own answers that go on: %d of %d rows", len(kept), len(answered))
         return kept
     return answered
+
+
+def load_channel(path: str, backbone: str) -> DuplexForCausalLM:
+    """A trained Duplex checkpoint (an adapter-only one loads onto the local `backbone`), in eval mode."""
+    return DuplexForCausalLM.from_pretrained(path, backbone_name_or_path=backbone).eval()
 
 
 def gated_optimizer(
@@ -341,22 +358,6 @@ def distillation_loss(
     teacher = teacher_logits[:, :-1][teacher_labels[:, 1:] != IGNORE_INDEX].float()
     log_student, log_teacher = torch.log_softmax(student, -1), torch.log_softmax(teacher, -1)
     return torch.nn.functional.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean")
-
-
-class PrefixForcing(LogitsProcessor):
-    """Forces each row's first new tokens (the oracle's answer up to its update), so that the model writes on its own
-    only from where its update lands, exactly as it would in generation."""
-
-    def __init__(self, forced: list[list[int]], prompt_width: int):
-        self.forced, self.prompt_width = forced, prompt_width
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        step = input_ids.shape[1] - self.prompt_width
-        for b, tokens in enumerate(self.forced):
-            if step < len(tokens):
-                scores[b] = float("-inf")
-                scores[b, tokens[step]] = 0.0
-        return scores
 
 
 @dataclass

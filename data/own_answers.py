@@ -11,10 +11,16 @@ After a correction the candidates, first accepted wins: the backbone asked the c
 has written (greedy), then `samples` sampled goings-on; its answer asked afresh (greedy: it starts its answer over) is
 tried first, last or never (`afresh`). A row none of them passes is dropped; `followed` records which kind each kept
 correction took. After a backchannel the answer goes on unchanged.
+
+Given a trained Duplex model (`channel`), its own answers come first: the correction read through its channel where it
+landed, greedy, then `samples` sampled, each held to the family's rule and to a clean join (`data.joins`). Training on
+them is a round of self-training (expert iteration): the model learns from what it already gets right, and from its
+own samples where its greedy answer goes wrong.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass, field, replace
 from typing import Literal
@@ -22,11 +28,13 @@ from typing import Literal
 import datasets
 import torch
 from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from .collate import encode, update_ats
 from .dataset import FEATURES, instance_from_row, instance_to_row
+from .joins import join_check, word_in_progress
 from .prompts import PromptFormat
-from .tasks import Instance, get_family
+from .tasks import Instance, get_family, landing_kind
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +42,23 @@ OWN_ANSWER_FEATURES = datasets.Features(
     {**FEATURES, "ends_with_eos": datasets.Value("bool"), "followed": datasets.List(datasets.Value("string"))}
 )
 AFRESH_ORDERS = ("first", "last", "never")  # where the answer asked afresh comes among the candidates
+CHANNEL_KINDS = ("channel", "channel sampled")  # candidates a trained Duplex model writes through its channel
+
+
+class PrefixForcing(LogitsProcessor):
+    """Forces each row's first new tokens (its answer up to where an update lands), so that a model writes on its own
+    only from there, exactly as it would in generation."""
+
+    def __init__(self, forced: list[list[int]], prompt_width: int):
+        self.forced, self.prompt_width = forced, prompt_width
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        step = input_ids.shape[1] - self.prompt_width
+        for b, tokens in enumerate(self.forced):
+            if step < len(tokens):
+                scores[b] = float("-inf")
+                scores[b, tokens[step]] = 0.0
+        return scores
 
 
 @dataclass(eq=False)  # rows are told apart by identity
@@ -65,22 +90,24 @@ def own_answer_rows(
     seed: int = 0,
     progress: bool = True,
     afresh: Literal["first", "last", "never"] = "first",
+    channel: torch.nn.Module | None = None,
 ) -> datasets.Dataset:
     """`rows` (the families' instances, e.g. from `build_dataset`) rewritten in `model`'s own words, at most
     `max_new_tokens` answer tokens each (the evaluation's budget); `ends_with_eos` tells whether the answer ended
     within it. Updates land after as many answer tokens as the instance's oracle writes before them. The answer asked
     afresh starts over from its first line mid-text: `afresh="last"` takes it only where no going-on passes,
-    `"never"` not at all (every kept correction then goes on from what was written)."""
+    `"never"` not at all (every kept correction then goes on from what was written). `channel`: a trained Duplex model
+    on the same backbone, whose own answers through its channel are tried before the backbone's."""
     if afresh not in AFRESH_ORDERS:
         raise ValueError(f"afresh must be one of {AFRESH_ORDERS}, got {afresh!r}")
     torch.manual_seed(seed)
-    writer = _Writer(model, tokenizer, prompt_format, max_new_tokens, batch_size, progress)
+    writer = _Writer(model, tokenizer, prompt_format, max_new_tokens, batch_size, progress, channel)
     todo = [_Row(inst, update_ats(tokenizer, row["segments"])) for row in rows for inst in [instance_from_row(row)]]
     questions = [(r.inst.family, r.inst.instruction) for r in todo]
     for r, (ids, ends) in zip(todo, writer.answers(questions), strict=True):
         r.original, r.going_on, r.ends = ids, ids, ends
     logger.info("own answers: %d questions answered", len(set(questions)))
-    accepted = {"going on": 0, "afresh": 0, "sampled": 0}
+    accepted = dict.fromkeys(["going on", "afresh", "sampled", *CHANNEL_KINDS], 0)
     for j in range(max((len(r.ats) for r in todo), default=0)):
         landing = [r for r in todo if j < len(r.ats)]
         dropped = {r for r in landing if not r.going_on}  # the answer ended before the update arrived
@@ -97,10 +124,12 @@ def own_answer_rows(
             "last": ["going on"] + ["sampled"] * samples + ["afresh"],
             "never": ["going on"] + ["sampled"] * samples,
         }[afresh]
+        if channel is not None:
+            kinds = ["channel"] + ["channel sampled"] * samples + kinds
         for kind in kinds:
             left = []
             for r, (ids, ends) in zip(corrected, writer.candidates(kind, corrected), strict=True):
-                if _accept(writer, r, j, ids):
+                if _accept(writer, r, j, ids, join=kind in CHANNEL_KINDS):
                     r.going_on, r.ends = ids, ends
                     r.followed.append(kind)
                     accepted[kind] += 1
@@ -125,13 +154,20 @@ def _land(r: _Row, j: int) -> None:
     r.going_on = r.going_on[at - written :]
 
 
-def _accept(writer: _Writer, r: _Row, j: int, candidate: list[int]) -> bool:
-    """Whether the answer written so far plus `candidate` is right by the family's rule for the updates up to j."""
+def _accept(writer: _Writer, r: _Row, j: int, candidate: list[int], join: bool = False) -> bool:
+    """Whether the answer written so far plus `candidate` is right by the family's rule for the updates up to j (and,
+    with `join`, goes on cleanly from the text in progress wherever an update landed)."""
     inst = replace(
         r.inst, updates=r.inst.updates[: j + 1], meta=dict(r.inst.meta, values=r.inst.meta["values"][: r.corrections])
     )
     text, landed = writer.text([*r.pieces, candidate])
-    return get_family(inst.family).score(inst, text, landed)["correct"]
+    if not get_family(inst.family).score(inst, text, landed)["correct"]:
+        return False
+    if not join:
+        return True
+    in_word = landing_kind(inst.updates[0].shift) == "in_word"
+    finishing = word_in_progress(writer.tokenizer.decode(r.original), text, landed[0])
+    return join_check(text, landed, in_word, finishing) == "clean"
 
 
 def _finished(r: _Row, tokenizer) -> dict:
@@ -148,11 +184,15 @@ def _finished(r: _Row, tokenizer) -> dict:
 
 
 class _Writer:
-    """Batched greedy (or sampled) answers of the backbone, in the prompt format; answers afresh are cached."""
+    """Batched greedy (or sampled) answers of the backbone (or of the channel), in the prompt format; answers afresh
+    are cached."""
 
-    def __init__(self, model, tokenizer, prompt_format: PromptFormat, max_new_tokens: int, batch_size: int, progress):
+    def __init__(
+        self, model, tokenizer, prompt_format: PromptFormat, max_new_tokens: int, batch_size: int, progress, channel
+    ):
         self.model, self.tokenizer, self.prompt_format = model, tokenizer, prompt_format
         self.max_new_tokens, self.batch_size, self.progress = max_new_tokens, batch_size, progress
+        self.channel = channel
         self._afresh: dict[tuple[str, str], tuple[list[int], bool]] = {}
 
     def text(self, pieces: list[list[int]]) -> tuple[str, list[int]]:
@@ -173,9 +213,18 @@ class _Writer:
 
     def candidates(self, kind: str, rows: list[_Row]) -> list[tuple[list[int], bool]]:
         """Each row's answer after its latest correction (at most its budget's tokens): the backbone asked the
-        corrected question "going on" from what it has written, "afresh", or going on "sampled"."""
-        questions = [(r.inst.family, get_family(r.inst.family).instruction_after(r.inst, r.corrections)) for r in rows]
+        corrected question "going on" from what it has written, "afresh", or going on "sampled"; or the channel's
+        answer to the question as it was asked, every update so far read through its channel where it landed
+        ("channel", "channel sampled")."""
         budgets = [self.max_new_tokens - len(r.written) for r in rows]
+        if kind in CHANNEL_KINDS:
+            prompts = [
+                encode(self.tokenizer, self.prompt_format.prompt(r.inst.family, r.inst.instruction)) for r in rows
+            ]
+            updates = [_landed_updates(r) for r in rows]
+            forced = [r.written for r in rows]
+            return self._generate(prompts, budgets, kind == "channel sampled", self.channel, forced, updates)
+        questions = [(r.inst.family, get_family(r.inst.family).instruction_after(r.inst, r.corrections)) for r in rows]
         if kind == "afresh":
             answers = self.answers(questions)
             return [(ids[:b], ends and len(ids) < b) for (ids, ends), b in zip(answers, budgets, strict=True)]
@@ -186,8 +235,20 @@ class _Writer:
         return self._generate(prompts, budgets, sample=kind == "sampled")
 
     @torch.no_grad()
-    def _generate(self, prompts: list[list[int]], budgets: list[int], sample: bool) -> list[tuple[list[int], bool]]:
-        """Each prompt's next tokens (at most its budget), left-padded batches; and whether EOS ended them."""
+    def _generate(
+        self,
+        prompts: list[list[int]],
+        budgets: list[int],
+        sample: bool,
+        model: torch.nn.Module | None = None,
+        forced: list[list[int]] | None = None,
+        updates: list[list[tuple[int, str]]] | None = None,
+    ) -> list[tuple[list[int], bool]]:
+        """Each prompt's next tokens (at most its budget), left-padded batches; and whether EOS ended them. `model`:
+        the channel instead of the backbone, its rows' answers forced up to their latest landing (`forced`) and their
+        `updates` read where they land; what comes back is what it writes after the forced tokens."""
+        model = model or self.model
+        forced = forced or [[] for _ in prompts]
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         out: list[tuple[list[int], bool] | None] = [None] * len(prompts)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths: little padding
@@ -200,19 +261,34 @@ class _Writer:
             for b, i in enumerate(batch):
                 input_ids[b, width - len(prompts[i]) :] = torch.tensor(prompts[i])
                 attention_mask[b, width - len(prompts[i]) :] = 1
-            generated = self.model.generate(
+            channel = {}
+            if updates is not None:
+                forcing = PrefixForcing([forced[i] for i in batch], width)
+                channel = {
+                    "updates": [updates[i] for i in batch],
+                    "tokenizer": self.tokenizer,
+                    "logits_processor": LogitsProcessorList([forcing]),
+                }
+            generated = model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
-                max_new_tokens=max(1, max(budgets[i] for i in batch)),
+                max_new_tokens=max(1, max(len(forced[i]) + budgets[i] for i in batch)),
                 do_sample=sample,
                 temperature=0.8 if sample else None,
                 top_p=0.95 if sample else None,
                 top_k=None,
                 eos_token_id=eos,
                 pad_token_id=pad,
+                **channel,
             )[:, width:].tolist()
             for b, i in enumerate(batch):
-                ids = generated[b][: budgets[i]]
+                ids = generated[b][len(forced[i]) : len(forced[i]) + budgets[i]]
                 ends = eos in ids
                 out[i] = (ids[: ids.index(eos)] if ends else ids, ends)
         return out
+
+
+def _landed_updates(r: _Row) -> list[tuple[int, str]]:
+    """Every update of the row that has landed so far, with the answer tokens written before it."""
+    ats = itertools.accumulate(len(piece) for piece in r.pieces)
+    return [(at, update.text) for at, update in zip(ats, r.inst.updates[: len(r.pieces)], strict=False)]

@@ -870,9 +870,11 @@ def is_member(item: str, category: str) -> bool:
 
 
 def mentions(text: str, value: str) -> bool:
-    """Whether `text` names `value` as a whole word (any case; a topic also singular or plural)."""
+    """Whether `text` names `value` as a whole word (any case; a topic also singular or plural), on its own or as a
+    part of a possessive or a hyphenated compound (`the city's`, `table-making`)."""
     forms = {value.lower(), singular(value.lower()), value.lower() + "s"}
-    return any(singular(t.lower()) in forms or t.lower() in forms for t in tokens(text))
+    words = [part for t in tokens(text) for part in {t, *re.split(r"['-]", t)}]
+    return any(singular(w.lower()) in forms or w.lower() in forms for w in words)
 
 
 class Items(ListFamily):

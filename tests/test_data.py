@@ -446,6 +446,9 @@ def test_include_rule_needs_the_word_after_the_correction_not_echoed():
     landed = [len("I love the")]
     assert fam.score(inst, "I love the sound of rain by my Lantern at night.", landed)["correct"]
     assert fam.score(inst, "I love the lanterns in the rain.", landed)["correct"]
+    assert fam.score(inst, "I love the lantern's glow in the rain.", landed)["correct"]  # a possessive uses it
+    assert fam.score(inst, "I love the lantern-lit rain.", landed)["correct"]  # so does a compound
+    assert not fam.score(inst, "I love the lanterning rain.", landed)["correct"]  # another word
     assert not fam.score(inst, "I love the sound of rain.", landed)["correct"]
     assert not fam.score(inst, "I love theUse the word lantern.", landed)["correct"]  # the correction echoed back
     assert not fam.score(inst, "A lantern: I love the sound of rain.", landed)["correct"]  # only before the landing

@@ -229,7 +229,11 @@ def test_cli_writes_the_report(checkpoint, tmp_path, capsys):
     )
     printed = capsys.readouterr().out
     assert "| metric | workspace | ignore | inband | restart | tdm | backbone |" in printed
-    assert {p.name for p in out.iterdir()} == {"results.json", "results.md", "sweep.png"}
+    assert {p.name for p in out.iterdir()} == {"results.json", "results.md", "sweep.png", "generations.jsonl"}
+    generations = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    for mode in ALL_MODES:  # every output is there, scored: its flags give the report's revision accuracy
+        flags = [g["correct"] for g in generations if g["mode"] == mode and g["kind"] == "one"]
+        assert len(flags) == 2 and sum(flags) / 2 == results["metrics"][mode]["revision_accuracy"]["overall"]["rate"]
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((out / "results.json").read_text())
     assert saved["columns"] == [*ALL_MODES, "tdm", "backbone"] == results["columns"]
@@ -311,7 +315,8 @@ def test_default_kinds_skip_what_the_families_cannot_have():
 
 
 def test_join_check_tells_clean_joins_from_glued_and_restarted_ones():
-    from eval_duplex import join_check, join_excerpt
+    from data.joins import join_check
+    from eval_duplex import join_excerpt
 
     assert join_check("1. Bananas\n2. Apples\n3. Dogs", [len("1. Bananas\n2. Apples\n")]) == "clean"
     assert join_check("I hope thisDear Ben, I hope", [len("I hope this")]) == "glued"
@@ -329,7 +334,7 @@ def test_a_join_that_finishes_the_word_the_answer_was_writing_is_clean():
     """Updates land after a number of tokens, so in a model's own text the landing can fall inside a word
     (`bou|quet`): going on with the rest of that word as the answer would have written it is a clean join, anything
     else stuck onto it is glued."""
-    from eval_duplex import join_check, word_in_progress
+    from data.joins import join_check, word_in_progress
 
     reference = "The vibrant colors of a bouquet, a sight"
     cut = len("The vibrant colors of a bou")

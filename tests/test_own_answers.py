@@ -107,3 +107,79 @@ def test_answers_afresh_last_come_only_where_no_going_on_passes_and_are_recorded
     assert fallback["response"] == first["response"]  # the stubborn backbone follows only asked afresh
     mid_text = [f for f, row in zip(fallback["followed"], fallback, strict=True) if row["segments"][0]]
     assert mid_text and all(f == ["afresh"] for f in mid_text)
+
+
+class ScriptedChannel(ScriptedLM):
+    """A trained Duplex model's stand-in: after the forced answer so far, it goes on naming members of the category of
+    the latest correction read through its channel (`, Apple, Pear`; `glues=True`: `Apple, Pear` stuck onto the word
+    in progress)."""
+
+    def __init__(self, tokenizer, glues: bool = False):
+        super().__init__(tokenizer)
+        self.glues, self.calls = glues, []
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, pad_token_id, eos_token_id, **kwargs):
+        self.calls.append(kwargs["updates"])
+        forced = kwargs["logits_processor"][0].forced
+        rows = []
+        for b, (ids, mask) in enumerate(zip(input_ids.tolist(), attention_mask.tolist(), strict=True)):
+            question = self.tokenizer.decode([t for t, m in zip(ids, mask, strict=True) if m]).split("\n")[0]
+            n = re.fullmatch(r"Name (\d+) \w+\.", question).group(1)
+            update = kwargs["updates"][b][-1][1]
+            category = next(c for c in CATEGORY_MEMBERS if re.search(rf"\b{c}\b", update))
+            answer = ", ".join(m.capitalize() for m in CATEGORY_MEMBERS[category][: int(n)])
+            new = forced[b] + self.tokenizer(answer if self.glues else ", " + answer)["input_ids"] + [eos_token_id]
+            rows.append(ids + (new + [pad_token_id] * max_new_tokens)[:max_new_tokens])
+        return torch.tensor(rows)
+
+
+def test_a_trained_channel_answers_first_and_must_join_cleanly():
+    """`channel`: its own answer through the channel, where its update landed, is tried before the backbone's; one
+    glued onto the word in progress is not a target (the backbone's answer going on is taken instead)."""
+    tokenizer = build_byte_tokenizer()
+    rows = build_dataset("train", 12, 1, families=["items"], mix={"one": 1}, landing="before_space")
+    follows = ScriptedLM(tokenizer, follows=True)
+    channel = ScriptedChannel(tokenizer)
+    own = own_answer_rows(rows, follows, tokenizer, PromptFormat(), 200, samples=0, afresh="never", channel=channel)
+    assert len(own) == len(rows) and set(map(tuple, own["followed"])) == {("channel",)}
+    for row, before in zip(own, rows, strict=True):  # the update lands where the row's first segment ends
+        assert [(len(tokenizer(row["segments"][0])["input_ids"]), before["update_texts"][0])] in channel.calls[0]
+    glued = own_answer_rows(
+        rows,
+        follows,
+        tokenizer,
+        PromptFormat(),
+        200,
+        samples=0,
+        afresh="never",
+        channel=ScriptedChannel(tokenizer, True),
+    )
+    mid_word = [f for f, row in zip(glued["followed"], glued, strict=True) if row["segments"][0][-1:].isalnum()]
+    assert mid_word and all(f == ["going on"] for f in mid_word)
+    assert ["channel"] in glued["followed"]  # (where the answer so far ends between words, nothing is glued)
+
+
+def test_a_channel_at_initialisation_writes_what_the_backbone_writes_after_the_forced_answer():
+    """The channel's candidates run the real `generate` with the answer so far forced and the update in the channel:
+    with zero-initialised gates that is exactly the backbone going on from the same text, as if nothing landed."""
+    from transformers import Qwen3ForCausalLM
+
+    from backbone_shapes import backbone_config
+    from data.own_answers import _Row, _Writer
+    from modeling_duplex import DuplexForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer = build_byte_tokenizer()
+    backbone = Qwen3ForCausalLM(backbone_config("micro", vocab_size=258, num_hidden_layers=2)).eval()
+    channel = DuplexForCausalLM.from_backbone(backbone, num_slots=4, encoder_layers=1).eval()
+    rows = build_dataset("train", 4, 2, families=["items"], mix={"one": 1}, landing="before_space")
+    writer = _Writer(backbone, tokenizer, PromptFormat(), 12, 4, False, channel)
+    todo = []
+    for row in rows:
+        r = _Row(instance_from_row(row), [3])
+        r.pieces = [tokenizer(r.inst.instruction[:3])["input_ids"]]  # some answer written before the update
+        todo.append(r)
+    from_channel = writer.candidates("channel", todo)
+    prompts = [tokenizer(r.inst.instruction + "\n")["input_ids"] + r.written for r in todo]
+    alone = writer._generate(prompts, [12 - 3] * len(todo), sample=False)
+    assert from_channel == alone
