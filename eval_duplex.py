@@ -323,7 +323,9 @@ def generate_batch(
 def _run_jobs(
     jobs: Iterable[Job], models: dict[str, Any], tokenizer, max_new_tokens: int, batch_size: int, progress: bool
 ) -> dict[Job, Generation]:
-    """Generate every distinct job once: grouped by (model, update_mode), sorted by prompt length, batched."""
+    """Generate every distinct job once: grouped by (model, update_mode), batched in order of where their updates land
+    and of prompt length (a landing step runs the correction's tokens through the whole batch: rows landing at the same
+    steps share them; similar lengths pad little)."""
     from tqdm.auto import tqdm
 
     groups: dict[tuple[str, str | None], list[Job]] = defaultdict(list)
@@ -332,7 +334,7 @@ def _run_jobs(
     done: dict[Job, Generation] = {}
     with tqdm(total=sum(map(len, groups.values())), desc="eval", unit="gen", disable=not progress) as bar:
         for (model_key, update_mode), group in groups.items():
-            group.sort(key=lambda j: (len(j.prompt), len(j.updates)))
+            group.sort(key=lambda j: ([at for at, _ in j.updates], len(j.prompt)))
             for start in range(0, len(group), batch_size):
                 batch = group[start : start + batch_size]
                 bar.set_postfix_str(f"{model_key}/{update_mode or 'plain'}")

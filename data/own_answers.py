@@ -251,7 +251,9 @@ class _Writer:
         forced = forced or [[] for _ in prompts]
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         out: list[tuple[list[int], bool] | None] = [None] * len(prompts)
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths: little padding
+        # similar lengths: little padding; the same landing: one step of the batch reads the updates (each landing
+        # step runs the correction's tokens through the whole batch)
+        order = sorted(range(len(prompts)), key=lambda i: (len(forced[i]), len(prompts[i])))
         starts = range(0, len(order), self.batch_size)
         for start in tqdm(starts, desc="own answers", unit="batch", leave=False, disable=not self.progress):
             batch = order[start : start + self.batch_size]
