@@ -812,16 +812,24 @@ CATEGORY_MEMBERS: dict[str, list[str]] = {  # the most common members first: the
         "birds": """eagle owl parrot sparrow pigeon crow robin hawk falcon swan duck goose penguin flamingo peacock
             ostrich hummingbird woodpecker seagull gull pelican heron stork crane raven magpie canary finch
             dove vulture kingfisher toucan chicken turkey jay bluejay bluebird parakeet cardinal blackbird
-            starling swallow wren lark nightingale""",
+            starling swallow wren lark nightingale albatross cuckoo quail pheasant partridge oriole mockingbird
+            puffin emu condor osprey kestrel buzzard thrush warbler cockatoo macaw budgie goldfinch egret ibis
+            rooster""",
         "flowers": """rose tulip daisy lily sunflower orchid daffodil lavender violet poppy carnation peony iris
             marigold jasmine lotus hibiscus dandelion chrysanthemum magnolia hyacinth begonia geranium petunia
-            azalea camellia gardenia""",
+            azalea camellia gardenia hydrangea lilac gladiolus zinnia pansy aster anemone freesia bluebell
+            buttercup snapdragon foxglove primrose crocus dahlia amaryllis lupine""",
         "vehicles": """car bus truck train bicycle bike motorcycle airplane plane boat ship helicopter van taxi
-            tram scooter subway tractor ambulance jeep submarine yacht rocket sled""",
+            tram scooter subway tractor ambulance jeep submarine yacht rocket sled sedan suv minivan pickup
+            limousine convertible hatchback moped bulldozer forklift trolley wagon cart carriage canoe kayak ferry
+            jet glider spaceship unicycle tricycle skateboard hovercraft lorry coach minibus firetruck cab""",
         "countries": """france germany italy spain japan china india brazil canada mexico russia australia egypt
             england greece portugal sweden norway kenya nigeria argentina chile peru turkey ireland poland
             netherlands belgium switzerland austria usa america
-            united-states""",
+            united-states united-kingdom uk britain scotland wales new-zealand south-africa south-korea korea
+            vietnam thailand indonesia philippines pakistan bangladesh iran iraq israel saudi-arabia morocco
+            ethiopia ghana colombia venezuela cuba denmark finland iceland ukraine hungary romania singapore
+            malaysia nepal""",
     }.items()
 }
 LEXICONS: dict[str, frozenset[str]] = {name: frozenset(words) for name, words in CATEGORY_MEMBERS.items()}
