@@ -48,7 +48,7 @@ from data import (
     word_boundary,
 )
 from data.collate import IGNORE_INDEX, DuplexCollator, encode, tokenize_row, update_ats
-from data.joins import join_check, word_in_progress
+from data.joins import answer_join
 from data.prompts import PromptFormat
 
 MODES = ("workspace", "ignore", "inband", "restart", "tdm")
@@ -400,9 +400,8 @@ def _score(item: _Item, done: dict[Job, Generation], tokenizer) -> dict[str, Any
         if item.kind == "one" and scores["correct"]:
             record["ttr"] = tokens_to_revision(tokenizer, item.target, item.at, gen.ids, gen.ended)
         if item.job.updates and item.kind in JOIN_KINDS and not gen.unlanded:  # a correction landed mid-answer
-            in_word = landing_kind(item.target.updates[0].shift) == "in_word"
-            finishing = word_in_progress(done[item.reference].text, gen.text, landed[0]) if item.reference else ""
-            record["join"] = join_check(gen.text, landed, in_word, finishing)
+            reference = done[item.reference].text if item.reference else None
+            record["join"] = answer_join(item.target, gen.text, landed, reference)
             record["clean_join"] = record["join"] == "clean"
             record["join_excerpt"] = join_excerpt(gen.text, landed[0], item.job.updates[0][1])
     if gen.decisions and all(gen.decisions):  # a mode that decides: every update of the row decided right

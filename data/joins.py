@@ -9,6 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from .tasks import Instance, landing_kind
+
+
+def answer_join(inst: Instance, text: str, landed: Sequence[int], reference: str | None = None) -> str:
+    """`join_check` of an answer to `inst` whose updates landed at `landed` (characters of `text`): whether the first
+    one lands inside a word comes from the instance, the word in progress from `reference` (the answer as it goes on
+    with no update), where there is one."""
+    in_word = landing_kind(inst.updates[0].shift) == "in_word"
+    finishing = word_in_progress(reference, text, landed[0]) if reference is not None else ""
+    return join_check(text, landed, in_word, finishing)
+
 
 def word_in_progress(reference: str, text: str, cut: int) -> str:
     """The rest of the word the answer was writing where an update landed (`cut`, characters), as the answer went on

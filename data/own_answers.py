@@ -32,9 +32,9 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from .collate import encode, update_ats
 from .dataset import FEATURES, instance_from_row, instance_to_row
-from .joins import join_check, word_in_progress
+from .joins import answer_join
 from .prompts import PromptFormat
-from .tasks import Instance, get_family, landing_kind
+from .tasks import Instance, get_family
 
 logger = logging.getLogger(__name__)
 
@@ -165,9 +165,7 @@ def _accept(writer: _Writer, r: _Row, j: int, candidate: list[int], join: bool =
         return False
     if not join:
         return True
-    in_word = landing_kind(inst.updates[0].shift) == "in_word"
-    finishing = word_in_progress(writer.tokenizer.decode(r.original), text, landed[0])
-    return join_check(text, landed, in_word, finishing) == "clean"
+    return answer_join(inst, text, landed, reference=writer.tokenizer.decode(r.original)) == "clean"
 
 
 def _finished(r: _Row, tokenizer) -> dict:
@@ -223,7 +221,7 @@ class _Writer:
             ]
             updates = [_landed_updates(r) for r in rows]
             forced = [r.written for r in rows]
-            return self._generate(prompts, budgets, kind == "channel sampled", self.channel, forced, updates)
+            return self._generate(prompts, budgets, kind == "channel sampled", forced, updates)
         questions = [(r.inst.family, get_family(r.inst.family).instruction_after(r.inst, r.corrections)) for r in rows]
         if kind == "afresh":
             answers = self.answers(questions)
@@ -240,14 +238,14 @@ class _Writer:
         prompts: list[list[int]],
         budgets: list[int],
         sample: bool,
-        model: torch.nn.Module | None = None,
         forced: list[list[int]] | None = None,
         updates: list[list[tuple[int, str]]] | None = None,
     ) -> list[tuple[list[int], bool]]:
-        """Each prompt's next tokens (at most its budget), left-padded batches; and whether EOS ended them. `model`:
-        the channel instead of the backbone, its rows' answers forced up to their latest landing (`forced`) and their
-        `updates` read where they land; what comes back is what it writes after the forced tokens."""
-        model = model or self.model
+        """Each prompt's next tokens (at most its budget), left-padded batches; and whether EOS ended them. With
+        `updates`, the channel writes instead of the backbone, its rows' answers forced up to their latest landing
+        (`forced`) and their `updates` read where they land; what comes back is what it writes after the forced
+        tokens."""
+        model = self.model if updates is None else self.channel
         forced = forced or [[] for _ in prompts]
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         out: list[tuple[list[int], bool] | None] = [None] * len(prompts)
