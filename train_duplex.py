@@ -42,7 +42,7 @@ from transformers import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from backbone_shapes import backbone_config
-from data import FAMILIES, LANDINGS, build_byte_tokenizer, build_dataset
+from data import FAMILIES, LANDINGS, MIX_KINDS, build_byte_tokenizer, build_dataset
 from data.collate import IGNORE_INDEX, DuplexCollator, tokenize_row
 from data.own_answers import PrefixForcing, own_answer_rows
 from data.prompts import PromptFormat
@@ -133,6 +133,13 @@ class DuplexArguments:
     tdm_lr: float = field(default=1e-3, metadata={"help": "learning rate of the tdm baseline's full fine-tune"})
     train_size: int = field(default=20000, metadata={"help": "training instances per phase"})
     families: str | None = field(default=None, metadata={"help": "comma-separated task families (default all)"})
+    duplex_mix: str | None = field(
+        default=None,
+        metadata={
+            "help": "the duplex phase's kinds of instance, e.g. 'one=5,two=3,three=1,distractor=1' (kinds not named "
+            "weigh 0; default: one=0.6,distractor=0.15,two=0.19,three=0.06)"
+        },
+    )
     num_slots: int | None = field(default=None, metadata={"help": "workspace slots (default 32; tiny 128)"})
     encoder_layers: int | None = field(default=None, metadata={"help": "update encoder layers (default 4; tiny 2)"})
     adapter_layers: str | None = field(default=None, metadata={"help": "comma-separated decoder layers (default all)"})
@@ -187,6 +194,11 @@ class DuplexArguments:
         """`--families` as a list (None: every family)."""
         return self.families.split(",") if self.families else None
 
+    @property
+    def duplex_mix_weights(self) -> dict[str, float]:
+        """`--duplex_mix` as weights of `MIX_KINDS` (unset: `DUPLEX_MIX`)."""
+        return parse_weights(self.duplex_mix, list(MIX_KINDS), "--duplex_mix") or DUPLEX_MIX
+
 
 def parse_args(argv: list[str] | None = None) -> tuple[DuplexArguments, TrainingArguments]:
     parser = HfArgumentParser((DuplexArguments, TrainingArguments))
@@ -222,6 +234,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[DuplexArguments, Training
         parser.error("--own_answer_channel needs --own_answers")
     if duplex_args.pretrain_only and not duplex_args.pretrain_backbone:
         parser.error("--pretrain_only needs --pretrain_backbone")
+    try:
+        parse_weights(duplex_args.duplex_mix, list(MIX_KINDS), "--duplex_mix")
+    except ValueError as err:
+        parser.error(str(err))
     resume = training_args.resume_from_checkpoint
     if resume is not None and not resumes_last_checkpoint(resume):
         phases = (["phase0"] if duplex_args.pretrain_backbone else []) + [duplex_args.method]
@@ -288,6 +304,8 @@ def cached_own_answers(
     """`own_answer_rows` of `rows`, written once per backbone, prompt format, rows and budget, and read back from
     `cache_dir` after (a resumed run, the other processes of a distributed one)."""
     key = [args.backbone, args.family_names, args.shots, len(rows), seed]
+    instances = rows.select_columns(["prompt", "update_word_indices", "update_texts", "update_shifts"]).to_dict()
+    key.append(hashlib.sha256(json.dumps(instances).encode()).hexdigest())  # which instances, not only how many
     key += [args.own_answer_tokens, args.own_answer_samples]
     afresh = "first" if args.own_answer_afresh == "first" else "last"  # "never": the rows of "last" that go on
     if afresh == "last":  # (the default keeps the keys of caches written before the option)
@@ -983,7 +1001,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                 args.train_size,
                 tokenizer,
                 "duplex",
-                mix=DUPLEX_MIX,
+                mix=args.duplex_mix_weights,
                 teacher=teacher,
                 landing="any",  # before the space, after it and inside a word: wherever a user's correction arrives
                 answers_by=model if args.own_answers else None,

@@ -279,3 +279,33 @@ def test_gated_optimizer_gives_gates_and_the_encoder_their_own_learning_rates():
     assert sorted(n for g in by_lr.values() for n in g) == sorted(trainable)
     without = train_duplex.gated_optimizer(model, args, gate_lr=0.3).param_groups
     assert [len(g["params"]) for g in without] == [len(by_lr[1e-3]) + len(by_lr[1e-4]), len(by_lr[0.3])]
+
+
+def test_duplex_mix_sets_the_kinds_of_row_and_the_own_answer_cache_follows_the_rows(tmp_path, monkeypatch):
+    """`--duplex_mix` weighs the kinds of instance (an unknown kind is refused, naming the flag); the own answers'
+    cache is keyed by which instances were written, so other rows of the same count are written afresh."""
+    with pytest.raises(SystemExit):
+        train_duplex.parse_args(["--duplex_mix", "one=1,twice=2"])
+    args, _ = train_duplex.parse_args(["--duplex_mix", "two=1", "--families", "items"])
+    assert args.duplex_mix_weights == {"two": 1.0}
+    assert train_duplex.parse_args([])[0].duplex_mix_weights == train_duplex.DUPLEX_MIX
+
+    written = []
+
+    def fake_own_answer_rows(rows, *_, **__):
+        written.append(len(rows))
+        return rows.add_column("followed", [[] for _ in range(len(rows))])
+
+    monkeypatch.setattr(train_duplex, "own_answer_rows", fake_own_answer_rows)
+    model = type("Frozen", (), {"get_base_model": lambda self: None})()
+
+    def cached(rows):
+        return train_duplex.cached_own_answers(args, rows, model, None, None, tmp_path, seed=0)
+
+    two = build_dataset("train", 6, seed=0, families=["items"], mix=args.duplex_mix_weights)
+    assert all(len(r["update_texts"]) == 2 for r in two)
+    one = build_dataset("train", 6, seed=0, families=["items"], mix={"one": 1.0})
+    assert cached(two)["prompt"] == two["prompt"] and cached(two)["prompt"] == two["prompt"]
+    assert written == [6]  # the second call read the cache
+    assert cached(one)["update_texts"] == one["update_texts"]
+    assert written == [6, 6]
