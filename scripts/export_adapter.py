@@ -26,7 +26,8 @@ def export_adapter(checkpoint: str | Path, out: str | Path, backbone_id: str | N
     if not model.config.backbone_name_or_path:
         raise SystemExit(f"{checkpoint} names no backbone (`backbone_name_or_path`) to load the adapter on")
     model.save_pretrained(out, adapter_only=True)
-    AutoTokenizer.from_pretrained(str(checkpoint)).save_pretrained(out)
+    # a Duplex config names its remote code (the code this script runs): its tokenizer loads without a prompt
+    AutoTokenizer.from_pretrained(str(checkpoint), trust_remote_code=True).save_pretrained(out)
     return Path(out)
 
 
