@@ -60,6 +60,12 @@ TINY_DUPLEX = dict(
 )
 
 
+# The duplex phase's rows: every row carries an update, landing at any kind of point in the text. A row without one
+# leaves the workspace empty, so the model is exactly its frozen backbone there and the duplex modules get no gradient
+# from it (retention holds by construction).
+DUPLEX_MIX = {"one": 0.6, "distractor": 0.15, "two": 0.19, "three": 0.06}
+
+
 @dataclass
 class DuplexArguments:
     """What to train; everything else is a TrainingArguments option."""
@@ -137,7 +143,7 @@ class DuplexArguments:
         default=None,
         metadata={
             "help": "the duplex phase's kinds of instance, e.g. 'one=5,two=3,three=1,distractor=1' (kinds not named "
-            "weigh 0; default: one=0.6,distractor=0.15,two=0.19,three=0.06)"
+            "weigh 0; default: " + ",".join(f"{kind}={weight}" for kind, weight in DUPLEX_MIX.items()) + ")"
         },
     )
     num_slots: int | None = field(default=None, metadata={"help": "workspace slots (default 32; tiny 128)"})
@@ -250,12 +256,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[DuplexArguments, Training
     return duplex_args, training_args
 
 
-# The duplex phase's rows: every row carries an update, landing at any kind of point in the text. A row without one
-# leaves the workspace empty, so the model is exactly its frozen backbone there and the duplex modules get no gradient
-# from it (retention holds by construction).
-DUPLEX_MIX = {"one": 0.6, "distractor": 0.15, "two": 0.19, "three": 0.06}
-
-
 def tokenized(
     args: DuplexArguments,
     split_seed: int,
@@ -301,15 +301,12 @@ def cached_own_answers(
     cache_dir: Path,
     seed: int,
 ) -> datasets.Dataset:
-    """`own_answer_rows` of `rows`, written once per backbone, prompt format, rows and budget, and read back from
+    """`own_answer_rows` of `rows`, written once per backbone, prompt format, instances and budget, and read back from
     `cache_dir` after (a resumed run, the other processes of a distributed one)."""
-    key = [args.backbone, args.family_names, args.shots, len(rows), seed]
     instances = rows.select_columns(["prompt", "update_word_indices", "update_texts", "update_shifts"]).to_dict()
-    key.append(hashlib.sha256(json.dumps(instances).encode()).hexdigest())  # which instances, not only how many
-    key += [args.own_answer_tokens, args.own_answer_samples]
     afresh = "first" if args.own_answer_afresh == "first" else "last"  # "never": the rows of "last" that go on
-    if afresh == "last":  # (the default keeps the keys of caches written before the option)
-        key.append("afresh last")
+    key = [args.backbone, args.shots, hashlib.sha256(json.dumps(instances).encode()).hexdigest(), seed]
+    key += [args.own_answer_tokens, args.own_answer_samples, afresh]
     if args.own_answer_channel:
         key.append(["channel", str(Path(args.own_answer_channel).resolve())])
     path = cache_dir / hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]
