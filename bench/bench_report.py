@@ -10,6 +10,7 @@ from pathlib import Path
 # The performance targets (the specification's). Decode speed only applies to backbones of at least 100M
 # parameters: on smaller ones the per-step bookkeeping of generation, not the model, sets the pace.
 SPEED_TARGET = 0.97  # a decoding step reading corrections in the workspace >= 0.97x the bare backbone's speed
+AFTER_CORRECTION_TARGET = 0.95  # a decoding step after a correction at 1k / 4k context >= 0.95x in-band's
 RESTART_TARGETS = {1024: 10.0, 4096: 40.0}  # correction latency at a context of L tokens: restart / workspace
 INBAND_TARGET = 1.0  # a correction costs no more than in-band: its latency, and a generate where corrections land
 SPEED_TARGET_MIN_PARAMS = 100e6
@@ -40,9 +41,9 @@ def targets(results: dict) -> list[dict]:
     size_note = "" if big else ", applies to backbones >= 100M params"
     rows = []
 
-    def speed_row(figure: str, speed: float) -> dict:
-        met = speed >= SPEED_TARGET if big else None
-        return {"figure": figure + size_note, "target": f">= {SPEED_TARGET}x", "measured": f"{speed:.3f}x", "met": met}
+    def speed_row(figure: str, speed: float, target: float = SPEED_TARGET) -> dict:
+        met = speed >= target if big else None
+        return {"figure": figure + size_note, "target": f">= {target}x", "measured": f"{speed:.3f}x", "met": met}
 
     # a decoding step that reads the corrections (the median step: most steps land nothing) ...
     speed = ratio(decode["bare"], decode["duplex+updates"], "median_step_ms")
@@ -62,7 +63,7 @@ def targets(results: dict) -> list[dict]:
     for length, row in latency.items():
         if row.get("decode_speed_after_correction") is not None:
             figure = f"decode speed after a correction at {length} tokens, workspace / inband"
-            rows.append(speed_row(figure, row["decode_speed_after_correction"]))
+            rows.append(speed_row(figure, row["decode_speed_after_correction"], AFTER_CORRECTION_TARGET))
     for length, target in RESTART_TARGETS.items():
         row = latency.get(length, latency.get(str(length)))  # int keys in memory, str once read back from JSON
         if row is None:
