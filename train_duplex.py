@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import shlex
+import shutil
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -302,7 +303,8 @@ def cached_own_answers(
     seed: int,
 ) -> datasets.Dataset:
     """`own_answer_rows` of `rows`, written once per backbone, prompt format, instances and budget, and read back from
-    `cache_dir` after (a resumed run, the other processes of a distributed one)."""
+    `cache_dir` after (a resumed run, the other processes of a distributed one); an interrupted writing resumes after
+    its last finished stage."""
     instances = rows.select_columns(["prompt", "update_word_indices", "update_texts", "update_shifts"]).to_dict()
     afresh = "first" if args.own_answer_afresh == "first" else "last"  # "never": the rows of "last" that go on
     key = [args.backbone, args.shots, hashlib.sha256(json.dumps(instances).encode()).hexdigest(), seed]
@@ -310,6 +312,7 @@ def cached_own_answers(
     if args.own_answer_channel:
         key.append(["channel", str(Path(args.own_answer_channel).resolve())])
     path = cache_dir / hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]
+    journal = path.with_name(path.name + "-journal")  # the finished stages of an interrupted writing
     if not (path / "dataset_info.json").exists():
         logger.info("writing the backbone's own answers to %d rows into %s", len(rows), path)
         answered = own_answer_rows(
@@ -322,8 +325,10 @@ def cached_own_answers(
             seed=seed,
             afresh=afresh,
             channel=load_channel(args.own_answer_channel, args.backbone) if args.own_answer_channel else None,
+            journal=journal,
         )
         answered.save_to_disk(str(path))
+        shutil.rmtree(journal, ignore_errors=True)  # the rows are kept whole now
     answered = datasets.load_from_disk(str(path))
     if args.own_answer_afresh == "never":
         kept = answered.filter(lambda r: "afresh" not in r["followed"])

@@ -16,13 +16,22 @@ Given a trained Duplex model (`channel`), its own answers come first: the correc
 landed, greedy, then `samples` sampled, each held to the family's rule and to a clean join (`data.joins`). Training on
 them is a round of self-training (expert iteration): the model learns from what it already gets right, and from its
 own samples where its greedy answer goes wrong.
+
+Writing takes hours on a CPU; with a `journal` folder each finished stage (the first answers, then each kind of
+candidate for each update) is kept on disk, and a run started again resumes after the last one. Each stage's sampling
+is seeded by its name, so a resumed run writes what an uninterrupted one would.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
+import json
 import logging
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Literal
 
 import datasets
@@ -91,20 +100,22 @@ def own_answer_rows(
     progress: bool = True,
     afresh: Literal["first", "last", "never"] = "first",
     channel: torch.nn.Module | None = None,
+    journal: str | Path | None = None,
 ) -> datasets.Dataset:
     """`rows` (the families' instances, e.g. from `build_dataset`) rewritten in `model`'s own words, at most
     `max_new_tokens` answer tokens each (the evaluation's budget); `ends_with_eos` tells whether the answer ended
     within it. Updates land after as many answer tokens as the instance's oracle writes before them. The answer asked
     afresh starts over from its first line mid-text: `afresh="last"` takes it only where no going-on passes,
     `"never"` not at all (every kept correction then goes on from what was written). `channel`: a trained Duplex model
-    on the same backbone, whose own answers through its channel are tried before the backbone's."""
+    on the same backbone, whose own answers through its channel are tried before the backbone's. `journal`: a folder
+    keeping each finished stage, from which an interrupted run resumes."""
     if afresh not in AFRESH_ORDERS:
         raise ValueError(f"afresh must be one of {AFRESH_ORDERS}, got {afresh!r}")
-    torch.manual_seed(seed)
+    stages = _Journal(journal, seed)
     writer = _Writer(model, tokenizer, prompt_format, max_new_tokens, batch_size, progress, channel)
     todo = [_Row(inst, update_ats(tokenizer, row["segments"])) for row in rows for inst in [instance_from_row(row)]]
     questions = [(r.inst.family, r.inst.instruction) for r in todo]
-    for r, (ids, ends) in zip(todo, writer.answers(questions), strict=True):
+    for r, (ids, ends) in zip(todo, stages.run("answers", functools.partial(writer.answers, questions)), strict=True):
         r.original, r.going_on, r.ends = ids, ids, ends
     logger.info("own answers: %d questions answered", len(set(questions)))
     accepted = dict.fromkeys(["going on", "afresh", "sampled", *CHANNEL_KINDS], 0)
@@ -126,9 +137,10 @@ def own_answer_rows(
         }[afresh]
         if channel is not None:
             kinds = ["channel"] + ["channel sampled"] * samples + kinds
-        for kind in kinds:
-            left = []
-            for r, (ids, ends) in zip(corrected, writer.candidates(kind, corrected), strict=True):
+        for index, kind in enumerate(kinds):
+            left, stage = [], f"update-{j + 1}-{index:02d}-{kind.replace(' ', '-')}"
+            found = stages.run(stage, functools.partial(writer.candidates, kind, corrected))
+            for r, (ids, ends) in zip(corrected, found, strict=True):
                 if _accept(writer, r, j, ids, join=kind in CHANNEL_KINDS):
                     r.going_on, r.ends = ids, ends
                     r.followed.append(kind)
@@ -143,6 +155,31 @@ def own_answer_rows(
     logger.info("own answers: %d of %d rows kept; corrections accepted by kind: %s", len(out), len(rows), accepted)
     columns = {name: [row[name] for row in out] for name in OWN_ANSWER_FEATURES}  # (from_list needs a first row)
     return datasets.Dataset.from_dict(columns, features=OWN_ANSWER_FEATURES)
+
+
+class _Journal:
+    """The writing's finished stages, one JSON file each in `folder` (none: nothing kept); every stage runs under a
+    seed of its own name, so that its samples do not depend on the stages before it having run in this process."""
+
+    def __init__(self, folder: str | Path | None, seed: int):
+        self.folder, self.seed = (Path(folder) if folder is not None else None), seed
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            if done := len(list(self.folder.glob("*.json"))):
+                logger.info("own answers: resuming after %d finished stages in %s", done, self.folder)
+
+    def run(self, name: str, write: Callable[[], list[tuple[list[int], bool]]]) -> list[tuple[list[int], bool]]:
+        """The stage's answers from the journal, or written now (and kept)."""
+        path = None if self.folder is None else self.folder / f"{name}.json"
+        if path is not None and path.exists():
+            return [(ids, ends) for ids, ends in json.loads(path.read_text())]
+        torch.manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
+        answers = write()
+        if path is not None:
+            partial = path.with_suffix(".partial")
+            partial.write_text(json.dumps(answers))
+            partial.replace(path)  # a stage is in the journal whole or not at all
+        return answers
 
 
 def _land(r: _Row, j: int) -> None:

@@ -183,3 +183,26 @@ def test_a_channel_at_initialisation_writes_what_the_backbone_writes_after_the_f
     prompts = [tokenizer(r.inst.instruction + "\n")["input_ids"] + r.written for r in todo]
     alone = writer._generate(prompts, [12 - 3] * len(todo), sample=False)
     assert from_channel == alone
+
+
+def test_an_interrupted_writing_resumes_after_its_last_finished_stage(tmp_path):
+    """Writing own answers takes hours: each finished stage is kept in the journal, and a run started again writes
+    only the stages that were not finished, to the same rows."""
+    tokenizer = build_byte_tokenizer()
+    rows = build_dataset("train", 12, 1, families=["items"], mix={"one": 1}, landing="before_space")
+    journal = tmp_path / "journal"
+    whole = own_answer_rows(rows, ScriptedLM(tokenizer), tokenizer, PromptFormat(), 200, samples=1, journal=journal)
+    stages = sorted(path.stem for path in journal.glob("*.json"))
+    assert stages == ["answers", "update-1-00-going-on", "update-1-01-afresh", "update-1-02-sampled"]
+    for name in stages[2:]:  # interrupted while asking afresh
+        (journal / f"{name}.json").unlink()
+    calls = []
+
+    class Counted(ScriptedLM):
+        def generate(self, input_ids, *args, **kwargs):
+            calls.append(len(input_ids))
+            return super().generate(input_ids, *args, **kwargs)
+
+    resumed = own_answer_rows(rows, Counted(tokenizer), tokenizer, PromptFormat(), 200, samples=1, journal=journal)
+    assert resumed.to_list() == whole.to_list()
+    assert len(calls) == 1  # only the answers afresh were written again (no row was left to sample)
