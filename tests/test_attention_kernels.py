@@ -35,34 +35,3 @@ def test_partials_merged_by_their_log_sum_exp_equal_one_attention():
     parts = [attention_with_lse(query, key[:, :, s], value[:, :, s], visible[..., s], 0.25) for s in
              (slice(0, 4), slice(4, 9), slice(9, 11))]  # fmt: skip
     torch.testing.assert_close(merge_attentions(parts), whole, atol=1e-6, rtol=0)
-
-
-@pytest.mark.parametrize("arch", ["qwen3", "llama"])
-def test_the_backbones_attention_from_the_joint_reads_kernel_calls_equals_its_own_kernel(arch, monkeypatch):
-    """Once every row reads a correction, each decoding step takes the backbone's attention from the joint read's
-    kernel calls (the cached keys are read once): the same logits and tokens as through the backbone's own kernel."""
-    from conftest import perturb_duplex, tiny_backbone
-
-    from attention_duplex import ContextRead
-    from modeling_duplex import DuplexForCausalLM
-
-    model = perturb_duplex(DuplexForCausalLM.from_backbone(tiny_backbone(arch), num_slots=4, encoder_layers=1)).eval()
-    with torch.no_grad():
-        model.update_encoder.decision.classifier.bias.fill_(1e4)  # every update a correction
-    prompt = torch.tensor([[72, 101, 108, 108, 111, 10, 51, 32, 52], [0, 0, 72, 105, 10, 55, 32, 56, 32]])
-    updates = [[(1, [83, 116]), (6, [97])], [(3, [120, 121, 122])]]
-    kwargs = dict(attention_mask=(prompt > 0).long(), max_new_tokens=12, do_sample=False, output_logits=True,
-                  return_dict_in_generate=True, updates=updates)  # fmt: skip
-    shares, taken = ContextRead.shares_kernel, []
-
-    def spy(self, module, kwargs):
-        taken.append(shares(self, module, kwargs))
-        return taken[-1]
-
-    monkeypatch.setattr(ContextRead, "shares_kernel", spy)
-    shared = model.generate(prompt, **kwargs)
-    assert any(taken) and not all(taken)  # steps before the second row's landing use the backbone's own kernel
-    monkeypatch.setattr(ContextRead, "shares_kernel", lambda self, module, kwargs: False)
-    own = model.generate(prompt, **kwargs)
-    assert torch.equal(shared.sequences, own.sequences)
-    torch.testing.assert_close(torch.stack(shared.logits), torch.stack(own.logits), atol=1e-5, rtol=0)

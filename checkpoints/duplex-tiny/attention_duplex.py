@@ -100,8 +100,6 @@ def fast_attention_with_lse(
 def merge_attentions(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """Partial attentions over disjoint keys, (out, lse) each, -> the attention over all of them: each part weighed
     by its share of the total exp-sum. Rows that see nothing anywhere stay zero."""
-    if len(parts) == 1:
-        return parts[0][0]
     lse = torch.stack([part_lse.float() for _, part_lse in parts])  # (P, B, h, Q, 1), in fp32 whatever the kernels
     total = torch.logsumexp(lse, dim=0)
     weights = torch.exp(lse - total.clamp_min(torch.finfo(lse.dtype).min)).nan_to_num(0.0)
@@ -147,8 +145,6 @@ class ContextGeometry:
     token_reads: torch.Tensor  # (B, 1, T, M) bool: the slots each token reads (landed before it)
     reads_any: torch.Tensor  # (B, 1, T, 1) bool
     key_valid: torch.Tensor  # (B, K) bool: real keys (not padding)
-    token_moves: list[bool] = field(default_factory=list)  # level l's token rotation is not the identity somewhere
-    reads_all: bool = False  # every token of the pass reads the workspace
     slot_positions: torch.Tensor | None = None  # (B, M_new) long: RoPE positions of the entering slots
     slot_shift: tuple[torch.Tensor, torch.Tensor] | None = None  # cos/sin (B, M_new, V, rd): slot query for level l
     slot_context: torch.Tensor | None = None  # (B, 1, M_new, K) bool: the context up to the slot's landing
@@ -187,9 +183,7 @@ class ContextGeometry:
         first = in_level.float().argmax(-1).tolist()
         last = (num_keys - in_level.flip(-1).float().argmax(-1)).tolist()
         ranges = list(zip(first, last, strict=True))
-        moves = offsets.view(batch, length, num_levels).ne(0).any(1).any(0).tolist()
-        reads_any = token_reads.any(-1, keepdim=True)
-        geometry = cls(level, ranges, token_shift, token_reads, reads_any, key_valid, moves, bool(reads_any.all()))
+        geometry = cls(level, ranges, token_shift, token_reads, token_reads.any(-1, keepdim=True), key_valid)
         if workspace.num_new:
             geometry.place_entering_slots(rotary_emb, like, workspace, level_shift)
         return geometry
@@ -250,33 +244,16 @@ def read_levels(
     spans: list[torch.Tensor | None],
     ranges: list[tuple[int, int]],
     scaling: float,
-    moves: list[bool] | None = None,
-    context: bool = False,
-) -> tuple[list, list, torch.Tensor]:
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The context read by a query rotated once per level: query (B, h, Q, hd), shift cos/sin (B, Q, V, rd), each
-    level's keys within `ranges[l]`, seen as `spans[l]` says (`level_visibility`) -> one (out, lse) per level, and
-    the rotated copies (B, h, V, Q, hd). Each level reads only its own span of keys, so the context is read about
-    once whatever the number of levels. With `context`, the unrotated query reads each level in the same kernel call
-    (its rows stacked under the rotated ones): the parts of the backbone's own attention, second. A level whose
-    rotation is the identity (`moves[l]` False) is read once for both."""
+    level's keys within `ranges[l]`, seen as `spans[l]` says (`level_visibility`) -> one (out, lse) per level.
+    Each level reads only its own span of keys, so the context is read about once whatever the number of levels."""
     cos, sin = (t.permute(0, 2, 1, 3)[:, None] for t in shift)  # (B, 1, V, Q, rd)
     copies = rotate(query[:, :, None], cos.to(query.dtype), sin.to(query.dtype))  # (B, h, V, Q, hd)
-    joint, plain, length = [], [], query.shape[2]
-    for level, (lo, hi) in enumerate(ranges):
-        keys, values, span = key[:, :, lo:hi], value[:, :, lo:hi], spans[level]
-        if moves is not None and not moves[level]:
-            part = fast_attention_with_lse(query, keys, values, span, scaling)
-            joint.append(part)
-            plain.append(part)
-        elif context:
-            stacked = torch.cat([copies[:, :, level], query], dim=2)
-            seen = None if span is None else torch.cat([span, span], dim=2)
-            out, lse = fast_attention_with_lse(stacked, keys, values, seen, scaling)
-            joint.append((out[:, :, :length], lse[:, :, :length]))
-            plain.append((out[:, :, length:], lse[:, :, length:]))
-        else:
-            joint.append(fast_attention_with_lse(copies[:, :, level], keys, values, span, scaling))
-    return joint, plain, copies
+    return [
+        fast_attention_with_lse(copies[:, :, level], key[:, :, lo:hi], value[:, :, lo:hi], spans[level], scaling)
+        for level, (lo, hi) in enumerate(ranges)
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -323,51 +300,31 @@ class ContextRead:
         slot_key, slot_value = slot_key.to(key.dtype), slot_value.to(value.dtype)
         tokens = query[:, :, :length]
         mask = attention_mask[..., :length, :num_context] if isinstance(attention_mask, torch.Tensor) else None
+        out, _ = inner(module, tokens, key, value, mask, **kwargs)  # (B, T, h, hd): the backbone's own attention
         gate = self.gates.get(layer)
-        if gate is None:
-            out, _ = inner(module, tokens, key, value, mask, **kwargs)  # (B, T, h, hd): the backbone's own attention
-        else:
+        if gate is not None:
             spans = self.geometry.level_visibility(
                 mask, lambda: context_visibility(mask, length, num_context, query.device)
             )
-            reads = self.geometry.reads_any  # (B, 1, T, 1)
-            joint, context = self.joint_read(tokens, self.geometry.token_shift, key, value, spans, slot_key,
-                                             slot_value, self.geometry.token_reads, scaling,
-                                             context=self.shares_kernel(module, kwargs))  # fmt: skip
-            if context is None:
-                out, _ = inner(module, tokens, key, value, mask, **kwargs)
-            else:  # every token reads: the backbone's attention came with the joint read, from the same keys
-                out = context.transpose(1, 2)
-            share = torch.tanh(gate).to(out.dtype)[:, None] * reads.transpose(1, 2)  # (B, T, h, 1)
+            joint = self.joint_read(tokens, self.geometry.token_shift, key, value, spans, slot_key, slot_value,
+                                    self.geometry.token_reads, scaling)  # fmt: skip
+            share = torch.tanh(gate).to(out.dtype)[:, None] * self.geometry.reads_any.transpose(1, 2)  # (B, T, h, 1)
             out = out + share * (joint.transpose(1, 2) - out)
         if entering:
             slot_context = self.geometry.slot_context
             spans = self.geometry.level_visibility(slot_context, lambda: slot_context)
-            slots, _ = self.joint_read(query[:, :, length:], self.geometry.slot_shift, key, value, spans, slot_key,
-                                       slot_value, self.geometry.slot_reads, scaling)  # fmt: skip
+            slots = self.joint_read(query[:, :, length:], self.geometry.slot_shift, key, value, spans, slot_key,
+                                    slot_value, self.geometry.slot_reads, scaling)  # fmt: skip
             out = torch.cat([out, slots.transpose(1, 2).to(out.dtype)], dim=1)
         return out, None
 
-    def shares_kernel(self, module, kwargs: dict) -> bool:
-        """Whether the backbone's attention over the context can come from the joint read's kernel calls: every
-        token of the pass reads (where one does not, it must be exactly the backbone's), no gradient (the fused
-        kernels), and plain softmax attention (no dropout, softcapping, sliding window or sinks)."""
-        if torch.is_grad_enabled() or not self.geometry.reads_all:
-            return False
-        plain = kwargs.get("dropout", 0.0) == 0.0 and not module.training
-        return plain and all(kwargs.get(name) is None for name in ("softcap", "sliding_window", "s_aux", "sinks"))
-
-    def joint_read(self, query, shift, key, value, spans, slot_key, slot_value, slot_visible, scaling, context=False):
+    def joint_read(self, query, shift, key, value, spans, slot_key, slot_value, slot_visible, scaling):
         """query (B, h, Q, hd) reading the context at in-band distances (each level by its rotated copy) and the
-        slots it may see, as one attention: (B, h, Q, hd); with `context`, also the unrotated query's attention over
-        the context, from the same kernel calls (else None)."""
-        moves = self.geometry.token_moves if shift is self.geometry.token_shift else None
-        parts, plain, copies = read_levels(
-            query, shift, key, value, spans, self.geometry.level_ranges, scaling, moves, context
-        )
-        own = copies[:, :, 0]  # level 0: the in-band position
+        slots it may see, as one attention: (B, h, Q, hd)."""
+        parts = read_levels(query, shift, key, value, spans, self.geometry.level_ranges, scaling)
+        own = rotate(query, *(t[:, None, :, 0].to(query.dtype) for t in shift))  # level 0: the in-band position
         parts.append(fast_attention_with_lse(own, slot_key, slot_value, slot_visible, scaling))
-        return merge_attentions(parts), (merge_attentions(plain) if context else None)
+        return merge_attentions(parts)
 
 
 def inner_implementation(name: str):
