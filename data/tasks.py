@@ -926,8 +926,9 @@ class Items(ListFamily):
 class Letter(Note):
     """`Write a short note to Anna about rain.` answered in a chat model's own words; `The name is Iris.` / `The
     topic is snow.` (the oracle starts the note again: `Dear Anna, this Dear Iris, this is about rain. ...`).
-    Right when the text after the last correction landed names every changed slot's new value and none of the
-    values it replaced (with no correction: names the addressee and the topic).
+    Right when the text after the last correction landed names every changed slot's new value, and no value is
+    named after the correction that replaced it landed (between two corrections the first one's value is right; with
+    no correction: names the addressee and the topic).
     """
 
     name = "letter"
@@ -956,9 +957,12 @@ class Letter(Note):
             correct = all(mentions(generated_response, params[slot]) for slot in self.pools)
             return {"correct": correct, "contradiction": False, "post": post, "oracle_post": inst.response}
         final, changed = dict(params) | dict(values), {slot for slot, _ in values}
-        replaced = {v for slot, v in [*params.items(), *values] if slot in changed and v != final[slot]}
         tail = _without_updates(inst, generated_response[_landed(inst, landed, last=True) :])
-        bad = any(mentions(post, v) for v in replaced)
+        current, bad = dict(params), False
+        for (slot, value), cut in zip(values, _correction_landings(inst, landed), strict=True):
+            if current[slot].lower() not in (value.lower(), final[slot].lower()):  # replaced here, for good
+                bad = bad or mentions(_without_updates(inst, generated_response[cut:]), current[slot])
+            current[slot] = value
         return {
             "correct": all(mentions(tail, final[slot]) for slot in changed) and not bad,
             "contradiction": bad,
@@ -1185,6 +1189,13 @@ def _landed(inst: Instance, landed: Sequence[int] | None, last: bool) -> int:
     own cut where it is not given."""
     cuts = list(landed) if landed is not None else list(itertools.accumulate(len(s) for s in inst.segments()[:-1]))
     return (cuts[-1] if last else cuts[0]) if cuts else 0
+
+
+def _correction_landings(inst: Instance, landed: Sequence[int] | None) -> list[int]:
+    """Character of the generated text where each correction landed (backchannels left out), from `landed` or the
+    oracle's own cuts."""
+    cuts = list(landed) if landed is not None else list(itertools.accumulate(len(s) for s in inst.segments()[:-1]))
+    return [cut for cut, update in zip(cuts, inst.updates, strict=False) if update.kind == "correction"]
 
 
 def _past_word(text: str, cut: int) -> int:

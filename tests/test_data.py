@@ -393,6 +393,28 @@ def test_letter_rule_needs_the_new_value_and_not_the_old():
     assert not fam.score(plain, "Dear Anna, I hope this finds you well.")["correct"]
 
 
+def test_letter_rule_takes_each_value_as_right_until_the_correction_that_replaces_it():
+    """Two corrections: what was written between them follows the first (`Dear Iris` before `The name is Ben.`
+    landed is right); a value named after the correction that replaced it landed is a contradiction. The oracle is
+    right by the rule for any number of corrections."""
+    fam = CHAT_FAMILIES["letter"]
+    updates = [TaskUpdate(2, "The name is Iris.", "correction"), TaskUpdate(6, "The topic is snow.", "correction")]
+    inst = fam._build({"name": "Anna", "topic": "flowers"}, [["name", "Iris"], ["topic", "snow"]], updates)
+    text = "Dear Anna, dear Iris, about flowers: snow fell today, Iris."
+    landed = [len("Dear Anna,"), len("Dear Anna, dear Iris, about flowers:")]
+    assert fam.score(inst, text, landed)["correct"]
+    late = fam.score(inst, "Dear Anna, dear Iris, about flowers: snow and flowers, Iris.", landed)
+    assert not late["correct"] and late["contradiction"]  # the old topic after the correction that replaced it
+    assert not fam.score(inst, "Dear Anna, dear Iris, about flowers: snow fell today, Anna.", landed)["correct"]
+    template_words = {word.strip(",.").lower() for word in fam.template}
+    for split in ("train", "test", "outside"):
+        for row in build_dataset(split, 40, 0, families=["letter"], mix={"two": 1.0, "three": 1.0}):
+            inst = instance_from_row(row)
+            cuts = [sum(map(len, row["segments"][: j + 1])) for j in range(len(inst.updates))]
+            collides = inst.meta["params"]["topic"] in template_words  # a random training topic `on`: `More on`
+            assert collides or fam.score(inst, inst.response, cuts)["correct"], row
+
+
 def test_chat_families_split_their_categories_and_build_datasets():
     rows = build_dataset("outside", 40, 0, families=["items", "letter"], mix={"one": 1.0})
     outside = {json.loads(r["meta"])["params"]["cat"] for r in rows if r["family"] == "items"}
