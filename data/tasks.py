@@ -926,9 +926,10 @@ class Items(ListFamily):
 class Letter(Note):
     """`Write a short note to Anna about rain.` answered in a chat model's own words; `The name is Iris.` / `The
     topic is snow.` (the oracle starts the note again: `Dear Anna, this Dear Iris, this is about rain. ...`).
-    Right when the text after the last correction landed names every changed slot's new value, and no value is
-    named after the correction that replaced it landed (between two corrections the first one's value is right; with
-    no correction: names the addressee and the topic).
+    Right when every changed slot's last value is named after the correction that set it landed, and no value is
+    named after the correction that replaced it landed (between two corrections the first one's value is right: a
+    note to Iris about snow may name Iris before `The topic is snow.` and snow after it; with no correction: names
+    the addressee and the topic).
     """
 
     name = "letter"
@@ -956,15 +957,15 @@ class Letter(Note):
         if not inst.has_correction:
             correct = all(mentions(generated_response, params[slot]) for slot in self.pools)
             return {"correct": correct, "contradiction": False, "post": post, "oracle_post": inst.response}
-        final, changed = dict(params) | dict(values), {slot for slot, _ in values}
-        tail = _without_updates(inst, generated_response[_landed(inst, landed, last=True) :])
-        current, bad = dict(params), False
+        final = dict(params) | dict(values)
+        current, bad, named = dict(params), False, {}
         for (slot, value), cut in zip(values, _correction_landings(inst, landed), strict=True):
+            after = _without_updates(inst, generated_response[cut:])
             if current[slot].lower() not in (value.lower(), final[slot].lower()):  # replaced here, for good
-                bad = bad or mentions(_without_updates(inst, generated_response[cut:]), current[slot])
-            current[slot] = value
+                bad = bad or mentions(after, current[slot])
+            current[slot], named[slot] = value, mentions(after, value)  # the slot's last value, named once it landed
         return {
-            "correct": all(mentions(tail, final[slot]) for slot in changed) and not bad,
+            "correct": all(named.values()) and not bad,
             "contradiction": bad,
             "post": post,
             "oracle_post": self.oracle_continuation(inst),

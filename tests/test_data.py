@@ -406,6 +406,8 @@ def test_letter_rule_takes_each_value_as_right_until_the_correction_that_replace
     late = fam.score(inst, "Dear Anna, dear Iris, about flowers: snow and flowers, Iris.", landed)
     assert not late["correct"] and late["contradiction"]  # the old topic after the correction that replaced it
     assert not fam.score(inst, "Dear Anna, dear Iris, about flowers: snow fell today, Anna.", landed)["correct"]
+    assert fam.score(inst, "Dear Anna, dear Iris, about flowers: it snows.", landed)["correct"]  # Iris named already
+    assert not fam.score(inst, "Dear Anna, I write about flowers: it snows, dear.", landed)["correct"]  # never Iris
     template_words = {word.strip(",.").lower() for word in fam.template}
     for split in ("train", "test", "outside"):
         for row in build_dataset(split, 40, 0, families=["letter"], mix={"two": 1.0, "three": 1.0}):
