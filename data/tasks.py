@@ -1185,17 +1185,21 @@ def _names_topic(inst: Instance, generated_response: str, post: str) -> dict:
     return {"correct": correct, "contradiction": False, "post": post, "oracle_post": inst.response}
 
 
+def _landings(inst: Instance, landed: Sequence[int] | None) -> list[int]:
+    """Character of the generated text where each update landed: `landed`, or the oracle's own cuts where it is not
+    given."""
+    return list(landed) if landed is not None else list(itertools.accumulate(len(s) for s in inst.segments()[:-1]))
+
+
 def _landed(inst: Instance, landed: Sequence[int] | None, last: bool) -> int:
-    """Character of the generated text where the first (or the last) update landed: from `landed`, or the oracle's
-    own cut where it is not given."""
-    cuts = list(landed) if landed is not None else list(itertools.accumulate(len(s) for s in inst.segments()[:-1]))
+    """Character of the generated text where the first (or the last) update landed."""
+    cuts = _landings(inst, landed)
     return (cuts[-1] if last else cuts[0]) if cuts else 0
 
 
 def _correction_landings(inst: Instance, landed: Sequence[int] | None) -> list[int]:
-    """Character of the generated text where each correction landed (backchannels left out), from `landed` or the
-    oracle's own cuts."""
-    cuts = list(landed) if landed is not None else list(itertools.accumulate(len(s) for s in inst.segments()[:-1]))
+    """Character of the generated text where each correction landed (backchannels left out)."""
+    cuts = _landings(inst, landed)
     return [cut for cut, update in zip(cuts, inst.updates, strict=False) if update.kind == "correction"]
 
 
