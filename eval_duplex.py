@@ -387,6 +387,8 @@ def _score(item: _Item, done: dict[Job, Generation], tokenizer) -> dict[str, Any
         "position": item.position,
         "landing": item.landing,
         "unlanded": gen.unlanded,
+        # characters of the generated text before each update landed (where it would have, past the end)
+        "landed": [len(tokenizer.decode(gen.ids[:at], skip_special_tokens=True)) for at, _ in item.job.updates],
     }
     family = get_family(item.family)
     if item.kind == "none":  # the family's rule (exact match, or any valid answer of a free-form family)
@@ -394,7 +396,7 @@ def _score(item: _Item, done: dict[Job, Generation], tokenizer) -> dict[str, Any
     elif item.kind in DISTRACTOR_KINDS:
         record["stable"] = gen.text == done[item.reference].text
     else:
-        landed = [len(tokenizer.decode(gen.ids[:at], skip_special_tokens=True)) for at, _ in item.job.updates] or [0]
+        landed = record["landed"] or [0]
         scores = family.score(item.target, gen.text, landed)
         record |= {"correct": bool(scores["correct"]), "contradiction": bool(scores["contradiction"])}
         if item.kind == "one" and scores["correct"]:
@@ -595,7 +597,7 @@ def evaluate(
 
 def _generation_record(item: _Item, record: dict, done: dict[Job, Generation]) -> dict[str, Any]:
     """One line of generations.jsonl: what was asked, where the updates landed, what came out and how it scored."""
-    scores = ("correct", "contradiction", "stable", "exact", "join")
+    scores = ("landed", "correct", "contradiction", "stable", "exact", "join")
     return {
         "mode": item.mode,
         "kind": item.kind,

@@ -234,6 +234,10 @@ def test_cli_writes_the_report(checkpoint, tmp_path, capsys):
     for mode in ALL_MODES:  # every output is there, scored: its flags give the report's revision accuracy
         flags = [g["correct"] for g in generations if g["mode"] == mode and g["kind"] == "one"]
         assert len(flags) == 2 and sum(flags) / 2 == results["metrics"][mode]["revision_accuracy"]["overall"]["rate"]
+    for g in generations:  # where each update landed, in characters of the output: enough to score it again
+        assert len(g["landed"]) == len(g["updates"]) and g["landed"] == sorted(g["landed"])
+        assert all(0 <= cut <= len(g["generated"]) for cut in g["landed"])
+    assert any(0 < g["landed"][0] < len(g["generated"]) for g in generations if g["kind"] == "one")
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((out / "results.json").read_text())
     assert saved["columns"] == [*ALL_MODES, "tdm", "backbone"] == results["columns"]
